@@ -1,0 +1,12 @@
+"""Attacks: each a small class configured at construction and called on a batch.
+
+`attack(model, x, y, *, target=None) -> AttackResult`; see `bastion.attacks.base`.
+"""
+
+from bastion.attacks.base import Attack
+from bastion.attacks.carlini_wagner import CarliniWagnerL2
+from bastion.attacks.fgsm import FGSM
+from bastion.attacks.gradient_descent import GradientDescentAttack
+from bastion.attacks.pgd import BIM, PGD
+
+__all__ = ["Attack", "BIM", "CarliniWagnerL2", "FGSM", "GradientDescentAttack", "PGD"]

@@ -1,0 +1,122 @@
+"""The one gradient loop behind FGSM, BIM and PGD, in L∞ and L2.
+
+Each step moves along the gradient of the cross-entropy on the logits (sign of it for L∞,
+its direction for L2), then projects back onto the eps-ball around the clean image and the
+pixel box. FGSM is one step of size eps from the clean image; BIM is several smaller steps;
+PGD (Madry et al., ICLR 2018) adds a uniform random start inside the ball.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bastion.attacks.base import (
+    Attack,
+    Candidates,
+    Progress,
+    Queries,
+    check_eps,
+    is_adversarial,
+    per_sample,
+)
+from bastion import rng
+from bastion.errors import ConfigError, InvalidInputError
+from bastion.results import Norm
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).reshape(-1, *([1] * (t.dim() - 1)))
+
+
+def _direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
+    if norm == "linf":
+        return grad.sign()
+    return grad / _flat_norm(grad).clamp_min(1e-12)
+
+
+def _project(delta: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
+    if norm == "linf":
+        return torch.maximum(torch.minimum(delta, eps), -eps)
+    scale = (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return delta * scale
+
+
+class GradientDescentAttack(Attack):
+    """Projected gradient steps on the cross-entropy loss (the shared loop).
+
+    `rel_stepsize` is the step as a fraction of eps; `abs_stepsize` overrides it. With
+    `early_stop` a sample stops as soon as an iterate is adversarial, which saves its
+    remaining gradient passes without changing whether the attack succeeds on it.
+    """
+
+    def __init__(self, *, eps: float | torch.Tensor, norm: Norm, steps: int,
+                 rel_stepsize: float, abs_stepsize: float | None = None,
+                 random_start: bool, early_stop: bool = True, seed: int = 0,
+                 bounds: tuple[float, float] = (0.0, 1.0)) -> None:
+        if norm not in ("linf", "l2"):
+            raise ConfigError(f"{type(self).__name__} supports norm 'linf' or 'l2', got {norm!r}")
+        if steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {steps}")
+        check_eps(eps, norm)
+        self.eps = eps
+        self.norm: Norm = norm
+        self.steps = steps
+        self.rel_stepsize = rel_stepsize
+        self.abs_stepsize = abs_stepsize
+        self.random_start = random_start
+        self.early_stop = early_stop
+        self.seed = seed
+        self.bounds = bounds
+
+    def _random_start(self, x: torch.Tensor, eps: torch.Tensor, indices: torch.Tensor
+                      ) -> torch.Tensor:
+        shape = tuple(x.shape[1:])
+        if self.norm == "linf":
+            u = rng.uniform(self.seed, indices, shape, dtype=x.dtype).to(x.device)
+            return (2 * u - 1) * eps
+        # uniform in the L2 ball: a normal direction, radius eps * u^(1/d)
+        z = rng.normal(self.seed, indices, shape, dtype=x.dtype).to(x.device)
+        r = rng.uniform(self.seed, indices, (1,), stream=7, dtype=torch.float64).to(x.device)
+        radius = r.pow(1.0 / x[0].numel()).to(x.dtype).reshape(-1, *([1] * len(shape)))
+        return z / _flat_norm(z).clamp_min(1e-12) * radius * eps
+
+    def _perturb(self, queries: Queries, x: torch.Tensor, y: torch.Tensor,
+                 target: torch.Tensor | None, indices: torch.Tensor, rows: torch.Tensor,
+                 progress: Progress | None) -> Candidates:
+        if isinstance(self.eps, torch.Tensor) and self.eps.dim() and \
+                self.eps.shape[0] != queries.forward.shape[0]:
+            raise InvalidInputError(f"a per-sample eps needs one value per image: got "
+                                    f"{self.eps.shape[0]} for {queries.forward.shape[0]} images")
+        eps = per_sample(self.eps, rows, x)
+        alpha = (torch.full_like(eps, self.abs_stepsize) if self.abs_stepsize is not None
+                 else eps * self.rel_stepsize)
+        lo, hi = self.bounds
+        x_adv = x.clone()
+        if self.random_start:
+            x_adv = (x + self._random_start(x, eps, indices)).clamp(lo, hi)
+        iterations = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        active = torch.arange(len(x), device=x.device)
+        sign = -1.0 if target is not None else 1.0
+        for step in range(self.steps):
+            xa = x_adv[active].requires_grad_(True)
+            goal = target[active] if target is not None else y[active]
+            with torch.enable_grad():
+                logits = queries.logits(xa, rows[active])
+                loss = F.cross_entropy(logits, goal, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, xa)
+            queries.count_backward(rows[active])
+            keep = torch.ones(len(active), dtype=torch.bool, device=x.device)
+            if self.early_stop:
+                keep = ~is_adversarial(logits.detach().argmax(1), y[active],
+                                       target[active] if target is not None else None)
+            a = active[keep]
+            moved = xa.detach()[keep] + sign * alpha[a] * _direction(grad[keep], self.norm)
+            x_adv[a] = (x[a] + _project(moved - x[a], eps[a], self.norm)).clamp(lo, hi)
+            iterations[a] += 1
+            active = a
+            if progress is not None:
+                progress(step + 1, self.steps)
+            if not len(active):
+                break
+        return Candidates(x_adv=x_adv, iterations=iterations)

@@ -1,0 +1,578 @@
+"""Loading and saving models safely, with the format read from the file's bytes.
+
+Readable formats: TorchScript and torch.export archives, safetensors and plain torch.save
+state dicts (both with an architecture factory), ONNX (optional extra) and, only when the
+caller trusts the file, full pickled modules. Every failure is a one-sentence
+`ModelLoadError`; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bastion.errors import ConfigError, InvalidInputError, ModelLoadError, UntrustedModelError
+from bastion.normalized import Normalized
+
+FORMATS = ("torchscript", "export", "safetensors", "onnx", "torch-weights", "pickle")
+SAVE_FORMATS = ("export", "torchscript", "safetensors")
+
+_LABELS = {
+    "torchscript": "TorchScript",
+    "export": "torch.export",
+    "safetensors": "safetensors",
+    "onnx": "ONNX",
+    "torch-weights": "torch.save state dict",
+    "pickle": "pickled model",
+}
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+_ONNX_HINT = 'install the optional ONNX support with pip install "bastion[onnx]"'
+
+
+# --- small helpers -----------------------------------------------------------------------
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message, short enough for a one-line error."""
+    text = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else ""
+    text = text or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _corrupt(
+    path: Path, fmt: str | None = None, exc: BaseException | None = None
+) -> ModelLoadError:
+    what = f"{_LABELS[fmt]} file" if fmt else "model file"
+    why = f" {_reason(exc)}" if exc is not None else ""
+    hint = (
+        "re-save or re-download it"
+        if fmt
+        else "save it with torch.export, TorchScript, safetensors or ONNX"
+    )
+    return ModelLoadError(
+        f"{path} is not a {what} Bastion can read (truncated or corrupt?{why}); {hint}"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
+    # torch >= 2.14 marks torch.jit.{trace,load,save} deprecated; TorchScript files are still
+    # common, so reading and writing them stays supported without the noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning
+        )
+        yield
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _state_dict_in(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    """A state dict, or one found under a usual checkpoint key, else None."""
+    if _is_state_dict(obj):
+        return obj  # type: ignore[no-any-return]
+    if isinstance(obj, Mapping):
+        for key in _CHECKPOINT_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return obj[key]  # type: ignore[no-any-return]
+    return None
+
+
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model file {p} does not exist; check the path")
+    if not p.is_file():
+        raise ModelLoadError(f"{p} is not a file; give the path to a saved model file")
+    return p
+
+
+# --- format detection --------------------------------------------------------------------
+
+
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    # an open file, not the path: torch.load picks a loader by extension (".safetensors")
+    with path.open("rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=weights_only)
+
+
+def _zip_format(path: Path) -> tuple[str, Any]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise _corrupt(path, None, exc) from None
+    # torch archives put every entry under one top-level folder named after the file
+    inner = {name.split("/", 1)[1] if "/" in name else name for name in names}
+    if (
+        "archive_format" in inner
+        or "serialized_exported_program.json" in inner
+        or any(n.startswith("models/") and n.endswith(".json") for n in inner)
+    ):
+        return "export", None
+    if "constants.pkl" in inner or any(n.startswith("code/") for n in inner):
+        return "torchscript", None
+    if "data.pkl" in inner:
+        return _torch_save_format(path)
+    raise _corrupt(path)
+
+
+def _torch_save_format(path: Path) -> tuple[str, Any]:
+    """torch-weights when the file unpickles safely into a state dict, else pickle."""
+    try:
+        obj = _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        return "pickle", None  # needs globals that the restricted unpickler refuses
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a corrupt file
+        raise _corrupt(path, None, exc) from None
+    state = _state_dict_in(obj)
+    return ("torch-weights", state) if state is not None else ("pickle", None)
+
+
+def _is_safetensors(head: bytes, size: int, path: Path) -> bool:
+    if len(head) < 10:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    if not 2 <= n <= min(size - 8, 100_000_000) or head[8:9] != b"{":
+        return False
+    with path.open("rb") as f:
+        f.seek(8)
+        header = f.read(n)
+    try:
+        meta = json.loads(header)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    # the tensors' byte ranges must cover the rest of the file exactly
+    try:
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0
+        )
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise _corrupt(path, "safetensors") from None
+    if end != size - 8 - n:
+        raise _corrupt(path, "safetensors")
+    return True
+
+
+def _looks_like_onnx(head: bytes, path: Path) -> bool:
+    # An ONNX ModelProto starts with field 1 (ir_version, a varint): tag byte 0x08.
+    if len(head) < 4 or head[0] != 0x08 or not 1 <= head[1] <= 0x7F:
+        return False
+    try:
+        import onnx
+    except ImportError:
+        return True  # cannot check further; load_model will ask for the extra
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a failed parse just means "not ONNX"
+        return False
+    return bool(proto.ir_version > 0 and proto.HasField("graph") and len(proto.graph.node) > 0)
+
+
+def _detect(path: Path) -> tuple[str, Any]:
+    """The format of `path` and, for torch-weights, the already loaded state dict."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot read {path} ({_reason(exc)}); check its permissions"
+        ) from None
+    if size == 0:
+        raise ModelLoadError(
+            f"{path} is empty (an interrupted download or save?); re-save or re-download it"
+        )
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return _zip_format(path)
+    if _is_safetensors(head, size, path):
+        return "safetensors", None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return _torch_save_format(path)  # legacy (pre-zip) torch.save or a plain pickle
+    if _looks_like_onnx(head, path):
+        return "onnx", None
+    raise _corrupt(path)
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The format of a model file, read from its bytes (the extension is ignored).
+
+    Returns one of "torchscript", "export", "safetensors", "onnx", "torch-weights" (a
+    torch.save'd state dict) or "pickle" (any other torch.save'd object; never unpickled
+    here: detection only uses torch's restricted weights-only unpickler). Raises
+    `ModelLoadError` for a missing, empty, truncated or unrecognised file.
+    """
+    return _detect(_existing_file(path))[0]
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+class _ExportedModule(nn.Module):
+    """An ExportedProgram's module made to behave like an ordinary eval-mode nn.Module.
+
+    `.eval()`/`.train()` only set the flag: the graph is frozen in the mode it was exported
+    in, and the program's own module refuses those calls. A program exported with a fixed batch
+    size runs other batch sizes in chunks of that size, padding the last chunk with zeros.
+    """
+
+    def __init__(self, program: nn.Module, static_batch: int | None) -> None:
+        super().__init__()
+        self.program = program
+        self.static_batch = static_batch
+
+    def train(self, mode: bool = True) -> _ExportedModule:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> Any:
+        b = self.static_batch
+        if b is None or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == b:
+            return self.program(x)
+        n = x.shape[0]
+        outputs = []
+        for start in range(0, max(n, 1), b):
+            chunk = x[start : start + b]
+            k = chunk.shape[0]
+            if k < b:
+                chunk = torch.cat([chunk, chunk.new_zeros((b - k, *chunk.shape[1:]))])
+            outputs.append(self.program(chunk)[:k])
+        return torch.cat(outputs)
+
+
+def _static_batch(program: torch.export.ExportedProgram) -> int | None:
+    user_inputs = list(program.graph_signature.user_inputs)
+    if len(user_inputs) != 1:
+        return None
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name == user_inputs[0]:
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", None)
+            if shape is not None and len(shape) > 0 and isinstance(shape[0], int):
+                return int(shape[0])
+    return None
+
+
+def _load_export(path: Path) -> nn.Module:
+    # an open file, not the path: torch.export.load logs a warning for names not ending .pt2
+    with path.open("rb") as f:
+        program = torch.export.load(f)
+    return _ExportedModule(program.module(), _static_batch(program))
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    with _quiet_jit():
+        module: nn.Module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    return module
+
+
+def _resolve_arch(arch: str) -> nn.Module:
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr or ":" in attr:
+        raise ModelLoadError(
+            f"--arch {arch!r} is not of the form 'package.module:factory'; "
+            "name the module and the function or class that builds the model"
+        )
+    try:
+        module = _import(module_name)
+    except Exception as exc:  # noqa: BLE001 - an import runs arbitrary user code
+        raise ModelLoadError(
+            f"cannot import module {module_name!r} named by --arch {arch!r} "
+            f"({_reason(exc)}); check the name and that it is on PYTHONPATH"
+        ) from None
+    factory: Any = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ModelLoadError(
+                f"module {module_name!r} has no attribute {attr!r} named by "
+                f"--arch {arch!r}; check the factory's name"
+            )
+    if not callable(factory):
+        raise ModelLoadError(
+            f"{arch!r} is not callable; --arch must name a function or class "
+            "that builds the model with no arguments"
+        )
+    try:
+        model = factory()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"calling the factory {arch!r} with no arguments failed "
+            f"({_reason(exc)}); --arch must build the model with no arguments"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(
+            f"the factory {arch!r} returned {type(model).__name__}, not a "
+            "torch.nn.Module; point --arch at the function that builds the model"
+        )
+    return model
+
+
+def _import(module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.split(".")[0]
+        cwd = os.getcwd()
+        # console scripts do not put the working directory on sys.path; users expect
+        # `--arch mynet:Net` to find ./mynet.py, so try it there once
+        if exc.name != top or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(module_name)
+        finally:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+def _shape(t: torch.Tensor | torch.Size) -> str:
+    return "×".join(str(d) for d in t) or "scalar"
+
+
+def _load_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str
+) -> nn.Module:
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k} is {_shape(state[k].shape)} in the file but {_shape(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ModelLoadError(
+            f"the weights in {path} do not fit --arch {arch!r} "
+            f"({', '.join(problems[:3])}{more}); pass the architecture these "
+            "weights were saved from"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"the weights in {path} do not fit --arch {arch!r} "
+            f"({_reason(exc)}); pass the architecture these weights were "
+            "saved from"
+        ) from None
+    return model
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+def _load_onnx(path: Path) -> nn.Module:
+    try:
+        import onnx
+        from onnx2torch import convert
+    except ImportError:
+        raise ModelLoadError(f"{path} is an ONNX model; {_ONNX_HINT}") from None
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise _corrupt(path, "onnx", exc) from None
+    try:
+        module: nn.Module = convert(proto)
+        return module
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"onnx2torch cannot convert the ONNX model {path} ({_reason(exc)}); "
+            "export the network with torch.export instead"
+        ) from None
+
+
+def _load_pickle(path: Path) -> nn.Module:
+    try:
+        obj = _torch_load(path, weights_only=False)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{path} is a pickled model whose code cannot be found ({_reason(exc)}); import "
+            "the module that defines its class first, or re-save it with torch.export"
+        ) from None
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(
+            f"{path} holds {type(obj).__name__}, not a torch.nn.Module; "
+            "save the model itself, or its state dict and pass --arch"
+        )
+    return obj
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    device: str | torch.device = "cpu",
+    mean: Any = None,
+    std: Any = None,
+) -> nn.Module:
+    """Load a model file in any format `detect_format` knows, in eval mode on `device`.
+
+    `arch` ("package.module:factory", called with no arguments) builds the network for weight
+    files (safetensors, torch.save state dicts), which are then loaded strictly. Pickled
+    modules run arbitrary code when loaded, so they load only with `trust_pickle=True`;
+    otherwise `UntrustedModelError`, without unpickling anything. With `mean` and `std` the
+    model is wrapped in `Normalized`, so it takes [0, 1] pixels. Parameters are left as they
+    are (requires_grad untouched). Every failure is a `ModelLoadError` with one sentence.
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"unknown device {device!r} ({_reason(exc)}); use e.g. 'cpu' or 'cuda'"
+        ) from None
+    p = _existing_file(path)
+    fmt, payload = _detect(p)
+    if fmt in ("safetensors", "torch-weights") and arch is None:
+        raise ModelLoadError(
+            f"{p} holds only weights ({_LABELS[fmt]}); pass the architecture "
+            "with --arch package.module:factory (arch= in Python)"
+        )
+    if fmt == "pickle" and not trust_pickle:
+        raise UntrustedModelError(
+            f"{p} is a pickled Python object, which can run arbitrary code when loaded; "
+            "re-save it with torch.export or safetensors, or pass --trust-pickle if you trust "
+            "its source"
+        )
+    model: nn.Module
+    if fmt == "onnx":
+        model = _load_onnx(p)
+    elif fmt in ("safetensors", "torch-weights"):
+        assert arch is not None
+        net = _resolve_arch(arch)
+        try:
+            state = payload if payload is not None else _load_safetensors(p)
+        except Exception as exc:  # noqa: BLE001
+            raise _corrupt(p, fmt, exc) from None
+        model = _load_weights(net, state, p, arch)
+    else:
+        loaders = {"torchscript": _load_torchscript, "export": _load_export}
+        loader = loaders.get(fmt, _load_pickle)
+        try:
+            model = loader(p)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any loader failure is a corrupt file
+            raise _corrupt(p, fmt, exc) from None
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise ConfigError("give both mean and std for normalisation, or neither")
+        model = Normalized(model, mean, std)
+    try:
+        model = model.to(target)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(
+            f"cannot move the model to device {str(target)!r} ({_reason(exc)}); "
+            "choose an available device such as 'cpu'"
+        ) from None
+    return model.eval()
+
+
+# --- saving and hashing ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor,
+    *,
+    format: str = "export",
+) -> None:
+    """Save `model` so that `load_model` reads it back; the model is captured in eval mode.
+
+    "export" (the recommended `.pt2`) writes a torch.export program with a dynamic batch
+    dimension; "torchscript" traces the model on `example_input`; "safetensors" writes only
+    the state dict (load it back with `arch=`). Errors raised by torch while exporting or
+    tracing (unsupported Python in the model) are not caught.
+    """
+    if format not in SAVE_FORMATS:
+        raise ConfigError(
+            f"unknown save format {format!r}; choose one of {', '.join(SAVE_FORMATS)}"
+        )
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0:
+        raise InvalidInputError("example_input must be a batched tensor, e.g. N×C×H×W images")
+    out = str(Path(path).expanduser())
+    if format == "safetensors":
+        from safetensors.torch import save_file
+
+        # clone: safetensors refuses tensors that share storage (tied or sliced weights)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, out)
+        return
+    with _eval_mode(model), torch.no_grad():
+        if format == "torchscript":
+            with _quiet_jit():
+                traced = torch.jit.trace(model, example_input)  # type: ignore[no-untyped-call]
+                torch.jit.save(traced, out)
+            return
+        example = example_input
+        if example.shape[0] < 2:
+            # a batch of 1 would be specialised to 1 rather than kept dynamic
+            example = torch.cat([example_input] * 2)
+        dim = torch.export.Dim
+        batch = dim.DYNAMIC if hasattr(dim, "DYNAMIC") else dim("batch")
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        with open(out, "wb") as f:  # a file, so any name works (a path must end in .pt2)
+            torch.export.save(program, f)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    p = _existing_file(path)
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def module_fingerprint(model: nn.Module) -> str:
+    """A SHA-256 over the model's class name and its state dict's names, dtypes, shapes and bytes.
+
+    Stable across runs and processes; two models with the same class and the same weights get
+    the same fingerprint, and changing any weight changes it.
+    """
+    digest = hashlib.sha256()
+    cls = type(model)
+    digest.update(f"{cls.__module__}.{cls.__qualname__}\n".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue  # extra state is not a weight
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}\0{t.dtype}\0{_shape(tensor.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

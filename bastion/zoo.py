@@ -1,0 +1,110 @@
+"""The embedded default model: a small CNN trained in seconds on scikit-learn's digits.
+
+`demo_model()` trains it on the first call and caches the weights (safetensors) under
+`$BASTION_CACHE` or `~/.cache/bastion`, keyed by a hash of the training recipe, so later
+calls load it in milliseconds and a changed recipe never loads stale weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RECIPE = {
+    "name": "digits-cnn",
+    "version": 1,
+    "data": "digits",
+    "arch": "conv32-conv64-pool-fc128-10",
+    "epochs": 40,
+    "batch_size": 64,
+    "optimizer": "adam",
+    "lr": 2e-3,
+    "weight_decay": 1e-4,
+    "seed": 0,
+}
+
+
+class DigitsCNN(nn.Module):
+    """conv3×3(32) → ReLU → conv3×3(64) → ReLU → maxpool2 → fc128 → ReLU → fc10, on 1×8×8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def cache_dir() -> Path:
+    """Where Bastion caches trained models: `$BASTION_CACHE` or `~/.cache/bastion`."""
+    root = os.environ.get("BASTION_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "bastion"
+
+
+def recipe_hash(recipe: dict = RECIPE) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def demo_model(*, device: str | torch.device = "cpu",
+               progress: Callable[[int, int], None] | None = None) -> nn.Module:
+    """The embedded default, in eval mode: trained on the first call, then loaded from cache."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / f"demo-{RECIPE['name']}-{recipe_hash()}.safetensors"
+    model = DigitsCNN()
+    if path.exists():
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except Exception:  # a corrupt cache entry is retrained, not trusted
+            path.unlink(missing_ok=True)
+    if not path.exists():
+        train_demo(model, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(model.state_dict(), str(tmp), metadata={"recipe": json.dumps(RECIPE)})
+        os.replace(tmp, path)
+    return model.to(device).eval()
+
+
+def train_demo(model: nn.Module, *, progress: Callable[[int, int], None] | None = None) -> None:
+    """Train `model` on the digits training split with the fixed recipe (deterministic)."""
+    from bastion.data import load_data
+
+    train = load_data("digits", split="train")
+    gen = torch.Generator().manual_seed(RECIPE["seed"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RECIPE["seed"])
+        model.apply(_reset)
+    opt = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"],
+                           weight_decay=RECIPE["weight_decay"])
+    n, bs, epochs = len(train), RECIPE["batch_size"], RECIPE["epochs"]
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            loss = nn.functional.cross_entropy(model(train.x[idx]), train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if progress is not None:
+            progress(epoch + 1, epochs)
+    model.eval()
+
+
+def _reset(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        module.reset_parameters()

@@ -1,0 +1,1 @@
+"""bastion.defenses (built in later issues)."""

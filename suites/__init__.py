@@ -1,0 +1,1 @@
+"""Suites of checks, the runner that executes them, and the report writers."""

@@ -1,0 +1,257 @@
+"""Suites: named lists of checks (an attack, its parameters, an eps sweep, a pass criterion).
+
+A check with an eps-bounded attack (FGSM, PGD, BIM) runs once per eps. A minimum-norm
+attack (CarliniWagnerL2) runs once; its `eps` list gives the L2 radii at which robust
+accuracy is read off the distances it found. `cascade` attacks only the points no earlier
+check of the same norm has broken (AutoAttack's scheme); points it skips count as broken.
+Suites load from TOML:
+
+    name = "mine"
+    [[check]]
+    id = "pgd"
+    attack = "PGD"
+    norm = "linf"
+    eps = [0.1, 0.3]
+    params = { steps = 40 }
+    cascade = true
+    criterion = "robust_accuracy >= 0.4"   # optional; `criterion_eps = 0.1` to read one eps
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bastion.attacks import BIM, FGSM, PGD, Attack, CarliniWagnerL2
+from bastion.errors import ConfigError
+from bastion.results import NORMS
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_METRICS = ("robust_accuracy", "success_rate", "mean_l2", "median_l2")
+_CRITERION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*$")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """How the harness builds an attack: bounded by eps, or minimum-norm."""
+
+    cls: type[Attack]
+    bounded: bool
+    norms: tuple[str, ...]
+
+    def build(self, *, eps: float | None, norm: str, params: dict[str, Any], seed: int) -> Attack:
+        kwargs = dict(params)
+        if self.bounded:
+            kwargs.update(eps=eps, norm=norm)
+        if "seed" in self.cls.__init__.__code__.co_varnames:
+            kwargs.setdefault("seed", seed)
+        try:
+            return self.cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"bad parameters for {self.cls.__name__}: {exc}") from None
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "FGSM": AttackSpec(FGSM, True, ("linf", "l2")),
+    "PGD": AttackSpec(PGD, True, ("linf", "l2")),
+    "BIM": AttackSpec(BIM, True, ("linf", "l2")),
+    "CarliniWagnerL2": AttackSpec(CarliniWagnerL2, False, ("l2",)),
+}
+_ALIASES = {
+    "fgsm": "FGSM",
+    "pgd": "PGD",
+    "bim": "BIM",
+    "cw": "CarliniWagnerL2",
+    "cw-l2": "CarliniWagnerL2",
+    "carliniwagnerl2": "CarliniWagnerL2",
+}
+
+
+def attack_name(name: str) -> str:
+    """The class name of an attack given by class name or alias (`pgd`, `cw`)."""
+    if name in ATTACKS:
+        return name
+    key = _ALIASES.get(name.lower())
+    if key is None:
+        raise ConfigError(
+            f"unknown attack {name!r}; choose one of "
+            f"{', '.join(sorted(ATTACKS))} (aliases: {', '.join(sorted(_ALIASES))})"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """`metric op value`, read at one eps or (eps=None) required at every eps."""
+
+    metric: str
+    op: str
+    value: float
+    eps: float | None = None
+
+    @classmethod
+    def parse(cls, text: str, eps: float | None = None) -> Criterion:
+        m = _CRITERION.match(text)
+        if not m or m.group(1) not in _METRICS:
+            raise ConfigError(
+                f"cannot read criterion {text!r}; write 'METRIC OP VALUE' with "
+                f"METRIC one of {', '.join(_METRICS)}, e.g. 'robust_accuracy >= 0.4'"
+            )
+        return cls(m.group(1), m.group(2), float(m.group(3)), eps)
+
+    def __str__(self) -> str:
+        at = f" at eps {self.eps:g}" if self.eps is not None else ""
+        return f"{self.metric} {self.op} {self.value:g}{at}"
+
+    def holds(self, value: float | None) -> bool:
+        return value is not None and _OPS[self.op](value, self.value)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One attack, its parameters and eps sweep, on the first `n` samples (all if None)."""
+
+    id: str
+    attack: str
+    eps: tuple[float, ...]
+    norm: str = "linf"
+    params: dict[str, Any] = field(default_factory=dict)
+    n: int | None = None
+    cascade: bool = False
+    criterion: Criterion | None = None
+
+    @property
+    def spec(self) -> AttackSpec:
+        return ATTACKS[self.attack]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "attack": self.attack,
+            "norm": self.norm,
+            "eps": list(self.eps),
+            "params": dict(self.params),
+            "n": self.n,
+            "cascade": self.cascade,
+            "criterion": str(self.criterion) if self.criterion else None,
+        }
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    checks: tuple[Check, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "checks": [c.to_dict() for c in self.checks]}
+
+    def with_eps(self, eps: tuple[float, ...]) -> Suite:
+        """The suite with the eps sweep of its L∞ eps-bounded checks replaced."""
+        checks = tuple(
+            replace(c, eps=eps) if c.spec.bounded and c.norm == "linf" else c for c in self.checks
+        )
+        for c in checks:
+            _validate(c)
+        return replace(self, checks=checks)
+
+
+def _validate(check: Check) -> None:
+    if check.norm not in NORMS or check.norm not in check.spec.norms:
+        raise ConfigError(
+            f"check {check.id!r}: {check.attack} does not support norm "
+            f"{check.norm!r}; use one of {', '.join(check.spec.norms)}"
+        )
+    if not check.eps:
+        raise ConfigError(f"check {check.id!r} needs at least one eps")
+    for e in check.eps:
+        if not (0 <= e < float("inf")) or (check.norm == "linf" and e > 1):
+            raise ConfigError(
+                f"check {check.id!r}: eps {e} is out of range; L∞ eps lie in "
+                "[0, 1] on the [0, 1] pixel scale, L2 eps are >= 0"
+            )
+    if check.n is not None and check.n < 1:
+        raise ConfigError(f"check {check.id!r}: n must be >= 1")
+    if (
+        check.criterion is not None
+        and check.criterion.eps is not None
+        and check.criterion.eps not in check.eps
+    ):
+        raise ConfigError(
+            f"check {check.id!r}: criterion_eps {check.criterion.eps} is not in its eps list"
+        )
+    # build once so bad parameters fail before any work is done
+    check.spec.build(eps=check.eps[0], norm=check.norm, params=check.params, seed=0)
+
+
+def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
+    known = {"id", "attack", "eps", "norm", "params", "n", "cascade", "criterion", "criterion_eps"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(known))}"
+        )
+    if "attack" not in raw:
+        raise ConfigError(f"{where}: every check needs an 'attack'")
+    attack = attack_name(str(raw["attack"]))
+    eps = raw.get("eps", [])
+    eps = tuple(float(e) for e in (eps if isinstance(eps, list) else [eps]))
+    crit = raw.get("criterion")
+    criterion = Criterion.parse(crit, raw.get("criterion_eps")) if crit else None
+    check = Check(
+        id=str(raw.get("id", attack.lower())),
+        attack=attack,
+        eps=eps,
+        norm=str(raw.get("norm", ATTACKS[attack].norms[0])),
+        params=dict(raw.get("params", {})),
+        n=raw.get("n"),
+        cascade=bool(raw.get("cascade", False)),
+        criterion=criterion,
+    )
+    _validate(check)
+    return check
+
+
+def suite_from_dict(raw: dict[str, Any], name: str) -> Suite:
+    checks = raw.get("check")
+    if not isinstance(checks, list) or not checks:
+        raise ConfigError(f"suite {name!r} has no [[check]] tables; add at least one")
+    built = tuple(
+        _check_from_dict(c, f"suite {name!r} check {i + 1}") for i, c in enumerate(checks)
+    )
+    ids = [c.id for c in built]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"suite {name!r} repeats a check id; give each check its own 'id'")
+    return Suite(name=str(raw.get("name", name)), checks=built)
+
+
+BUILTIN_DIR = Path(__file__).parent
+BUILTIN = ("quick", "standard")
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A built-in suite (`quick`, `standard`) or a suite TOML file."""
+    if name_or_path in BUILTIN:
+        path = BUILTIN_DIR / f"{name_or_path}.toml"
+    else:
+        path = Path(name_or_path).expanduser()
+        if path.suffix != ".toml" or not path.is_file():
+            raise ConfigError(
+                f"unknown suite {name_or_path!r}; use one of "
+                f"{', '.join(BUILTIN)} or the path of a suite .toml file"
+            )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read suite file {path}: {exc}") from None
+    return suite_from_dict(raw, path.stem)

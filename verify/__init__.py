@@ -1,0 +1,1 @@
+"""bastion.verify (built in later issues)."""
