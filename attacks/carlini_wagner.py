@@ -76,46 +76,49 @@ class CarliniWagnerL2(Attack):
         for bstep in range(self.binary_search_steps):
             if self.binary_search_steps >= 10 and bstep == self.binary_search_steps - 1:
                 const = upper.clone()
-            w = w0.clone()
-            m = torch.zeros_like(w)
-            v = torch.zeros_like(w)
-            prev = torch.full((n,), math.inf, dtype=x.dtype, device=dev)
             succeeded = torch.zeros(n, dtype=torch.bool, device=dev)
-            active = torch.arange(n, device=dev)
-            c = const.to(x.dtype)
+            # the active samples' state, kept compact: stalled samples are dropped at each
+            # abort-early check, so later iterations cost nothing for them
+            pos = torch.arange(n, device=dev)
+            w, xs, oh = w0.clone(), x, onehot
+            cs = const.to(x.dtype)
+            m, v = torch.zeros_like(w), torch.zeros_like(w)
+            prev = torch.full((n,), math.inf, dtype=x.dtype, device=dev)
             for it in range(self.max_iterations):
-                wa = w[active].requires_grad_(True)
+                w.requires_grad_(True)
                 with torch.enable_grad():
-                    xa = lo + (hi - lo) * (torch.tanh(wa) + 1) / 2
-                    logits = queries.logits(xa, rows[active])
-                    oh = onehot[active]
+                    xa = lo + (hi - lo) * (torch.tanh(w) + 1) / 2
+                    logits = queries.logits(xa, rows[pos])
                     real = (logits * oh).sum(1)
                     other = (logits - 1e4 * oh).amax(1)
                     margin = other - real if target is not None else real - other
-                    f = (margin + self.confidence).clamp_min(0)
-                    l2 = (xa - x[active]).flatten(1).pow(2).sum(1)
-                    loss = l2 + c[active] * f
-                    (grad,) = torch.autograd.grad(loss.sum(), wa)
-                queries.count_backward(rows[active])
-                iterations[active] += 1
+                    l2 = (xa - xs).flatten(1).pow(2).sum(1)
+                    loss = l2 + cs * (margin + self.confidence).clamp_min(0)
+                    (grad,) = torch.autograd.grad(loss.sum(), w)
+                queries.count_backward(rows[pos])
+                iterations[pos] += 1
                 with torch.no_grad():
+                    l2, loss, w = l2.detach(), loss.detach(), w.detach()
                     hit = self._success(logits.detach(), oh, target is not None)
-                    better = hit & (l2.detach() < best_l2[active])
-                    best_l2[active[better]] = l2.detach()[better]
-                    best_x[active[better]] = xa.detach()[better]
-                    succeeded[active[hit]] = True
+                    better = hit & (l2 < best_l2[pos])
+                    if bool(better.any()):
+                        best_l2[pos[better]] = l2[better]
+                        best_x[pos[better]] = xa.detach()[better]
+                    succeeded[pos[hit]] = True
                     t = it + 1
-                    m[active] = _BETA1 * m[active] + (1 - _BETA1) * grad
-                    v[active] = _BETA2 * v[active] + (1 - _BETA2) * grad * grad
+                    m.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
+                    v.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
                     lr_t = self.learning_rate * math.sqrt(1 - _BETA2**t) / (1 - _BETA1**t)
-                    w[active] = wa.detach() - lr_t * m[active] / (v[active].sqrt() + _ADAM_EPS)
+                    w = w - lr_t * m / (v.sqrt() + _ADAM_EPS)
                     if self.abort_early and it % check_every == 0:
-                        stalled = loss.detach() > prev[active] * 0.9999
-                        prev[active] = loss.detach()
-                        active = active[~stalled]
+                        keep = ~(loss > prev * 0.9999)
+                        prev = loss
+                        if not bool(keep.all()):
+                            pos, w, m, v, xs, oh, cs, prev = (
+                                t_[keep] for t_ in (pos, w, m, v, xs, oh, cs, prev))
                 if progress is not None:
                     progress(bstep * self.max_iterations + it + 1, total)
-                if not len(active):
+                if not len(pos):
                     break
             lower, upper, const = _update_const(succeeded, lower, upper, const)
         return Candidates(x_adv=best_x, iterations=iterations)
