@@ -35,11 +35,14 @@ def _direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     return grad / _flat_norm(grad).clamp_min(1e-12)
 
 
-def _project(delta: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
+def _project(moved: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: Norm
+             ) -> torch.Tensor:
+    """The point of the eps-ball around x nearest to `moved` (L∞ clamps against x ± eps
+    directly, so one FGSM step equals `x + eps·sign(g)` to the last bit)."""
     if norm == "linf":
-        return torch.maximum(torch.minimum(delta, eps), -eps)
-    scale = (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
-    return delta * scale
+        return torch.minimum(torch.maximum(moved, x - eps), x + eps)
+    delta = moved - x
+    return x + delta * (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
 
 
 class GradientDescentAttack(Attack):
@@ -112,7 +115,7 @@ class GradientDescentAttack(Attack):
                                        target[active] if target is not None else None)
             a = active[keep]
             moved = xa.detach()[keep] + sign * alpha[a] * _direction(grad[keep], self.norm)
-            x_adv[a] = (x[a] + _project(moved - x[a], eps[a], self.norm)).clamp(lo, hi)
+            x_adv[a] = _project(moved, x[a], eps[a], self.norm).clamp(lo, hi)
             iterations[a] += 1
             active = a
             if progress is not None:

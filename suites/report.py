@@ -205,15 +205,21 @@ def build_report(
     n = state.n
     correct = state.correct
     checks = [_check_entry(c, state, items, n) for c in suite.checks]
+    # each figure is taken over the samples its checks evaluated (checks may use a subset)
+    sizes = {c.id: min(c.n or n, n) for c in suite.checks}
     by_norm: dict[str, list[dict[str, float]]] = {}
     worst = correct.clone()
     for norm, broken in state.broken_at.items():
-        eps_values = sorted({e for c in suite.checks if c.norm == norm for e in c.eps})
+        mine = [c for c in suite.checks if c.norm == norm]
+        m = max(sizes[c.id] for c in mine)
+        eps_values = sorted({e for c in mine for e in c.eps})
         by_norm[norm] = [
-            {"eps": e, "robust_accuracy": float((correct & (broken > e)).double().mean())}
+            {"eps": e, "n": m,
+             "robust_accuracy": float((correct & (broken > e))[:m].double().mean())}
             for e in eps_values
         ]
         worst &= broken > max(eps_values)
+    common = min(sizes.values(), default=n)
     clean_items = [r for r in items if r.get("kind") == "clean"]
     criteria = [c["passed"] for c in checks if c["passed"] is not None]
     forward = sum(r["forward"] for r in items) + sanity.get("forward", 0)
@@ -233,7 +239,8 @@ def build_report(
         "suite": suite.to_dict(),
         "seed": seed,
         "clean_accuracy": float(correct.double().mean()) if n else 0.0,
-        "robust_accuracy": float(worst.double().mean()) if n else 0.0,
+        "robust_accuracy": float(worst[:common].double().mean()) if common else 0.0,
+        "robust_accuracy_n": common,
         "robust_accuracy_by_norm": by_norm,
         "checks": checks,
         "flags": flags,
