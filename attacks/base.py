@@ -119,8 +119,8 @@ class Attack(ABC):
                                      indices[todo], todo, progress)
                 with torch.no_grad():
                     adv_logits = queries.logits(cand.x_adv, todo)
-                ok = is_adversarial(adv_logits.argmax(1), y[todo], target[todo] if target is not None
-                                    else None)
+                goal = target[todo] if target is not None else None
+                ok = is_adversarial(adv_logits.argmax(1), y[todo], goal)
                 x_adv[todo[ok]] = cand.x_adv[ok]
                 pred_adv[todo] = torch.where(ok, adv_logits.argmax(1), pred_clean[todo])
                 iterations[todo] = cand.iterations
@@ -130,7 +130,7 @@ class Attack(ABC):
             distances=distances(x, x_adv), queries=queries.forward, iterations=iterations,
             seconds=time.perf_counter() - start, gradients=queries.backward)
 
-    def _check_model(self, clean_logits: torch.Tensor) -> None:
+    def _check_model(self, clean_logits: torch.Tensor) -> None:  # noqa: B027 (optional hook)
         """Refuse models this attack cannot evaluate (override to add checks)."""
 
     @abstractmethod

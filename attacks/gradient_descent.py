@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bastion import rng
 from bastion.attacks.base import (
     Attack,
     Candidates,
@@ -20,7 +21,6 @@ from bastion.attacks.base import (
     is_adversarial,
     per_sample,
 )
-from bastion import rng
 from bastion.errors import ConfigError, InvalidInputError
 from bastion.results import Norm
 

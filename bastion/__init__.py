@@ -50,7 +50,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from bastion.suites.report import Report
     from bastion.suites.runner import run_suite
 
-__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+__all__ = [
+    "AttackResult", "BastionError", "ConfigError", "DataError", "Dataset", "InvalidInputError",
+    "ModelLoadError", "ModelOutputError", "Normalized", "Report", "ThreatModel",
+    "UntrustedModelError", "__version__", "attacks", "defenses", "load_data", "load_model",
+    "run_suite", "save_model", "suites", "verify", "zoo",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,11 +12,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-RECIPE = {
+RECIPE: dict[str, Any] = {
     "name": "digits-cnn",
     "version": 1,
     "data": "digits",
@@ -54,7 +55,10 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "bastion"
 
 
-def recipe_hash(recipe: dict = RECIPE) -> str:
+def recipe_hash(recipe: dict[str, Any] | None = None) -> str:
+    """A short hash of a training recipe (the current `RECIPE` by default)."""
+    # read RECIPE at call time, not as a bound default: a replaced recipe gets its own hash
+    recipe = RECIPE if recipe is None else recipe
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 

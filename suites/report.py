@@ -8,7 +8,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,7 +226,7 @@ def build_report(
     backward = sum(r["backward"] for r in items) + sanity.get("backward", 0)
     data_dict = {
         "bastion_version": bastion.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "environment": _environment(dev),
         "model": model_info,
         "data": {

@@ -20,13 +20,13 @@ import torch
 from bastion.attacks.base import eval_mode
 from bastion.data import Dataset
 from bastion.errors import ConfigError, InvalidInputError
-from bastion.validation import check_images, check_labels, check_logits
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.progress import NoProgress, ProgressSink
 from bastion.suites.report import Report, build_report
 from bastion.suites.results_log import ResultsLog, item_key
 from bastion.suites.sanity import run_sanity_checks
 from bastion.suites.suite import Check, Suite, load_suite
+from bastion.validation import check_images, check_labels, check_logits
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,11 +69,14 @@ def run_suite(
     progress: ProgressSink | None = None,
     model_info: dict[str, Any] | None = None,
     gallery: int = 8,
+    fail_under: float | None = None,
+    junit: str | Path | None = None,
 ) -> Report:
     """Run `suite` (a built-in name, a TOML path or a Suite) on `data` and return the Report.
 
-    With `out`, per-item results stream to `out/results.jsonl` (resumable with `resume`);
-    writing report.json/html is the caller's choice (`report.write(out)`).
+    With `out`, per-item results stream to `out/results.jsonl` (resumable with `resume`)
+    and report.json, report.html (and `junit` XML) are written there at the end.
+    `fail_under` makes the report fail when the worst-case robust accuracy is below it.
     """
     started = time.perf_counter()
     suite_obj = load_suite(suite) if isinstance(suite, str) else suite
@@ -121,6 +124,12 @@ def run_suite(
     report.data["gallery"] = [
         {k: v for k, v in asdict(g).items() if k not in ("clean", "adv")} for g in shown
     ]
+    if fail_under is not None:
+        report.data["fail_under"] = fail_under
+        report.data["passed"] = report.passed is not False and (
+            report.robust_accuracy() >= fail_under)
+    if out is not None:
+        report.write(out, junit=junit)
     return report
 
 
@@ -214,7 +223,7 @@ def _run_check(
 ) -> None:
     n = min(check.n or len(data), len(data))
     batches = _batches(n, batch_size)
-    eps_list: list[float | None] = sorted(check.eps) if check.spec.bounded else [None]
+    eps_list: list[float | None] = [*sorted(check.eps)] if check.spec.bounded else [None]
     total = len(batches) * len(eps_list)
     task = sink.task(f"{check.id} ({check.attack})", total)
     broken = state.broken(check.norm)

@@ -101,7 +101,7 @@ def test_success_equals_a_reprediction_and_failures_return_the_clean_input(demo,
 
 
 def test_misclassified_samples_are_returned_unchanged(demo, digits) -> None:
-    x, y = digits.x[:32], digits.y[:32]
+    x = digits.x[:32]
     wrong = (demo(x).argmax(1) + 1) % 10  # labels the model now "misclassifies"
     result = PGD(0.1)(demo, x, wrong)
     assert result.success.all()
