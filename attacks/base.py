@@ -26,8 +26,9 @@ Progress = Callable[[int, int], None]
 """A callback `progress(done, total)` the harness passes to long attacks."""
 
 
-def is_adversarial(pred: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
-                   ) -> torch.Tensor:
+def is_adversarial(
+    pred: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+) -> torch.Tensor:
     """Predicted other than `y` (untargeted) or predicted as `target` (targeted)."""
     return pred == target if target is not None else pred != y
 
@@ -87,9 +88,16 @@ class Attack(ABC):
     bounds: tuple[float, float] = (0.0, 1.0)
     seed: int = 0
 
-    def __call__(self, model: Model, x: torch.Tensor, y: torch.Tensor, *,
-                 target: torch.Tensor | None = None, indices: torch.Tensor | None = None,
-                 progress: Progress | None = None) -> AttackResult:
+    def __call__(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> AttackResult:
         start = time.perf_counter()
         check_images(x, self.bounds)
         n = x.shape[0]
@@ -98,8 +106,9 @@ class Attack(ABC):
             check_labels(target, n)
         y = y.to(x.device).long()
         target = target.to(x.device).long() if target is not None else None
-        indices = (torch.arange(n, device=x.device) if indices is None
-                   else indices.to(x.device).long())
+        indices = (
+            torch.arange(n, device=x.device) if indices is None else indices.to(x.device).long()
+        )
         if indices.shape != (n,):
             raise InvalidInputError(f"indices must have shape ({n},), got {tuple(indices.shape)}")
         queries = Queries(model, n, x.device)
@@ -114,9 +123,15 @@ class Attack(ABC):
             iterations = torch.zeros(n, dtype=torch.long, device=x.device)
             pred_adv = pred_clean.clone()
             if len(todo):
-                cand = self._perturb(queries, x[todo], y[todo],
-                                     target[todo] if target is not None else None,
-                                     indices[todo], todo, progress)
+                cand = self._perturb(
+                    queries,
+                    x[todo],
+                    y[todo],
+                    target[todo] if target is not None else None,
+                    indices[todo],
+                    todo,
+                    progress,
+                )
                 with torch.no_grad():
                     adv_logits = queries.logits(cand.x_adv, todo)
                 goal = target[todo] if target is not None else None
@@ -126,17 +141,31 @@ class Attack(ABC):
                 iterations[todo] = cand.iterations
         success = is_adversarial(pred_adv, y, target)
         return AttackResult(
-            x_adv=x_adv, success=success, pred_clean=pred_clean, pred_adv=pred_adv,
-            distances=distances(x, x_adv), queries=queries.forward, iterations=iterations,
-            seconds=time.perf_counter() - start, gradients=queries.backward)
+            x_adv=x_adv,
+            success=success,
+            pred_clean=pred_clean,
+            pred_adv=pred_adv,
+            distances=distances(x, x_adv),
+            queries=queries.forward,
+            iterations=iterations,
+            seconds=time.perf_counter() - start,
+            gradients=queries.backward,
+        )
 
     def _check_model(self, clean_logits: torch.Tensor) -> None:  # noqa: B027 (optional hook)
         """Refuse models this attack cannot evaluate (override to add checks)."""
 
     @abstractmethod
-    def _perturb(self, queries: Queries, x: torch.Tensor, y: torch.Tensor,
-                 target: torch.Tensor | None, indices: torch.Tensor, rows: torch.Tensor,
-                 progress: Progress | None) -> Candidates:
+    def _perturb(
+        self,
+        queries: Queries,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        indices: torch.Tensor,
+        rows: torch.Tensor,
+        progress: Progress | None,
+    ) -> Candidates:
         """Candidate adversarial images for samples `rows` (not yet adversarial)."""
 
 
@@ -146,8 +175,10 @@ def check_eps(eps: float | torch.Tensor, norm: str) -> None:
     if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
         raise ConfigError(f"eps must be a finite number >= 0, got {eps}")
     if norm == "linf" and bool((values > 1).any()):
-        raise ConfigError(f"L∞ eps must lie in [0, 1] for pixels in [0, 1], got {eps}; "
-                          "give eps on the [0, 1] scale (e.g. 8/255, not 8)")
+        raise ConfigError(
+            f"L∞ eps must lie in [0, 1] for pixels in [0, 1], got {eps}; "
+            "give eps on the [0, 1] scale (e.g. 8/255, not 8)"
+        )
 
 
 def per_sample(eps: float | torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,17 @@ class CarliniWagnerL2(Attack):
     lr 0.01, κ = 0, abort early). `CarliniWagnerL2.fast()` is the suites' profile
     (5 × 1,000). The model must return logits: softmax outputs are refused."""
 
-    def __init__(self, *, binary_search_steps: int = 9, max_iterations: int = 10_000,
-                 initial_const: float = 1e-3, learning_rate: float = 1e-2,
-                 confidence: float = 0.0, abort_early: bool = True,
-                 bounds: tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(
+        self,
+        *,
+        binary_search_steps: int = 9,
+        max_iterations: int = 10_000,
+        initial_const: float = 1e-3,
+        learning_rate: float = 1e-2,
+        confidence: float = 0.0,
+        abort_early: bool = True,
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
         if binary_search_steps < 1 or max_iterations < 1:
             raise ConfigError("binary_search_steps and max_iterations must be >= 1")
         if initial_const <= 0 or learning_rate <= 0 or confidence < 0:
@@ -53,12 +60,21 @@ class CarliniWagnerL2(Attack):
 
     def _check_model(self, clean_logits: torch.Tensor) -> None:
         if looks_like_probabilities(clean_logits):
-            raise ModelOutputError("the model's outputs sum to 1 (softmax probabilities); "
-                                   "CW needs logits: remove the final softmax layer")
+            raise ModelOutputError(
+                "the model's outputs sum to 1 (softmax probabilities); "
+                "CW needs logits: remove the final softmax layer"
+            )
 
-    def _perturb(self, queries: Queries, x: torch.Tensor, y: torch.Tensor,
-                 target: torch.Tensor | None, indices: torch.Tensor, rows: torch.Tensor,
-                 progress: Progress | None) -> Candidates:
+    def _perturb(
+        self,
+        queries: Queries,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        indices: torch.Tensor,
+        rows: torch.Tensor,
+        progress: Progress | None,
+    ) -> Candidates:
         lo, hi = self.bounds
         n = len(x)
         dev = x.device
@@ -115,7 +131,8 @@ class CarliniWagnerL2(Attack):
                         prev = loss
                         if not bool(keep.all()):
                             pos, w, m, v, xs, oh, cs, prev = (
-                                t_[keep] for t_ in (pos, w, m, v, xs, oh, cs, prev))
+                                t_[keep] for t_ in (pos, w, m, v, xs, oh, cs, prev)
+                            )
                 if progress is not None:
                     progress(bstep * self.max_iterations + it + 1, total)
                 if not len(pos):
@@ -123,8 +140,7 @@ class CarliniWagnerL2(Attack):
             lower, upper, const = _update_const(succeeded, lower, upper, const)
         return Candidates(x_adv=best_x, iterations=iterations)
 
-    def _success(self, logits: torch.Tensor, onehot: torch.Tensor, targeted: bool
-                 ) -> torch.Tensor:
+    def _success(self, logits: torch.Tensor, onehot: torch.Tensor, targeted: bool) -> torch.Tensor:
         """The reference's `compare`: success with the confidence margin κ applied."""
         goal = onehot.argmax(1)
         if targeted:
@@ -132,8 +148,9 @@ class CarliniWagnerL2(Attack):
         return (logits + self.confidence * onehot).argmax(1) != goal
 
 
-def _update_const(succeeded: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                  const: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _update_const(
+    succeeded: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, const: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's per-sample binary search step on c."""
     upper = torch.where(succeeded, torch.minimum(upper, const), upper)
     lower = torch.where(succeeded, lower, torch.maximum(lower, const))

@@ -16,7 +16,19 @@ class FGSM(GradientDescentAttack):
     the loss towards the target class.
     """
 
-    def __init__(self, eps: float | torch.Tensor = 8 / 255, *, norm: Norm = "linf",
-                 bounds: tuple[float, float] = (0.0, 1.0)) -> None:
-        super().__init__(eps=eps, norm=norm, steps=1, rel_stepsize=1.0, random_start=False,
-                         early_stop=False, bounds=bounds)
+    def __init__(
+        self,
+        eps: float | torch.Tensor = 8 / 255,
+        *,
+        norm: Norm = "linf",
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__(
+            eps=eps,
+            norm=norm,
+            steps=1,
+            rel_stepsize=1.0,
+            random_start=False,
+            early_stop=False,
+            bounds=bounds,
+        )

@@ -35,8 +35,7 @@ def _direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     return grad / _flat_norm(grad).clamp_min(1e-12)
 
 
-def _project(moved: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: Norm
-             ) -> torch.Tensor:
+def _project(moved: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
     """The point of the eps-ball around x nearest to `moved` (L∞ clamps against x ± eps
     directly, so one FGSM step equals `x + eps·sign(g)` to the last bit)."""
     if norm == "linf":
@@ -53,10 +52,19 @@ class GradientDescentAttack(Attack):
     remaining gradient passes without changing whether the attack succeeds on it.
     """
 
-    def __init__(self, *, eps: float | torch.Tensor, norm: Norm, steps: int,
-                 rel_stepsize: float, abs_stepsize: float | None = None,
-                 random_start: bool, early_stop: bool = True, seed: int = 0,
-                 bounds: tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(
+        self,
+        *,
+        eps: float | torch.Tensor,
+        norm: Norm,
+        steps: int,
+        rel_stepsize: float,
+        abs_stepsize: float | None = None,
+        random_start: bool,
+        early_stop: bool = True,
+        seed: int = 0,
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
         if norm not in ("linf", "l2"):
             raise ConfigError(f"{type(self).__name__} supports norm 'linf' or 'l2', got {norm!r}")
         if steps < 1:
@@ -72,8 +80,9 @@ class GradientDescentAttack(Attack):
         self.seed = seed
         self.bounds = bounds
 
-    def _random_start(self, x: torch.Tensor, eps: torch.Tensor, indices: torch.Tensor
-                      ) -> torch.Tensor:
+    def _random_start(
+        self, x: torch.Tensor, eps: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
         shape = tuple(x.shape[1:])
         if self.norm == "linf":
             u = rng.uniform(self.seed, indices, shape, dtype=x.dtype).to(x.device)
@@ -84,16 +93,31 @@ class GradientDescentAttack(Attack):
         radius = r.pow(1.0 / x[0].numel()).to(x.dtype).reshape(-1, *([1] * len(shape)))
         return z / _flat_norm(z).clamp_min(1e-12) * radius * eps
 
-    def _perturb(self, queries: Queries, x: torch.Tensor, y: torch.Tensor,
-                 target: torch.Tensor | None, indices: torch.Tensor, rows: torch.Tensor,
-                 progress: Progress | None) -> Candidates:
-        if isinstance(self.eps, torch.Tensor) and self.eps.dim() and \
-                self.eps.shape[0] != queries.forward.shape[0]:
-            raise InvalidInputError(f"a per-sample eps needs one value per image: got "
-                                    f"{self.eps.shape[0]} for {queries.forward.shape[0]} images")
+    def _perturb(
+        self,
+        queries: Queries,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        indices: torch.Tensor,
+        rows: torch.Tensor,
+        progress: Progress | None,
+    ) -> Candidates:
+        if (
+            isinstance(self.eps, torch.Tensor)
+            and self.eps.dim()
+            and self.eps.shape[0] != queries.forward.shape[0]
+        ):
+            raise InvalidInputError(
+                f"a per-sample eps needs one value per image: got "
+                f"{self.eps.shape[0]} for {queries.forward.shape[0]} images"
+            )
         eps = per_sample(self.eps, rows, x)
-        alpha = (torch.full_like(eps, self.abs_stepsize) if self.abs_stepsize is not None
-                 else eps * self.rel_stepsize)
+        alpha = (
+            torch.full_like(eps, self.abs_stepsize)
+            if self.abs_stepsize is not None
+            else eps * self.rel_stepsize
+        )
         lo, hi = self.bounds
         x_adv = x.clone()
         if self.random_start:
@@ -111,8 +135,11 @@ class GradientDescentAttack(Attack):
             queries.count_backward(rows[active])
             keep = torch.ones(len(active), dtype=torch.bool, device=x.device)
             if self.early_stop:
-                keep = ~is_adversarial(logits.detach().argmax(1), y[active],
-                                       target[active] if target is not None else None)
+                keep = ~is_adversarial(
+                    logits.detach().argmax(1),
+                    y[active],
+                    target[active] if target is not None else None,
+                )
             a = active[keep]
             moved = xa.detach()[keep] + sign * alpha[a] * _direction(grad[keep], self.norm)
             x_adv[a] = _project(moved, x[a], eps[a], self.norm).clamp(lo, hi)

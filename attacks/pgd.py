@@ -17,24 +17,53 @@ class PGD(GradientDescentAttack):
     depends only on (seed, sample index).
     """
 
-    def __init__(self, eps: float | torch.Tensor = 8 / 255, *, norm: Norm = "linf",
-                 steps: int = 40, rel_stepsize: float | None = None,
-                 abs_stepsize: float | None = None, random_start: bool = True,
-                 early_stop: bool = True, seed: int = 0,
-                 bounds: tuple[float, float] = (0.0, 1.0)) -> None:
-        super().__init__(eps=eps, norm=norm, steps=steps,
-                         rel_stepsize=rel_stepsize if rel_stepsize is not None else 2.5 / steps,
-                         abs_stepsize=abs_stepsize, random_start=random_start,
-                         early_stop=early_stop, seed=seed, bounds=bounds)
+    def __init__(
+        self,
+        eps: float | torch.Tensor = 8 / 255,
+        *,
+        norm: Norm = "linf",
+        steps: int = 40,
+        rel_stepsize: float | None = None,
+        abs_stepsize: float | None = None,
+        random_start: bool = True,
+        early_stop: bool = True,
+        seed: int = 0,
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__(
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            rel_stepsize=rel_stepsize if rel_stepsize is not None else 2.5 / steps,
+            abs_stepsize=abs_stepsize,
+            random_start=random_start,
+            early_stop=early_stop,
+            seed=seed,
+            bounds=bounds,
+        )
 
 
 class BIM(PGD):
     """Basic iterative method (Kurakin et al., 2017): PGD without the random start."""
 
-    def __init__(self, eps: float | torch.Tensor = 8 / 255, *, norm: Norm = "linf",
-                 steps: int = 10, rel_stepsize: float | None = None,
-                 abs_stepsize: float | None = None, early_stop: bool = True,
-                 bounds: tuple[float, float] = (0.0, 1.0)) -> None:
-        super().__init__(eps=eps, norm=norm, steps=steps, rel_stepsize=rel_stepsize,
-                         abs_stepsize=abs_stepsize, random_start=False,
-                         early_stop=early_stop, bounds=bounds)
+    def __init__(
+        self,
+        eps: float | torch.Tensor = 8 / 255,
+        *,
+        norm: Norm = "linf",
+        steps: int = 10,
+        rel_stepsize: float | None = None,
+        abs_stepsize: float | None = None,
+        early_stop: bool = True,
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__(
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            rel_stepsize=rel_stepsize,
+            abs_stepsize=abs_stepsize,
+            random_start=False,
+            early_stop=early_stop,
+            bounds=bounds,
+        )

@@ -51,10 +51,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from bastion.suites.runner import run_suite
 
 __all__ = [
-    "AttackResult", "BastionError", "ConfigError", "DataError", "Dataset", "InvalidInputError",
-    "ModelLoadError", "ModelOutputError", "Normalized", "Report", "ThreatModel",
-    "UntrustedModelError", "__version__", "attacks", "defenses", "load_data", "load_model",
-    "run_suite", "save_model", "suites", "verify", "zoo",
+    "AttackResult",
+    "BastionError",
+    "ConfigError",
+    "DataError",
+    "Dataset",
+    "InvalidInputError",
+    "ModelLoadError",
+    "ModelOutputError",
+    "Normalized",
+    "Report",
+    "ThreatModel",
+    "UntrustedModelError",
+    "__version__",
+    "attacks",
+    "defenses",
+    "load_data",
+    "load_model",
+    "run_suite",
+    "save_model",
+    "suites",
+    "verify",
+    "zoo",
 ]
 
 

@@ -32,16 +32,28 @@ def _bits(seed: int, indices: torch.Tensor, numel: int, stream: int) -> torch.Te
     return _mix(rows ^ _mix((cols * 0x85EBCA6B) & _MASK))
 
 
-def uniform(seed: int, indices: torch.Tensor, shape: tuple[int, ...], *, stream: int = 0,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def uniform(
+    seed: int,
+    indices: torch.Tensor,
+    shape: tuple[int, ...],
+    *,
+    stream: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Uniform numbers in [0, 1) of shape (len(indices), *shape), one stream per sample."""
     numel = math.prod(shape)
     u = (_bits(seed, indices, numel, stream) >> 8).to(torch.float64) / float(1 << 24)
     return u.to(dtype).reshape(len(indices), *shape)
 
 
-def normal(seed: int, indices: torch.Tensor, shape: tuple[int, ...], *, stream: int = 0,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normal(
+    seed: int,
+    indices: torch.Tensor,
+    shape: tuple[int, ...],
+    *,
+    stream: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Standard normal numbers via Box–Muller on two independent uniform streams."""
     u1 = uniform(seed, indices, shape, stream=2 * stream + 1, dtype=torch.float64)
     u2 = uniform(seed, indices, shape, stream=2 * stream + 2, dtype=torch.float64)

@@ -37,12 +37,17 @@ class DigitsCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +67,9 @@ def recipe_hash(recipe: dict[str, Any] | None = None) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def demo_model(*, device: str | torch.device = "cpu",
-               progress: Callable[[int, int], None] | None = None) -> nn.Module:
+def demo_model(
+    *, device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None
+) -> nn.Module:
     """The embedded default, in eval mode: trained on the first call, then loaded from cache."""
     from safetensors.torch import load_file, save_file
 
@@ -92,14 +98,13 @@ def train_demo(model: nn.Module, *, progress: Callable[[int, int], None] | None 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RECIPE["seed"])
         model.apply(_reset)
-    opt = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"],
-                           weight_decay=RECIPE["weight_decay"])
+    opt = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
     n, bs, epochs = len(train), RECIPE["batch_size"], RECIPE["epochs"]
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             loss = nn.functional.cross_entropy(model(train.x[idx]), train.y[idx])
             opt.zero_grad()
             loss.backward()

@@ -48,23 +48,37 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         assert result is not None
         ok = result.success & (result.pred_clean == y)
-        rows.append({
-            "attack": name, "batch": batch, "median_seconds": statistics.median(times),
-            "success_rate": result.success_rate,
-            "mean_l2": float(result.distances["l2"][ok].mean()) if ok.any() else None,
-            "forward": int(result.queries.sum()), "backward": int(result.gradients.sum()),
-        })
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
-    print(f"{'attack':34} {'batch':>5} {'median s':>9} {'success':>8} {'mean L2':>8} "
-          f"{'fwd':>7} {'bwd':>7}")
+        rows.append(
+            {
+                "attack": name,
+                "batch": batch,
+                "median_seconds": statistics.median(times),
+                "success_rate": result.success_rate,
+                "mean_l2": float(result.distances["l2"][ok].mean()) if ok.any() else None,
+                "forward": int(result.queries.sum()),
+                "backward": int(result.gradients.sum()),
+            }
+        )
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print(
+        f"{'attack':34} {'batch':>5} {'median s':>9} {'success':>8} {'mean L2':>8} "
+        f"{'fwd':>7} {'bwd':>7}"
+    )
     for r in rows:
         l2 = f"{r['mean_l2']:.3f}" if r["mean_l2"] is not None else "–"
-        print(f"{r['attack']:34} {r['batch']:5d} {r['median_seconds']:9.3f} "
-              f"{r['success_rate']:8.3f} {l2:>8} {r['forward']:7d} {r['backward']:7d}")
+        print(
+            f"{r['attack']:34} {r['batch']:5d} {r['median_seconds']:9.3f} "
+            f"{r['success_rate']:8.3f} {l2:>8} {r['forward']:7d} {r['backward']:7d}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "repeat": args.repeat,
-                                          "results": rows}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"machine": machine, "repeat": args.repeat, "results": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -214,8 +214,11 @@ def build_report(
         m = max(sizes[c.id] for c in mine)
         eps_values = sorted({e for c in mine for e in c.eps})
         by_norm[norm] = [
-            {"eps": e, "n": m,
-             "robust_accuracy": float((correct & (broken > e))[:m].double().mean())}
+            {
+                "eps": e,
+                "n": m,
+                "robust_accuracy": float((correct & (broken > e))[:m].double().mean()),
+            }
             for e in eps_values
         ]
         worst &= broken > max(eps_values)

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from bastion.attacks.base import eval_mode
+from bastion.attacks.base import Attack, eval_mode
 from bastion.data import Dataset
 from bastion.errors import ConfigError, InvalidInputError
+from bastion.results import distances
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.progress import NoProgress, ProgressSink
 from bastion.suites.report import Report, build_report
@@ -29,6 +30,8 @@ from bastion.suites.suite import Check, Suite, load_suite
 from bastion.validation import check_images, check_labels, check_logits
 
 Model = Callable[[torch.Tensor], torch.Tensor]
+Shot = tuple[str, float | None, int]
+"""An adversarial image kept for the gallery: (check id, eps, dataset index)."""
 
 
 @dataclass
@@ -82,11 +85,12 @@ def run_suite(
     suite_obj = load_suite(suite) if isinstance(suite, str) else suite
     if eps:
         suite_obj = suite_obj.with_eps(tuple(float(e) for e in eps))
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    for name, value in (("batch_size", batch_size), ("n", n if n is not None else 1)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if gallery < 0:
+        raise ConfigError(f"gallery must be >= 0, got {gallery}")
     if n is not None:
-        if n < 1:
-            raise ConfigError(f"n must be >= 1, got {n}")
         data = data.subset(n)
     dev = torch.device(device) if device is not None else _model_device(model)
     if isinstance(model, torch.nn.Module):
@@ -104,22 +108,37 @@ def run_suite(
         "seed": seed,
         "batch_size": batch_size,
     }
-    log = ResultsLog(Path(out) if out is not None else None, header, resume)
-    sink = progress or NoProgress()
-    state = RunState(len(data), data.y.clone().long())
+    run = _Run(
+        model,
+        data,
+        dev,
+        seed,
+        batch_size,
+        progress or NoProgress(),
+        ResultsLog(Path(out) if out is not None else None, header, resume),
+        keep=math.ceil(gallery / len(suite_obj.checks)),
+    )
     try:
         with eval_mode(model):
-            _clean_pass(model, data, state, log, batch_size, dev, sink)
+            run.clean_pass()
             for check in suite_obj.checks:
-                _run_check(model, data, state, log, check, batch_size, dev, seed, sink)
-            flags, sanity = run_sanity_checks(model, data, state.correct, batch_size, dev, seed)
-            items = list(log.items.values())
-            shown = _gallery(model, data, suite_obj, state, items, seed, dev, gallery)
-            report = build_report(
-                suite_obj, data, state, items, flags, sanity, info, seed, dev, started
-            )
+                run.run_check(check)
+            flags, sanity = run_sanity_checks(model, data, run.state.correct, batch_size, dev, seed)
+            shown = run.gallery(suite_obj, gallery)
     finally:
-        log.close()
+        run.log.close()
+    report = build_report(
+        suite_obj,
+        data,
+        run.state,
+        list(run.log.items.values()),
+        flags,
+        sanity,
+        info,
+        seed,
+        dev,
+        started,
+    )
     report.gallery = shown
     report.data["gallery"] = [
         {k: v for k, v in asdict(g).items() if k not in ("clean", "adv")} for g in shown
@@ -127,7 +146,8 @@ def run_suite(
     if fail_under is not None:
         report.data["fail_under"] = fail_under
         report.data["passed"] = report.passed is not False and (
-            report.robust_accuracy() >= fail_under)
+            report.robust_accuracy() >= fail_under
+        )
     if out is not None:
         report.write(out, junit=junit)
     return report
@@ -152,154 +172,208 @@ def _batches(n: int, batch_size: int) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
-def _clean_pass(
-    model: Model,
-    data: Dataset,
-    state: RunState,
-    log: ResultsLog,
-    batch_size: int,
-    dev: torch.device,
-    sink: ProgressSink,
-) -> None:
-    batches = _batches(len(data), batch_size)
-    task = sink.task("clean accuracy", len(batches))
-    for b, idx in enumerate(batches):
-        key = item_key("clean", "", None, b)
-        rec = log.get(key)
-        if rec is None:
-            start = time.perf_counter()
-            with torch.no_grad():
-                logits = _forward_checked(model, data, data.x[idx].to(dev))
-            probs = logits.double().softmax(1)
-            rec = log.put(
-                key,
-                {
-                    "kind": "clean",
-                    "index": idx.tolist(),
-                    "pred": logits.argmax(1).cpu().tolist(),
-                    "conf": probs.amax(1).cpu().tolist(),
-                    "seconds": time.perf_counter() - start,
-                    "forward": len(idx),
-                    "backward": 0,
-                },
-            )
-        state.pred[rec["index"]] = torch.tensor(rec["pred"])
-        state.conf[rec["index"]] = torch.tensor(rec["conf"], dtype=torch.float64)
-        task.update(b + 1)
-    task.close()
+def _name(names: list[str], k: int) -> str:
+    return names[k] if 0 <= k < len(names) else str(k)
 
 
-def _forward_checked(model: Model, data: Dataset, x: torch.Tensor) -> torch.Tensor:
-    """The model's logits, with a clear error when it cannot take this data."""
-    shape = "×".join(map(str, x.shape[1:]))
-    try:
-        logits = model(x)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidInputError(
-            f"the model cannot take {shape} images from {data.spec!r} "
-            f"({first[:160]}); give data of the size and channel count "
-            "the model was trained on"
-        ) from None
-    check_logits(logits, x.shape[0])
-    if data.num_classes and int(data.y.max()) >= logits.shape[1]:
-        raise InvalidInputError(
-            f"{data.spec!r} has labels up to {int(data.y.max())} but the "
-            f"model has only {logits.shape[1]} outputs; check --data"
-        )
-    return logits
+@dataclass
+class _Run:
+    """One run's context: the model and data, where results go, what is known so far."""
 
+    model: Model
+    data: Dataset
+    dev: torch.device
+    seed: int
+    batch_size: int
+    sink: ProgressSink
+    log: ResultsLog
+    keep: int  # adversarial images kept per item for the gallery
+    state: RunState = field(init=False)
+    shots: dict[Shot, torch.Tensor] = field(default_factory=dict)
 
-def _run_check(
-    model: Model,
-    data: Dataset,
-    state: RunState,
-    log: ResultsLog,
-    check: Check,
-    batch_size: int,
-    dev: torch.device,
-    seed: int,
-    sink: ProgressSink,
-) -> None:
-    n = min(check.n or len(data), len(data))
-    batches = _batches(n, batch_size)
-    eps_list: list[float | None] = [*sorted(check.eps)] if check.spec.bounded else [None]
-    total = len(batches) * len(eps_list)
-    task = sink.task(f"{check.id} ({check.attack})", total)
-    broken = state.broken(check.norm)
-    done = 0
-    for eps in eps_list:
-        attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=seed)
+    def __post_init__(self) -> None:
+        self.state = RunState(len(self.data), self.data.y.clone().long())
+
+    def clean_pass(self) -> None:
+        batches = _batches(len(self.data), self.batch_size)
+        task = self.sink.task("clean accuracy", len(batches))
         for b, idx in enumerate(batches):
-            key = item_key("attack", check.id, eps, b)
-            rec = log.get(key)
+            key = item_key("clean", "", None, b)
+            rec = self.log.get(key)
             if rec is None:
-                todo = idx[state.correct[idx]]
-                if check.cascade and eps is not None:
-                    todo = todo[~(broken[todo] <= eps)]
-
-                def advance(k: int, m: int, base: int = done) -> None:
-                    task.update(base + k / m)
-
-                rec = log.put(
-                    key, _attack_item(model, data, attack, todo, dev, advance, check, eps)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    logits = self._forward_checked(self.data.x[idx].to(self.dev))
+                rec = self.log.put(
+                    key,
+                    {
+                        "kind": "clean",
+                        "index": idx.tolist(),
+                        "pred": logits.argmax(1).cpu().tolist(),
+                        "conf": logits.double().softmax(1).amax(1).cpu().tolist(),
+                        "seconds": time.perf_counter() - start,
+                        "forward": len(idx),
+                        "backward": 0,
+                    },
                 )
-            _apply(rec, broken, eps)
-            done += 1
-            task.update(done)
-    task.close()
+            self.state.pred[rec["index"]] = torch.tensor(rec["pred"])
+            self.state.conf[rec["index"]] = torch.tensor(rec["conf"], dtype=torch.float64)
+            task.update(b + 1)
+        task.close()
 
+    def _forward_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits, with a clear error when it cannot take this data."""
+        shape = "×".join(map(str, x.shape[1:]))
+        spec = self.data.spec
+        try:
+            logits = self.model(x)
+        except RuntimeError as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise InvalidInputError(
+                f"the model cannot take {shape} images from {spec!r} ({first[:160]}); give "
+                "data of the size and channel count the model was trained on"
+            ) from None
+        check_logits(logits, x.shape[0])
+        top = int(self.data.y.max()) if len(self.data) else 0
+        if top >= logits.shape[1]:
+            raise InvalidInputError(
+                f"{spec!r} has labels up to {top} but the model has only "
+                f"{logits.shape[1]} outputs; check --data"
+            )
+        return logits
 
-def _attack_item(
-    model: Model,
-    data: Dataset,
-    attack: Any,
-    todo: torch.Tensor,
-    dev: torch.device,
-    advance: Callable[[int, int], None],
-    check: Check,
-    eps: float | None,
-) -> dict[str, Any]:
-    start = time.perf_counter()
-    rows: dict[str, list[Any]] = {
-        "index": todo.tolist(),
-        "pred_adv": [],
-        "success": [],
-        "l0": [],
-        "l2": [],
-        "linf": [],
-        "queries": [],
-        "gradients": [],
-    }
-    forward = backward = 0
-    if len(todo):
-        result = attack(
-            model,
-            data.x[todo].to(dev),
-            data.y[todo].to(dev),
-            indices=todo.to(dev),
-            progress=advance,
-        )
-        rows.update(
-            pred_adv=result.pred_adv.cpu().tolist(),
-            success=result.success.cpu().tolist(),
-            l0=result.distances["l0"].cpu().tolist(),
-            l2=result.distances["l2"].cpu().tolist(),
-            linf=result.distances["linf"].cpu().tolist(),
-            queries=result.queries.cpu().tolist(),
-            gradients=result.gradients.cpu().tolist(),
-        )
-        forward, backward = int(result.queries.sum()), int(result.gradients.sum())
-    return {
-        "kind": "attack",
-        "check": check.id,
-        "attack": check.attack,
-        "eps": eps,
-        "rows": rows,
-        "seconds": time.perf_counter() - start,
-        "forward": forward,
-        "backward": backward,
-    }
+    def run_check(self, check: Check) -> None:
+        n = min(check.n or len(self.data), len(self.data))
+        batches = _batches(n, self.batch_size)
+        eps_list: list[float | None] = [*sorted(check.eps)] if check.spec.bounded else [None]
+        task = self.sink.task(f"{check.id} ({check.attack})", len(batches) * len(eps_list))
+        broken = self.state.broken(check.norm)
+        done = 0
+        for eps in eps_list:
+            attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=self.seed)
+            for b, idx in enumerate(batches):
+                key = item_key("attack", check.id, eps, b)
+                rec = self.log.get(key)
+                if rec is None:
+                    todo = idx[self.state.correct[idx]]
+                    if check.cascade and eps is not None:
+                        todo = todo[~(broken[todo] <= eps)]
+
+                    def advance(k: int, m: int, base: int = done) -> None:
+                        task.update(base + k / m)
+
+                    rec = self.log.put(key, self._attack_item(attack, todo, check, eps, advance))
+                _apply(rec, broken, eps)
+                done += 1
+                task.update(done)
+        task.close()
+
+    def _attack_item(
+        self,
+        attack: Attack,
+        todo: torch.Tensor,
+        check: Check,
+        eps: float | None,
+        advance: Callable[[int, int], None],
+    ) -> dict[str, Any]:
+        start = time.perf_counter()
+        fields = ("pred_adv", "success", "l0", "l2", "linf", "queries", "gradients")
+        rows: dict[str, list[Any]] = {"index": todo.tolist(), **{f: [] for f in fields}}
+        forward = backward = 0
+        if len(todo):
+            result = attack(
+                self.model,
+                self.data.x[todo].to(self.dev),
+                self.data.y[todo].to(self.dev),
+                indices=todo.to(self.dev),
+                progress=advance,
+            )
+            values = {
+                "pred_adv": result.pred_adv,
+                "success": result.success,
+                "queries": result.queries,
+                "gradients": result.gradients,
+                **{k: result.distances[k] for k in ("l0", "l2", "linf")},
+            }
+            rows.update({k: v.cpu().tolist() for k, v in values.items()})
+            forward, backward = int(result.queries.sum()), int(result.gradients.sum())
+            for j in result.success.nonzero().flatten()[: self.keep].tolist():
+                self.shots[(check.id, eps, rows["index"][j])] = result.x_adv[j].cpu()
+        return {
+            "kind": "attack",
+            "check": check.id,
+            "attack": check.attack,
+            "eps": eps,
+            "rows": rows,
+            "seconds": time.perf_counter() - start,
+            "forward": forward,
+            "backward": backward,
+        }
+
+    def gallery(self, suite: Suite, size: int) -> list[GalleryItem]:
+        """A few successes per check, at its smallest eps with any. Images kept during this
+        run are shown as they are; for items loaded on resume the attack is re-run on the
+        chosen samples alone (attacks are per-sample deterministic: the same images)."""
+        if size <= 0:
+            return []
+        out: list[GalleryItem] = []
+        items = list(self.log.items.values())
+        for check in suite.checks:
+            recs = sorted(
+                (r for r in items if r.get("check") == check.id),
+                key=lambda r: (r["eps"] is None, r["eps"] or 0.0),
+            )
+            for rec in recs:
+                rows = rec["rows"]
+                picks = [i for i, s in zip(rows["index"], rows["success"], strict=True) if s]
+                if picks:
+                    out += self._gallery_items(check, rec["eps"], picks[: self.keep])
+                    break
+        return out[:size]
+
+    def _gallery_items(
+        self, check: Check, eps: float | None, picks: list[int]
+    ) -> list[GalleryItem]:
+        missing = [i for i in picks if (check.id, eps, i) not in self.shots]
+        if missing:
+            idx = torch.tensor(missing)
+            attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=self.seed)
+            result = attack(
+                self.model,
+                self.data.x[idx].to(self.dev),
+                self.data.y[idx].to(self.dev),
+                indices=idx.to(self.dev),
+            )
+            for j in result.success.nonzero().flatten().tolist():
+                self.shots[(check.id, eps, missing[j])] = result.x_adv[j].cpu()
+        shown = [i for i in picks if (check.id, eps, i) in self.shots]
+        if not shown:
+            return []
+        x = self.data.x[shown]
+        adv = torch.stack([self.shots[(check.id, eps, i)] for i in shown])
+        with torch.no_grad():
+            probs = self.model(adv.to(self.dev)).double().softmax(1).cpu()
+        dist = distances(x, adv)
+        names, state = self.data.classes, self.state
+        return [
+            GalleryItem(
+                check=check.id,
+                attack=check.attack,
+                eps=float(eps) if eps is not None else float(dist["l2"][j]),
+                index=i,
+                label=_name(names, int(self.data.y[i])),
+                clean_pred=_name(names, int(state.pred[i])),
+                clean_conf=float(state.conf[i]),
+                adv_pred=_name(names, int(probs[j].argmax())),
+                adv_conf=float(probs[j].max()),
+                l2=float(dist["l2"][j]),
+                linf=float(dist["linf"][j]),
+                clean=x[j].permute(1, 2, 0).numpy(),
+                adv=adv[j].permute(1, 2, 0).numpy(),
+            )
+            for j, i in enumerate(shown)
+        ]
 
 
 def _apply(rec: dict[str, Any], broken: torch.Tensor, eps: float | None) -> None:
@@ -316,67 +390,3 @@ def _apply(rec: dict[str, Any], broken: torch.Tensor, eps: float | None) -> None
     )
     at = torch.where(success, at, torch.full_like(at, math.inf))
     broken[idx] = torch.minimum(broken[idx], at)
-
-
-def _gallery(
-    model: Model,
-    data: Dataset,
-    suite: Suite,
-    state: RunState,
-    items: list[dict[str, Any]],
-    seed: int,
-    dev: torch.device,
-    size: int,
-) -> list[Any]:
-    """Re-run each check on a few of its successes to show them (attacks are per-sample
-    deterministic, so this reproduces the recorded adversarial images)."""
-    if size <= 0:
-        return []
-    per_check = max(1, math.ceil(size / max(len(suite.checks), 1)))
-    chosen: list[tuple[Check, float | None, list[int]]] = []
-    for check in suite.checks:
-        picks: list[int] = []
-        for rec in sorted(
-            (r for r in items if r.get("check") == check.id),
-            key=lambda r: (r["eps"] is None, r["eps"] or 0.0),
-        ):
-            rows = rec["rows"]
-            hits = [i for i, s in zip(rows["index"], rows["success"], strict=True) if s]
-            if hits:
-                picks = hits[:per_check]
-                chosen.append((check, rec["eps"], picks))
-                break
-    out: list[Any] = []
-    names = data.classes
-    for check, eps, picks in chosen:
-        idx = torch.tensor(picks)
-        attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=seed)
-        x = data.x[idx].to(dev)
-        result = attack(model, x, data.y[idx].to(dev), indices=idx.to(dev))
-        with torch.no_grad():
-            conf_adv = model(result.x_adv).double().softmax(1).amax(1).cpu()
-        for j, i in enumerate(picks):
-            if not bool(result.success[j]):
-                continue
-            out.append(
-                GalleryItem(
-                    check=check.id,
-                    attack=check.attack,
-                    eps=float(eps) if eps is not None else float(result.distances["l2"][j]),
-                    index=i,
-                    label=_name(names, int(data.y[i])),
-                    clean_pred=_name(names, int(state.pred[i])),
-                    clean_conf=float(state.conf[i]),
-                    adv_pred=_name(names, int(result.pred_adv[j])),
-                    adv_conf=float(conf_adv[j]),
-                    l2=float(result.distances["l2"][j]),
-                    linf=float(result.distances["linf"][j]),
-                    clean=x[j].permute(1, 2, 0).cpu().numpy(),
-                    adv=result.x_adv[j].permute(1, 2, 0).cpu().numpy(),
-                )
-            )
-    return out[:size]
-
-
-def _name(names: list[str], k: int) -> str:
-    return names[k] if 0 <= k < len(names) else str(k)

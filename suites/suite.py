@@ -161,11 +161,11 @@ class Suite:
             replace(c, eps=eps) if c.spec.bounded and c.norm == "linf" else c for c in self.checks
         )
         for c in checks:
-            _validate(c)
+            validate_check(c)
         return replace(self, checks=checks)
 
 
-def _validate(check: Check) -> None:
+def validate_check(check: Check) -> None:
     if check.norm not in NORMS or check.norm not in check.spec.norms:
         raise ConfigError(
             f"check {check.id!r}: {check.attack} does not support norm "
@@ -218,7 +218,7 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
         cascade=bool(raw.get("cascade", False)),
         criterion=criterion,
     )
-    _validate(check)
+    validate_check(check)
     return check
 
 

@@ -1,4 +1,4 @@
-"""The terminal summary: rich tables on a terminal, plain lines when piped."""
+"""The terminal summary: rich tables on a terminal, one plain line per row when piped."""
 
 from __future__ import annotations
 
@@ -8,57 +8,84 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+_COLUMNS = (
+    ("eps", "eps", "g"),
+    ("robust acc", "robust_accuracy", ".3f"),
+    ("success", "success_rate", ".3f"),
+    ("attacked", "attacked", "d"),
+    ("mean L2", "mean_l2", ".3f"),
+    ("mean L∞", "mean_linf", ".3f"),
+    ("seconds", "seconds", ".2f"),
+)
 
-def _fmt(value: float | None, spec: str = ".3f") -> str:
+
+def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
-    """Print the per-check tables, the headline accuracies and the flags."""
-    console = console or Console()
-    model, data = report["model"], report["data"]
-    console.print(
-        f"[bold]Bastion report[/] · model {model.get('source', '?')} "
-        f"({model.get('format', '?')}) · data {data['spec']} ({data['n']} samples) "
-        f"· suite {report['suite']['name']} · seed {report['seed']}"
-    )
-    for check in report["checks"]:
-        table = Table(
-            title=f"{check['id']}: {check['attack']} ({check['norm']}"
-            f"{', cascade' if check['cascade'] else ''}, n={check['n']})",
-            title_justify="left",
+def _title(check: dict[str, Any]) -> str:
+    cascade = ", cascade" if check["cascade"] else ""
+    return f"{check['id']}: {check['attack']} ({check['norm']}{cascade}, n={check['n']})"
+
+
+def _check_notes(check: dict[str, Any]) -> list[str]:
+    notes = []
+    if check.get("minimum_norm"):
+        mn = check["minimum_norm"]
+        notes.append(
+            f"{check['id']} {check['attack']}: success_rate "
+            f"{_fmt(mn['success_rate'], '.3f')} mean_l2 {_fmt(mn['mean_l2'], '.3f')} "
+            f"median_l2 {_fmt(mn['median_l2'], '.3f')} attacked {mn['attacked']} "
+            f"seconds {check['seconds']:.1f}"
         )
-        for col in ("eps", "robust acc", "success", "attacked", "mean L2", "mean L∞", "seconds"):
-            table.add_column(col, justify="right")
-        for r in check["results"]:
-            table.add_row(
-                f"{r['eps']:g}",
-                _fmt(r["robust_accuracy"]),
-                _fmt(r["success_rate"]),
-                str(r["attacked"]),
-                _fmt(r["mean_l2"]),
-                _fmt(r["mean_linf"]),
-                _fmt(r["seconds"], ".2f"),
-            )
-        console.print(table)
-        if check.get("minimum_norm"):
-            mn = check["minimum_norm"]
-            console.print(
-                f"  {check['attack']}: success {_fmt(mn['success_rate'])}, "
-                f"mean L2 {_fmt(mn['mean_l2'])}, median L2 {_fmt(mn['median_l2'])} "
-                f"over {mn['attacked']} attacked, {check['seconds']:.1f} s"
-            )
-        if check.get("passed") is not None:
-            verdict = "[green]passed[/]" if check["passed"] else "[red]FAILED[/]"
-            console.print(f"  criterion {check['criterion']}: {verdict}")
-    console.print(
-        f"[bold]clean accuracy {report['clean_accuracy']:.3f}[/] · "
-        f"[bold]robust accuracy (worst case over the suite) "
-        f"{report['robust_accuracy']:.3f}[/] · "
-        f"{report['timings']['total_seconds']:.1f} s · "
+    if check.get("passed") is not None:
+        notes.append(
+            f"{check['id']} criterion {check['criterion']}: "
+            f"{'passed' if check['passed'] else 'FAILED'}"
+        )
+    return notes
+
+
+def _headline(report: dict[str, Any]) -> str:
+    return (
+        f"clean accuracy {report['clean_accuracy']:.3f} · robust accuracy (worst case "
+        f"over the suite, {report.get('robust_accuracy_n', report['data']['n'])} samples) "
+        f"{report['robust_accuracy']:.3f} · {report['timings']['total_seconds']:.1f} s · "
         f"{report['passes']['forward']} forward / {report['passes']['backward']} "
         "backward passes"
     )
+
+
+def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
+    """Print the per-check results, the headline accuracies and the flags: tables on a
+    terminal, plain `check attack norm key=value …` lines otherwise."""
+    console = console or Console()
+    model, data = report["model"], report["data"]
+    console.print(
+        escape(
+            f"Bastion report · model {model.get('source', '?')} "
+            f"({model.get('format', '?')}) · data {data['spec']} ({data['n']} "
+            f"samples) · suite {report['suite']['name']} · seed {report['seed']}"
+        ),
+        highlight=False,
+    )
+    for check in report["checks"]:
+        if console.is_terminal:
+            table = Table(title=_title(check), title_justify="left")
+            for header, _, _ in _COLUMNS:
+                table.add_column(header, justify="right")
+            for r in check["results"]:
+                table.add_row(*(_fmt(r[key], spec) for _, key, spec in _COLUMNS))
+            console.print(table)
+        else:
+            for r in check["results"]:
+                figures = " ".join(f"{key}={_fmt(r[key], spec)}" for _, key, spec in _COLUMNS)
+                console.print(
+                    f"{check['id']} {check['attack']} {check['norm']} {figures}", highlight=False
+                )
+        for note in _check_notes(check):
+            console.print(escape(note), highlight=False)
+    console.print(_headline(report), highlight=False)
     for flag in report["flags"]:
         console.print(
             "[yellow]warning[/] " + escape(f"[{flag['name']}] {flag['message']}"), highlight=False

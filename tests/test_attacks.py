@@ -72,8 +72,10 @@ def test_eps_zero_returns_the_clean_input(demo, digits, attack) -> None:
     assert torch.equal(result.success, result.pred_clean != y)
 
 
-@pytest.mark.parametrize("attack", [FGSM(0.1), PGD(0.1, steps=5),
-                                    CarliniWagnerL2(binary_search_steps=2, max_iterations=20)])
+@pytest.mark.parametrize(
+    "attack",
+    [FGSM(0.1), PGD(0.1, steps=5), CarliniWagnerL2(binary_search_steps=2, max_iterations=20)],
+)
 def test_inputs_are_not_mutated_and_the_mode_is_restored(demo, digits, attack) -> None:
     x, y = digits.x[:32].clone(), digits.y[:32].clone()
     x0, y0 = x.clone(), y.clone()
@@ -87,10 +89,18 @@ def test_inputs_are_not_mutated_and_the_mode_is_restored(demo, digits, attack) -
     assert torch.equal(x, x0) and torch.equal(y, y0)
 
 
-@pytest.mark.parametrize("attack", [FGSM(0.1), PGD(0.1, steps=10), PGD(1.0, norm="l2", steps=10),
-                                    CarliniWagnerL2(binary_search_steps=3, max_iterations=50)])
-def test_success_equals_a_reprediction_and_failures_return_the_clean_input(demo, digits,
-                                                                          attack) -> None:
+@pytest.mark.parametrize(
+    "attack",
+    [
+        FGSM(0.1),
+        PGD(0.1, steps=10),
+        PGD(1.0, norm="l2", steps=10),
+        CarliniWagnerL2(binary_search_steps=3, max_iterations=50),
+    ],
+)
+def test_success_equals_a_reprediction_and_failures_return_the_clean_input(
+    demo, digits, attack
+) -> None:
     x, y = digits.x[:64], digits.y[:64]
     result = attack(demo, x, y)
     with torch.no_grad():
@@ -114,7 +124,7 @@ def test_pgd_sample_alone_equals_sample_in_a_batch(demo, digits) -> None:
     attack = PGD(0.1, steps=10, seed=3)
     batch = attack(demo, x, y)
     for i in (0, 17, 47):
-        alone = attack(demo, x[i:i + 1], y[i:i + 1], indices=torch.tensor([i]))
+        alone = attack(demo, x[i : i + 1], y[i : i + 1], indices=torch.tensor([i]))
         assert torch.allclose(alone.x_adv[0], batch.x_adv[i], atol=1e-6)
         assert bool(alone.success[0]) == bool(batch.success[i])
 
@@ -146,16 +156,20 @@ def test_query_and_gradient_counts(demo, digits) -> None:
     attacked = result.pred_clean == y
     # one clean forward, one forward+backward for the gradient, one re-prediction
     assert torch.equal(result.queries[attacked], torch.full((int(attacked.sum()),), 3))
-    assert torch.equal(result.gradients[attacked], torch.ones(int(attacked.sum()),
-                                                              dtype=torch.long))
+    assert torch.equal(
+        result.gradients[attacked], torch.ones(int(attacked.sum()), dtype=torch.long)
+    )
 
 
-@pytest.mark.parametrize("bad,match", [
-    (torch.full((2, 1, 8, 8), float("nan")), "NaN"),
-    (torch.full((2, 1, 8, 8), 2.0), r"\[0, 1\]"),
-    (torch.zeros(2, 8, 8), "N×C×H×W"),
-    (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "float"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.full((2, 1, 8, 8), float("nan")), "NaN"),
+        (torch.full((2, 1, 8, 8), 2.0), r"\[0, 1\]"),
+        (torch.zeros(2, 8, 8), "N×C×H×W"),
+        (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "float"),
+    ],
+)
 def test_bad_images_are_refused_with_one_sentence(demo, bad, match) -> None:
     with pytest.raises(InvalidInputError, match=match) as info:
         FGSM(0.1)(demo, bad, torch.zeros(2, dtype=torch.long))

@@ -11,8 +11,9 @@ from bastion.attacks import FGSM, CarliniWagnerL2
 from bastion.errors import ModelOutputError
 
 
-def _linear_problem(n: int = 16, d: int = 64) -> tuple[nn.Module, torch.Tensor, torch.Tensor,
-                                                        torch.Tensor]:
+def _linear_problem(
+    n: int = 16, d: int = 64
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A two-class linear model and points whose nearest boundary point lies inside the box:
     the minimal L2 perturbation is |margin| / ‖w₁ − w₀‖ exactly."""
     gen = torch.Generator().manual_seed(0)
@@ -69,8 +70,7 @@ def test_cw_beats_fgsm_distortion_on_the_demo_model(demo, digits) -> None:
 def test_targeted_cw_reaches_the_target(demo, digits) -> None:
     x, y = digits.x[:16], digits.y[:16]
     target = (y + 5) % 10
-    result = CarliniWagnerL2(binary_search_steps=5, max_iterations=300)(demo, x, y,
-                                                                        target=target)
+    result = CarliniWagnerL2(binary_search_steps=5, max_iterations=300)(demo, x, y, target=target)
     assert result.success.all()
     assert torch.equal(result.pred_adv, target)
 
@@ -80,17 +80,17 @@ def test_cw_sample_alone_equals_sample_in_a_batch(demo, digits) -> None:
     attack = CarliniWagnerL2(binary_search_steps=3, max_iterations=200)
     batch = attack(demo, x, y)
     for i in (0, 11, 23):
-        alone = attack(demo, x[i:i + 1], y[i:i + 1], indices=torch.tensor([i]))
+        alone = attack(demo, x[i : i + 1], y[i : i + 1], indices=torch.tensor([i]))
         assert bool(alone.success[0]) == bool(batch.success[i])
         assert float(alone.distances["l2"][0]) == pytest.approx(
-            float(batch.distances["l2"][i]), rel=1e-3, abs=1e-5)
+            float(batch.distances["l2"][i]), rel=1e-3, abs=1e-5
+        )
         assert int(alone.iterations[0]) == int(batch.iterations[i])
 
 
 def test_cw_abort_early_saves_work_without_losing_successes(demo, digits) -> None:
     x, y = digits.x[:16], digits.y[:16]
-    full = CarliniWagnerL2(binary_search_steps=3, max_iterations=300, abort_early=False)(
-        demo, x, y)
+    full = CarliniWagnerL2(binary_search_steps=3, max_iterations=300, abort_early=False)(demo, x, y)
     early = CarliniWagnerL2(binary_search_steps=3, max_iterations=300)(demo, x, y)
     assert early.success_rate == full.success_rate
     assert int(early.gradients.sum()) < int(full.gradients.sum())

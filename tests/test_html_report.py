@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
+
 from bastion.suites.browser import find_chromium, screenshot_html
 from bastion.suites.gallery import GalleryItem, amplified_difference, png_data_uri
 from bastion.suites.html_report import render_html, write_html
-from PIL import Image, ImageDraw
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report-screenshot.png"
 

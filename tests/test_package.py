@@ -11,8 +11,10 @@ import bastion
 
 
 def test_importing_bastion_does_not_import_torch() -> None:
-    code = "import sys, bastion; assert 'torch' not in sys.modules, 'torch imported'; " \
-           "bastion.BastionError; assert 'torch' not in sys.modules"
+    code = (
+        "import sys, bastion; assert 'torch' not in sys.modules, 'torch imported'; "
+        "bastion.BastionError; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -15,13 +15,21 @@ from bastion.errors import ConfigError
 from bastion.suites.runner import run_suite
 from bastion.suites.suite import Check, Suite, load_suite
 
-TINY = Suite("tiny", (
-    Check("fgsm", "FGSM", (0.05, 0.1, 0.2)),
-    Check("pgd", "PGD", (0.05, 0.1, 0.2), params={"steps": 10}, cascade=True),
-    Check("cw", "CarliniWagnerL2", (0.5, 1.0), norm="l2",
-          params={"binary_search_steps": 4, "max_iterations": 100, "initial_const": 0.1},
-          n=24),
-))
+TINY = Suite(
+    "tiny",
+    (
+        Check("fgsm", "FGSM", (0.05, 0.1, 0.2)),
+        Check("pgd", "PGD", (0.05, 0.1, 0.2), params={"steps": 10}, cascade=True),
+        Check(
+            "cw",
+            "CarliniWagnerL2",
+            (0.5, 1.0),
+            norm="l2",
+            params={"binary_search_steps": 4, "max_iterations": 100, "initial_const": 0.1},
+            n=24,
+        ),
+    ),
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +71,14 @@ def test_minimum_norm_check_reads_robust_accuracy_off_distances(tiny_report) -> 
 
 
 def test_report_lookup_by_attack_and_eps(tiny_report) -> None:
-    assert tiny_report.robust_accuracy("pgd", eps=0.1) == _check(tiny_report, "pgd")[
-        "results"][1]["robust_accuracy"]
-    assert tiny_report.robust_accuracy("FGSM") == _check(tiny_report, "fgsm")["results"][-1][
-        "robust_accuracy"]
+    assert (
+        tiny_report.robust_accuracy("pgd", eps=0.1)
+        == _check(tiny_report, "pgd")["results"][1]["robust_accuracy"]
+    )
+    assert (
+        tiny_report.robust_accuracy("FGSM")
+        == _check(tiny_report, "fgsm")["results"][-1]["robust_accuracy"]
+    )
     with pytest.raises(ConfigError, match="no check"):
         tiny_report.robust_accuracy("deepfool")
     with pytest.raises(ConfigError, match="evaluated eps"):
@@ -104,32 +116,51 @@ class _Interrupt:
 
 def _comparable(report: Any) -> dict[str, Any]:
     timing = {"seconds", "forward", "backward"}
-    checks = [{k: v for k, v in c.items() if k not in timing} |
-              {"results": [{k: v for k, v in r.items() if k not in timing}
-                           for r in c["results"]]} for c in report.data["checks"]]
+    checks = [
+        {k: v for k, v in c.items() if k not in timing}
+        | {"results": [{k: v for k, v in r.items() if k not in timing} for r in c["results"]]}
+        for c in report.data["checks"]
+    ]
     keep = ("clean_accuracy", "robust_accuracy", "robust_accuracy_by_norm", "flags")
     return {"checks": checks, **{k: report.data[k] for k in keep}}
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_report(demo, digits,
-                                                                     tmp_path) -> None:
+def test_resume_after_an_interruption_gives_the_uninterrupted_report(
+    demo, digits, tmp_path
+) -> None:
     suite = Suite("resume", TINY.checks[:2])
-    full = run_suite(demo, digits, suite, n=96, batch_size=32, out=tmp_path / "a", gallery=0)
+    full = run_suite(demo, digits, suite, n=96, batch_size=32, out=tmp_path / "a", gallery=4)
     with pytest.raises(KeyboardInterrupt):
-        run_suite(demo, digits, suite, n=96, batch_size=32, out=tmp_path / "b", gallery=0,
-                  progress=_Interrupt(after=4))
+        run_suite(
+            demo,
+            digits,
+            suite,
+            n=96,
+            batch_size=32,
+            out=tmp_path / "b",
+            gallery=0,
+            progress=_Interrupt(after=4),
+        )
     log = tmp_path / "b" / "results.jsonl"
     before = log.read_text().splitlines()
-    assert 1 < len(before) < len(full_lines := (tmp_path / "a" / "results.jsonl")
-                                 .read_text().splitlines())
+    assert (
+        1
+        < len(before)
+        < len(full_lines := (tmp_path / "a" / "results.jsonl").read_text().splitlines())
+    )
     with log.open("a") as f:
         f.write('{"type":"item","key":"torn')  # a write cut off mid-line
-    resumed = run_suite(demo, digits, suite, n=96, batch_size=32, out=tmp_path / "b",
-                        resume=True, gallery=0)
+    resumed = run_suite(
+        demo, digits, suite, n=96, batch_size=32, out=tmp_path / "b", resume=True, gallery=4
+    )
     after = log.read_text().splitlines()
-    assert after[:len(before)] == before  # finished items were kept, not redone
+    assert after[: len(before)] == before  # finished items were kept, not redone
     assert len(after) == len(full_lines)
     assert _comparable(resumed) == _comparable(full)
+    # the gallery of resumed items is re-attacked: per-sample determinism gives the same images
+    assert [g.index for g in resumed.gallery] == [g.index for g in full.gallery]
+    for a, b in zip(resumed.gallery, full.gallery, strict=True):
+        assert abs(a.adv - b.adv).max() < 1e-6
 
 
 def test_resume_refuses_a_log_from_another_run(demo, digits, tmp_path) -> None:
@@ -172,13 +203,16 @@ class _Quantised(_Saturated):
         return self.model(torch.round(x * 4) / 4)
 
 
-@pytest.mark.parametrize("wrapper,flag", [
-    (_Softmax, "probability_outputs"),
-    (_Noisy, "randomness"),
-    (_Saturated, "zero_gradients"),
-    (_Quantised, "zero_gradients"),
-    (_Quantised, "large_eps_not_broken"),
-])
+@pytest.mark.parametrize(
+    "wrapper,flag",
+    [
+        (_Softmax, "probability_outputs"),
+        (_Noisy, "randomness"),
+        (_Saturated, "zero_gradients"),
+        (_Quantised, "zero_gradients"),
+        (_Quantised, "large_eps_not_broken"),
+    ],
+)
 def test_sanity_checks_flag_untrustworthy_evaluations(demo, digits, wrapper, flag) -> None:
     suite = Suite("one", (Check("fgsm", "FGSM", (0.1,)),))
     report = run_suite(wrapper(demo), digits, suite, n=64, gallery=0)
@@ -209,16 +243,19 @@ def test_builtin_suites_load_and_toml_suites_are_validated(tmp_path: Path) -> No
 
 def test_criteria_decide_passed(demo, digits, tmp_path: Path) -> None:
     path = tmp_path / "crit.toml"
-    path.write_text('[[check]]\nid = "fgsm"\nattack = "FGSM"\neps = [0.05, 0.3]\n'
-                    'criterion = "robust_accuracy >= 0.5"\ncriterion_eps = 0.05\n'
-                    '[[check]]\nid = "pgd"\nattack = "PGD"\neps = [0.3]\n'
-                    'criterion = "robust_accuracy >= 0.5"\n')
+    path.write_text(
+        '[[check]]\nid = "fgsm"\nattack = "FGSM"\neps = [0.05, 0.3]\n'
+        'criterion = "robust_accuracy >= 0.5"\ncriterion_eps = 0.05\n'
+        '[[check]]\nid = "pgd"\nattack = "PGD"\neps = [0.3]\n'
+        'criterion = "robust_accuracy >= 0.5"\n'
+    )
     report = run_suite(demo, digits, str(path), n=64, gallery=0)
     fgsm, pgd = report.data["checks"]
     assert fgsm["passed"] is True and pgd["passed"] is False
     assert report.passed is False
-    assert math.isclose(report.robust_accuracy("fgsm", eps=0.05),
-                        fgsm["results"][0]["robust_accuracy"])
+    assert math.isclose(
+        report.robust_accuracy("fgsm", eps=0.05), fgsm["results"][0]["robust_accuracy"]
+    )
 
 
 def test_eps_override_replaces_the_linf_sweep(demo, digits) -> None:
