@@ -262,10 +262,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["report", *(argv or [])])
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or words[0] not in ("report", "attack", "-h", "--help", "--version"):
+        words = ["report", *words]  # `bastion [MODEL] [options]` is `bastion report …`
+    args = build_parser().parse_args(words)
     try:
         return _run(args)
     except BastionError as exc:

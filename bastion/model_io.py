@@ -1,4 +1,4 @@
-"""Loading and saving models safely, with the format read from the file's bytes.
+"""Loading and saving models safely, with the format read from the file's bytes (`model_formats`).
 
 Readable formats: TorchScript and torch.export archives, safetensors and plain torch.save
 state dicts (both with an architecture factory), ONNX (optional extra) and, only when the
@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import json
 import os
-import pickle
 import sys
 import warnings
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,46 +22,30 @@ import torch
 from torch import nn
 
 from bastion.errors import ConfigError, InvalidInputError, ModelLoadError, UntrustedModelError
+from bastion.model_formats import (
+    _LABELS,
+    FORMATS,
+    _corrupt,
+    _detect,
+    _existing_file,
+    _reason,
+    _torch_load,
+    detect_format,
+)
 from bastion.normalized import Normalized
 
-FORMATS = ("torchscript", "export", "safetensors", "onnx", "torch-weights", "pickle")
+__all__ = [
+    "FORMATS",
+    "SAVE_FORMATS",
+    "detect_format",
+    "file_sha256",
+    "load_model",
+    "module_fingerprint",
+    "save_model",
+]
+
 SAVE_FORMATS = ("export", "torchscript", "safetensors")
-
-_LABELS = {
-    "torchscript": "TorchScript",
-    "export": "torch.export",
-    "safetensors": "safetensors",
-    "onnx": "ONNX",
-    "torch-weights": "torch.save state dict",
-    "pickle": "pickled model",
-}
-_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 _ONNX_HINT = 'install the optional ONNX support with pip install "bastion[onnx]"'
-
-
-# --- small helpers -----------------------------------------------------------------------
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of an exception's message, short enough for a one-line error."""
-    text = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else ""
-    text = text or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _corrupt(
-    path: Path, fmt: str | None = None, exc: BaseException | None = None
-) -> ModelLoadError:
-    what = f"{_LABELS[fmt]} file" if fmt else "model file"
-    why = f" {_reason(exc)}" if exc is not None else ""
-    hint = (
-        "re-save or re-download it"
-        if fmt
-        else "save it with torch.export, TorchScript, safetensors or ONNX"
-    )
-    return ModelLoadError(
-        f"{path} is not a {what} Bastion can read (truncated or corrupt?{why}); {hint}"
-    )
 
 
 @contextlib.contextmanager
@@ -76,152 +57,6 @@ def _quiet_jit() -> Iterator[None]:
             "ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning
         )
         yield
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
-
-
-def _state_dict_in(obj: Any) -> Mapping[str, torch.Tensor] | None:
-    """A state dict, or one found under a usual checkpoint key, else None."""
-    if _is_state_dict(obj):
-        return obj  # type: ignore[no-any-return]
-    if isinstance(obj, Mapping):
-        for key in _CHECKPOINT_KEYS:
-            if _is_state_dict(obj.get(key)):
-                return obj[key]  # type: ignore[no-any-return]
-    return None
-
-
-def _existing_file(path: str | os.PathLike[str]) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelLoadError(f"model file {p} does not exist; check the path")
-    if not p.is_file():
-        raise ModelLoadError(f"{p} is not a file; give the path to a saved model file")
-    return p
-
-
-# --- format detection --------------------------------------------------------------------
-
-
-def _torch_load(path: Path, *, weights_only: bool) -> Any:
-    # an open file, not the path: torch.load picks a loader by extension (".safetensors")
-    with path.open("rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=weights_only)
-
-
-def _zip_format(path: Path) -> tuple[str, Any]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise _corrupt(path, None, exc) from None
-    # torch archives put every entry under one top-level folder named after the file
-    inner = {name.split("/", 1)[1] if "/" in name else name for name in names}
-    if (
-        "archive_format" in inner
-        or "serialized_exported_program.json" in inner
-        or any(n.startswith("models/") and n.endswith(".json") for n in inner)
-    ):
-        return "export", None
-    if "constants.pkl" in inner or any(n.startswith("code/") for n in inner):
-        return "torchscript", None
-    if "data.pkl" in inner:
-        return _torch_save_format(path)
-    raise _corrupt(path)
-
-
-def _torch_save_format(path: Path) -> tuple[str, Any]:
-    """torch-weights when the file unpickles safely into a state dict, else pickle."""
-    try:
-        obj = _torch_load(path, weights_only=True)
-    except pickle.UnpicklingError:
-        return "pickle", None  # needs globals that the restricted unpickler refuses
-    except Exception as exc:  # noqa: BLE001 - any loader failure is a corrupt file
-        raise _corrupt(path, None, exc) from None
-    state = _state_dict_in(obj)
-    return ("torch-weights", state) if state is not None else ("pickle", None)
-
-
-def _is_safetensors(head: bytes, size: int, path: Path) -> bool:
-    if len(head) < 10:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    if not 2 <= n <= min(size - 8, 100_000_000) or head[8:9] != b"{":
-        return False
-    with path.open("rb") as f:
-        f.seek(8)
-        header = f.read(n)
-    try:
-        meta = json.loads(header)
-    except (UnicodeDecodeError, ValueError):
-        return False
-    if not isinstance(meta, dict):
-        return False
-    # the tensors' byte ranges must cover the rest of the file exactly
-    try:
-        end = max(
-            (int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0
-        )
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise _corrupt(path, "safetensors") from None
-    if end != size - 8 - n:
-        raise _corrupt(path, "safetensors")
-    return True
-
-
-def _looks_like_onnx(head: bytes, path: Path) -> bool:
-    # An ONNX ModelProto starts with field 1 (ir_version, a varint): tag byte 0x08.
-    if len(head) < 4 or head[0] != 0x08 or not 1 <= head[1] <= 0x7F:
-        return False
-    try:
-        import onnx
-    except ImportError:
-        return True  # cannot check further; load_model will ask for the extra
-    try:
-        proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - a failed parse just means "not ONNX"
-        return False
-    return bool(proto.ir_version > 0 and proto.HasField("graph") and len(proto.graph.node) > 0)
-
-
-def _detect(path: Path) -> tuple[str, Any]:
-    """The format of `path` and, for torch-weights, the already loaded state dict."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(64)
-    except OSError as exc:
-        raise ModelLoadError(
-            f"cannot read {path} ({_reason(exc)}); check its permissions"
-        ) from None
-    if size == 0:
-        raise ModelLoadError(
-            f"{path} is empty (an interrupted download or save?); re-save or re-download it"
-        )
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return _zip_format(path)
-    if _is_safetensors(head, size, path):
-        return "safetensors", None
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return _torch_save_format(path)  # legacy (pre-zip) torch.save or a plain pickle
-    if _looks_like_onnx(head, path):
-        return "onnx", None
-    raise _corrupt(path)
-
-
-def detect_format(path: str | os.PathLike[str]) -> str:
-    """The format of a model file, read from its bytes (the extension is ignored).
-
-    Returns one of "torchscript", "export", "safetensors", "onnx", "torch-weights" (a
-    torch.save'd state dict) or "pickle" (any other torch.save'd object; never unpickled
-    here: detection only uses torch's restricted weights-only unpickler). Raises
-    `ModelLoadError` for a missing, empty, truncated or unrecognised file.
-    """
-    return _detect(_existing_file(path))[0]
 
 
 # --- loading -----------------------------------------------------------------------------

@@ -1,277 +1,38 @@
 """The HTML report: one self-contained page from a report.json dict and its gallery.
 
-The page has no external resources (inline CSS, inline SVG charts drawn here, images as
-data URIs) and a Content-Security-Policy that forbids loading any, so it can be mailed,
+The page has no external resources (inline CSS, inline SVG charts from `charts`, images
+as data URIs) and a Content-Security-Policy that forbids loading any, so it can be mailed,
 attached to a CI run or opened offline. Every string from the report is escaped by
-jinja2's autoescape; the SVG is built here from escaped parts. Older or partial reports
+jinja2's autoescape; the SVG is built from escaped parts. Older or partial reports
 render: every key is optional and every number may be null.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import os
 from collections.abc import Mapping, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from markupsafe import Markup, escape
 
 from bastion.fileio import write_atomic
+from bastion.suites.charts import PALETTE, _charts, _series_points
+from bastion.suites.formatting import (
+    NORM_LABELS,
+    _number,
+    bar_width,
+    fmt_count,
+    fmt_eps,
+    fmt_num,
+    fmt_pct,
+    fmt_seconds,
+)
 
 from .gallery import GalleryItem, amplified_difference, display_scale, png_data_uri
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-NORM_ORDER = ("linf", "l2", "l1", "l0")
-NORM_LABELS = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
-# One hue per check, the same in its chart line and its table; the worst case is near-black.
-PALETTE = ("#2563eb", "#ea580c", "#059669", "#c026d3", "#0891b2", "#ca8a04", "#dc2626", "#7c3aed")
-WORST_COLOR = "#111827"
-DASH = "—"
-
-
-# ---------------------------------------------------------------- number formatting
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return None if math.isnan(value) else float(value)
-
-
-def fmt_pct(value: Any, digits: int = 1) -> str:
-    v = _number(value)
-    return DASH if v is None or math.isinf(v) else f"{100 * v:.{digits}f}%"
-
-
-def fmt_num(value: Any, digits: int = 4) -> str:
-    v = _number(value)
-    if v is None:
-        return DASH
-    return "∞" if math.isinf(v) else f"{v:.{digits}g}"
-
-
-def fmt_count(value: Any) -> str:
-    v = _number(value)
-    return DASH if v is None or math.isinf(v) else f"{round(v):,}"
-
-
-def fmt_seconds(value: Any) -> str:
-    v = _number(value)
-    if v is None or math.isinf(v):
-        return DASH
-    if v < 60:
-        return f"{v:.2f} s" if v < 10 else f"{v:.1f} s"
-    minutes, seconds = divmod(round(v), 60)
-    return (
-        f"{minutes} min {seconds:02d} s"
-        if minutes < 60
-        else f"{minutes // 60} h {minutes % 60:02d} min"
-    )
-
-
-def bar_width(value: Any) -> str:
-    """A CSS width for an accuracy bar (`"80.0%"`), or `""` when there is no number."""
-    v = _number(value)
-    return "" if v is None or math.isinf(v) else f"{100 * min(max(v, 0.0), 1.0):.1f}%"
-
-
-def fmt_eps(value: Any) -> str:
-    """`0.03137` → `0.03137 (8/255)`: pixel budgets are usually chosen as k/255."""
-    v = _number(value)
-    if v is None:
-        return DASH
-    text = f"{v:.4g}"
-    if 0 < v <= 1:
-        k = v * 255
-        if abs(k - round(k)) < 1e-6 and round(k) != 255:
-            frac = Fraction(round(k), 255)
-            text += f" ({frac.numerator}/{frac.denominator})"
-    return text
-
-
-# ---------------------------------------------------------------- charts
-
-
-def _nice_axis(high: float, target: int = 5) -> tuple[float, list[float]]:
-    """A round upper bound ≥ `high` and evenly spaced round ticks from 0 to it."""
-    if not high > 0:
-        high = 1.0
-    raw = high / target
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if raw <= m * magnitude * (1 + 1e-9))
-    count = math.ceil(high / step - 1e-9)
-    return count * step, [i * step for i in range(count + 1)]
-
-
-def _tick_label(value: float) -> str:
-    return f"{round(value, 10):g}"
-
-
-def _series_points(rows: Any) -> list[tuple[float, float]]:
-    points = []
-    for row in rows if isinstance(rows, list) else []:
-        if isinstance(row, Mapping):
-            eps, acc = _number(row.get("eps")), _number(row.get("robust_accuracy"))
-            if eps is not None and acc is not None and math.isfinite(eps) and math.isfinite(acc):
-                points.append((eps, acc))
-    return sorted(points)
-
-
-def _tag(name: str, body: str = "", **attrs: Any) -> str:
-    """One SVG element; attribute values are escaped, `body` must already be markup."""
-
-    def value(v: Any) -> str:
-        return f"{v:.1f}" if isinstance(v, float) else str(escape(v))
-
-    text = " ".join(f'{k.rstrip("_").replace("_", "-")}="{value(v)}"' for k, v in attrs.items())
-    return f"<{name} {text}>{body}</{name}>" if body else f"<{name} {text}/>"
-
-
-def chart_svg(
-    norm: str,
-    series: Sequence[tuple[str, list[tuple[float, float]], str, bool]],
-    clean_accuracy: float | None,
-) -> Markup:
-    """An accuracy-vs-epsilon chart: one line with markers per `(label, points, colour, worst)`.
-
-    The x axis runs from 0 to a round number above the largest eps (0 to 1 when every eps
-    is 0), the y axis from 0 to 100 %; the clean accuracy is a dotted reference line, and a
-    legend on the right names every series (hover a marker for its value).
-    """
-    width, left, legend_w, top, bottom = 640, 58, 176, 18, 50
-    height = max(330, top + 22 * (len(series) + 2) + 20)
-    plot_w, plot_h = width - left - legend_w, height - top - bottom
-    x_max, x_ticks = _nice_axis(max((e for _, pts, _, _ in series for e, _ in pts), default=0.0))
-
-    def x(eps: float) -> float:
-        return left + plot_w * eps / x_max
-
-    def y(acc: float) -> float:
-        return top + plot_h * (1 - min(max(acc, 0.0), 1.0))
-
-    right, base = left + plot_w, top + plot_h
-    label = NORM_LABELS.get(norm, norm)
-    out = [_tag("rect", x=left, y=top, width=plot_w, height=plot_h, class_="plot-bg")]
-    for i in range(6):
-        out.append(_tag("line", class_="grid", x1=left, x2=right, y1=y(i / 5), y2=y(i / 5)))
-        out.append(
-            _tag("text", f"{20 * i}%", class_="tick", x=left - 8, y=y(i / 5) + 4, text_anchor="end")
-        )
-    for tick in x_ticks:
-        out.append(_tag("line", class_="grid", x1=x(tick), x2=x(tick), y1=top, y2=base))
-        tick_text = _tick_label(tick)
-        out.append(
-            _tag("text", tick_text, class_="tick", x=x(tick), y=base + 18, text_anchor="middle")
-        )
-    out += [
-        _tag("line", class_="axis", x1=left, x2=right, y1=base, y2=base),
-        _tag("line", class_="axis", x1=left, x2=left, y1=top, y2=base),
-        _tag(
-            "text",
-            str(escape(f"{label} perturbation budget ε")),
-            class_="axis-label",
-            x=left + plot_w / 2,
-            y=height - 8,
-            text_anchor="middle",
-        ),
-        _tag(
-            "text",
-            "robust accuracy",
-            class_="axis-label",
-            transform=f"translate(14 {top + plot_h / 2:.1f}) rotate(-90)",
-            text_anchor="middle",
-        ),
-    ]
-    legend = []
-    clean = _number(clean_accuracy)
-    if clean is not None and math.isfinite(clean):
-        tip = _tag("title", f"clean accuracy {fmt_pct(clean)}")
-        out.append(
-            _tag("line", tip, class_="clean-line", x1=left, x2=right, y1=y(clean), y2=y(clean))
-        )
-        legend.append(
-            (_tag("line", class_="clean-line", x1=0, x2=22, y1=0, y2=0), "clean accuracy")
-        )
-    # The worst case goes underneath as a wide translucent band, so that a check that is
-    # itself the worst case stays visible on top of it.
-    for name, points, color, worst in sorted(series, key=lambda s: not s[3]):
-        cls = "series worst" if worst else "series"
-        coords = " ".join(f"{x(e):.1f},{y(a):.1f}" for e, a in points)
-        marks = [_tag("polyline", points=coords, fill="none")]
-        for e, a in points:
-            tip = _tag("title", str(escape(f"{name} · ε = {fmt_eps(e)}: {fmt_pct(a)}")))
-            if worst:
-                marks.append(_tag("rect", tip, x=x(e) - 3, y=y(a) - 3, width=6, height=6))
-            else:
-                marks.append(_tag("circle", tip, cx=x(e), cy=y(a), r=4))
-        out.append(_tag("g", "".join(marks), class_=cls, stroke=color, fill=color))
-    for name, _, color, worst in series:
-        cls = "series worst" if worst else "series"
-        marker = (
-            _tag("rect", x=8, y=-3, width=6, height=6)
-            if worst
-            else _tag("circle", cx=11, cy=0, r=4)
-        )
-        swatch = _tag("line", x1=0, x2=22, y1=0, y2=0) + marker
-        legend.append((_tag("g", swatch, class_=cls, stroke=color, fill=color), name))
-    for i, (swatch, name) in enumerate(legend):
-        short = name if len(name) <= 17 else name[:9] + "…" + name[-7:]
-        text = _tag("text", str(escape(short)) + _tag("title", str(escape(name))), x=30, y=4)
-        out.append(
-            _tag(
-                "g",
-                swatch + text,
-                class_="legend",
-                transform=f"translate({right + 18} {top + 10 + 22 * i})",
-            )
-        )
-    body = "".join(out)
-    return Markup(
-        _tag(
-            "svg",
-            body,
-            class_="chart",
-            data_norm=norm,
-            viewBox=f"0 0 {width} {height}",
-            width=width,
-            height=height,
-            role="img",
-            aria_label=f"Robust accuracy against {label} perturbation budget",
-            xmlns="http://www.w3.org/2000/svg",
-        )
-    )
-
-
-def _charts(report: Mapping[str, Any], checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_norm = report.get("robust_accuracy_by_norm")
-    by_norm = by_norm if isinstance(by_norm, Mapping) else {}
-    norms = {c["norm"] for c in checks if c["norm"]} | {str(n) for n in by_norm}
-    ordered = [n for n in NORM_ORDER if n in norms] + sorted(norms - set(NORM_ORDER))
-    charts = []
-    for norm in ordered:
-        series = [(c["id"], c["points"], c["color"], False) for c in checks if c["norm"] == norm]
-        series = [s for s in series if s[1]]
-        worst = _series_points(by_norm.get(norm))
-        worst_name = "worst case"
-        if not worst and norm not in by_norm and len(series) > 1:
-            # An older report without the per-sample worst case: the lowest check per eps
-            # is an upper bound on it, and is labelled as such.
-            lowest: dict[float, float] = {}
-            for _, pts, _, _ in series:
-                for e, a in pts:
-                    lowest[e] = min(a, lowest.get(e, a))
-            worst, worst_name = sorted(lowest.items()), "lowest check"
-        if worst:
-            series.append((worst_name, worst, WORST_COLOR, True))
-        if series:
-            svg = chart_svg(norm, series, report.get("clean_accuracy"))
-            charts.append({"norm": norm, "label": NORM_LABELS.get(norm, norm), "svg": svg})
-    return charts
 
 
 # ---------------------------------------------------------------- view model

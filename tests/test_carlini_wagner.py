@@ -100,3 +100,12 @@ def test_cw_refuses_a_softmax_model(demo, digits) -> None:
     softmax = nn.Sequential(demo, nn.Softmax(dim=1))
     with pytest.raises(ModelOutputError, match="logits"):
         CarliniWagnerL2.fast()(softmax, digits.x[:4], digits.y[:4])
+
+
+@pytest.mark.slow
+def test_cw_with_the_reference_budget_is_within_one_percent_of_the_minimum() -> None:
+    model, x, y, minimum = _linear_problem(n=6)
+    result = CarliniWagnerL2()(model, x, y)  # 9 binary steps × 10,000 iterations
+    assert result.success.all()
+    ratio = result.distances["l2"].float() / minimum
+    assert bool((ratio >= 1 - 1e-3).all()) and bool((ratio <= 1.01).all()), ratio

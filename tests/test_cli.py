@@ -472,3 +472,9 @@ def test_console_script(tmp_path: Path) -> None:
     assert helped.returncode == 0
     assert "report" in helped.stdout and "attack" in helped.stdout
     assert ANSI not in helped.stdout
+
+
+def test_options_without_a_subcommand_mean_report(tmp_path: Path, suite_file: Path) -> None:
+    code, _, err = run_cli(tiny(tmp_path / "out", suite_file))
+    assert code == 0, err
+    assert load_report(tmp_path / "out")["model"]["source"] == "demo"

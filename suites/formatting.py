@@ -1,0 +1,73 @@
+"""Numbers as the HTML report shows them: percentages, counts, durations, pixel budgets.
+
+Every formatter takes anything a report.json may hold (a number, null, a string from an
+older report) and returns text; the fmt_* ones show a value that is not a number as a dash.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from fractions import Fraction
+from typing import Any
+
+NORM_ORDER = ("linf", "l2", "l1", "l0")
+NORM_LABELS = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
+DASH = "—"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def fmt_pct(value: Any, digits: int = 1) -> str:
+    v = _number(value)
+    return DASH if v is None or math.isinf(v) else f"{100 * v:.{digits}f}%"
+
+
+def fmt_num(value: Any, digits: int = 4) -> str:
+    v = _number(value)
+    if v is None:
+        return DASH
+    return "∞" if math.isinf(v) else f"{v:.{digits}g}"
+
+
+def fmt_count(value: Any) -> str:
+    v = _number(value)
+    return DASH if v is None or math.isinf(v) else f"{round(v):,}"
+
+
+def fmt_seconds(value: Any) -> str:
+    v = _number(value)
+    if v is None or math.isinf(v):
+        return DASH
+    if v < 60:
+        return f"{v:.2f} s" if v < 10 else f"{v:.1f} s"
+    minutes, seconds = divmod(round(v), 60)
+    return (
+        f"{minutes} min {seconds:02d} s"
+        if minutes < 60
+        else f"{minutes // 60} h {minutes % 60:02d} min"
+    )
+
+
+def bar_width(value: Any) -> str:
+    """A CSS width for an accuracy bar (`"80.0%"`), or `""` when there is no number."""
+    v = _number(value)
+    return "" if v is None or math.isinf(v) else f"{100 * min(max(v, 0.0), 1.0):.1f}%"
+
+
+def fmt_eps(value: Any) -> str:
+    """`0.03137` → `0.03137 (8/255)`: pixel budgets are usually chosen as k/255."""
+    v = _number(value)
+    if v is None:
+        return DASH
+    text = f"{v:.4g}"
+    if 0 < v <= 1:
+        k = v * 255
+        if abs(k - round(k)) < 1e-6 and round(k) != 255:
+            frac = Fraction(round(k), 255)
+            text += f" ({frac.numerator}/{frac.denominator})"
+    return text
