@@ -29,6 +29,7 @@ def test_bastion_report_on_the_embedded_default(tmp_path: Path) -> None:
     assert cw["success_rate"] == 1.0 and cw["mean_l2"] < 1.0
     assert report["flags"] == []
     assert (out / "report.html").stat().st_size > 10_000
+    _renders_in_chromium(out / "report.html", tmp_path / "report.png")
     assert len((out / "results.jsonl").read_text().splitlines()) > 10
     # the second run loads the cached model instead of training it again
     again = subprocess.run(
@@ -46,3 +47,16 @@ def test_bastion_report_on_the_embedded_default(tmp_path: Path) -> None:
         {**r, "seconds": s["seconds"]}
         for r, s in zip(report["checks"][0]["results"], second["checks"][0]["results"], strict=True)
     ]
+
+
+def _renders_in_chromium(html: Path, png: Path) -> None:
+    """The real report renders with no console errors; BASTION_UPDATE_SCREENSHOT=1 makes
+    its screenshot the one README.md shows."""
+    from bastion.suites.browser import find_chromium, screenshot_html
+
+    if find_chromium() is None:
+        return  # the browser tests of tests/test_html_report.py say why they skip
+    assert screenshot_html(html, png) == []
+    assert png.stat().st_size > 50_000
+    if os.environ.get("BASTION_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(png, Path(__file__).resolve().parents[1] / "docs" / "report-screenshot.png")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import copy
 import io
-import os
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,9 +15,6 @@ from PIL import Image, ImageDraw
 from bastion.suites.browser import find_chromium, screenshot_html
 from bastion.suites.gallery import GalleryItem, amplified_difference, png_data_uri
 from bastion.suites.html_report import render_html, write_html
-
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report-screenshot.png"
-
 
 # ---------------------------------------------------------------- fixtures
 
@@ -453,9 +448,6 @@ def test_report_renders_in_chromium_without_console_errors(chromium, tmp_path):
     errors = screenshot_html(html_path, png, chromium)
     assert errors == []
     _assert_not_blank(png, (1280, 1600))
-    if os.environ.get("BASTION_UPDATE_SCREENSHOT") == "1":
-        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(png, DOCS_SCREENSHOT)
 
 
 @pytest.mark.browser
