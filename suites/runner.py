@@ -279,7 +279,12 @@ class _Run:
     ) -> dict[str, Any]:
         start = time.perf_counter()
         fields = ("pred_adv", "success", "l0", "l2", "linf", "queries", "gradients")
-        rows: dict[str, list[Any]] = {"index": todo.tolist(), **{f: [] for f in fields}}
+        rows: dict[str, list[Any]] = {
+            "index": todo.tolist(),
+            "label": self.data.y[todo].tolist(),
+            "pred_clean": self.state.pred[todo].tolist(),
+            **{f: [] for f in fields},
+        }
         forward = backward = 0
         if len(todo):
             result = attack(
@@ -305,6 +310,7 @@ class _Run:
             "check": check.id,
             "attack": check.attack,
             "eps": eps,
+            "seed": self.seed,
             "rows": rows,
             "seconds": time.perf_counter() - start,
             "forward": forward,

@@ -1,0 +1,37 @@
+"""Atomic writes: whole files only, no leftovers, ordinary permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from bastion.fileio import write_atomic
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "report.json"
+    write_atomic(target, "old")
+    write_atomic(target, b"new")
+    assert target.read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["report.json"]
+
+
+def test_write_atomic_uses_the_umask_not_mkstemp_private_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "r.html", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.html").stat().st_mode) == 0o644
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "r.json"
+    write_atomic(target, "kept")
+    with pytest.raises(TypeError):
+        write_atomic(target, 42)  # type: ignore[arg-type]
+    assert target.read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
