@@ -114,8 +114,7 @@ class Attack(ABC):
         queries = Queries(model, n, x.device)
         x = x.detach()
         with eval_mode(model):
-            with torch.no_grad():
-                clean = queries.logits(x, torch.arange(n, device=x.device))
+            clean, reusable = self._clean_pass(queries, x, target if target is not None else y)
             self._check_model(clean)
             pred_clean = clean.argmax(1)
             todo = (~is_adversarial(pred_clean, y, target)).nonzero().flatten()
@@ -131,6 +130,7 @@ class Attack(ABC):
                     indices[todo],
                     todo,
                     progress,
+                    reusable[todo] if reusable is not None else None,
                 )
                 with torch.no_grad():
                     adv_logits = queries.logits(cand.x_adv, todo)
@@ -152,6 +152,14 @@ class Attack(ABC):
             gradients=queries.backward,
         )
 
+    def _clean_pass(
+        self, queries: Queries, x: torch.Tensor, goal: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The clean logits (one forward pass), and whatever of that pass `_perturb` can
+        reuse (gradient attacks: the loss gradient at x), so no pass is spent twice."""
+        with torch.no_grad():
+            return queries.logits(x, torch.arange(len(x), device=x.device)), None
+
     def _check_model(self, clean_logits: torch.Tensor) -> None:  # noqa: B027 (optional hook)
         """Refuse models this attack cannot evaluate (override to add checks)."""
 
@@ -165,8 +173,10 @@ class Attack(ABC):
         indices: torch.Tensor,
         rows: torch.Tensor,
         progress: Progress | None,
+        reusable: torch.Tensor | None,
     ) -> Candidates:
-        """Candidate adversarial images for samples `rows` (not yet adversarial)."""
+        """Candidate adversarial images for samples `rows` (not yet adversarial);
+        `reusable` is what `_clean_pass` kept for these samples."""
 
 
 def check_eps(eps: float | torch.Tensor, norm: str) -> None:

@@ -74,6 +74,7 @@ class CarliniWagnerL2(Attack):
         indices: torch.Tensor,
         rows: torch.Tensor,
         progress: Progress | None,
+        reusable: torch.Tensor | None,
     ) -> Candidates:
         lo, hi = self.bounds
         n = len(x)

@@ -44,6 +44,20 @@ def _project(moved: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: Norm
     return x + delta * (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
 
 
+def _loss_gradient(
+    queries: Queries, x: torch.Tensor, rows: torch.Tensor, goal: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at x and the gradient of the summed cross-entropy towards `goal` (the true
+    class, to be raised; or the target, to be lowered), in one forward-backward pass."""
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = queries.logits(xg, rows)
+        loss = F.cross_entropy(logits, goal, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xg)
+    queries.count_backward(rows)
+    return logits.detach(), grad
+
+
 class GradientDescentAttack(Attack):
     """Projected gradient steps on the cross-entropy loss (the shared loop).
 
@@ -93,6 +107,13 @@ class GradientDescentAttack(Attack):
         radius = r.pow(1.0 / x[0].numel()).to(x.dtype).reshape(-1, *([1] * len(shape)))
         return z / _flat_norm(z).clamp_min(1e-12) * radius * eps
 
+    def _clean_pass(
+        self, queries: Queries, x: torch.Tensor, goal: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.random_start:  # the first gradient is taken elsewhere than at x
+            return super()._clean_pass(queries, x, goal)
+        return _loss_gradient(queries, x, torch.arange(len(x), device=x.device), goal)
+
     def _perturb(
         self,
         queries: Queries,
@@ -102,6 +123,7 @@ class GradientDescentAttack(Attack):
         indices: torch.Tensor,
         rows: torch.Tensor,
         progress: Progress | None,
+        reusable: torch.Tensor | None,
     ) -> Candidates:
         if (
             isinstance(self.eps, torch.Tensor)
@@ -125,23 +147,20 @@ class GradientDescentAttack(Attack):
         iterations = torch.zeros(len(x), dtype=torch.long, device=x.device)
         active = torch.arange(len(x), device=x.device)
         sign = -1.0 if target is not None else 1.0
+        goals = target if target is not None else y
         for step in range(self.steps):
-            xa = x_adv[active].requires_grad_(True)
-            goal = target[active] if target is not None else y[active]
-            with torch.enable_grad():
-                logits = queries.logits(xa, rows[active])
-                loss = F.cross_entropy(logits, goal, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, xa)
-            queries.count_backward(rows[active])
+            xa = x_adv[active]
             keep = torch.ones(len(active), dtype=torch.bool, device=x.device)
-            if self.early_stop:
-                keep = ~is_adversarial(
-                    logits.detach().argmax(1),
-                    y[active],
-                    target[active] if target is not None else None,
-                )
+            if step == 0 and reusable is not None:
+                grad = reusable  # computed at x by the clean pass, where none is adversarial
+            else:
+                logits, grad = _loss_gradient(queries, xa, rows[active], goals[active])
+                if self.early_stop:
+                    keep = ~is_adversarial(
+                        logits.argmax(1), y[active], target[active] if target is not None else None
+                    )
             a = active[keep]
-            moved = xa.detach()[keep] + sign * alpha[a] * _direction(grad[keep], self.norm)
+            moved = xa[keep] + sign * alpha[a] * _direction(grad[keep], self.norm)
             x_adv[a] = _project(moved, x[a], eps[a], self.norm).clamp(lo, hi)
             iterations[a] += 1
             active = a

@@ -154,11 +154,15 @@ def test_query_and_gradient_counts(demo, digits) -> None:
     x, y = digits.x[:16], digits.y[:16]
     result = FGSM(0.1)(demo, x, y)
     attacked = result.pred_clean == y
-    # one clean forward, one forward+backward for the gradient, one re-prediction
-    assert torch.equal(result.queries[attacked], torch.full((int(attacked.sum()),), 3))
+    # one forward+backward at x gives the clean prediction and the gradient; one re-prediction
+    assert torch.equal(result.queries[attacked], torch.full((int(attacked.sum()),), 2))
     assert torch.equal(
         result.gradients[attacked], torch.ones(int(attacked.sum()), dtype=torch.long)
     )
+    pgd = PGD(0.1, steps=5, early_stop=False)(demo, x, y)
+    # a clean forward, 5 forward+backward steps from the random start, one re-prediction
+    assert torch.equal(pgd.queries[attacked], torch.full((int(attacked.sum()),), 7))
+    assert torch.equal(pgd.gradients[attacked], torch.full((int(attacked.sum()),), 5))
 
 
 @pytest.mark.parametrize(
