@@ -53,6 +53,11 @@ class Queries:
     def count_backward(self, idx: torch.Tensor) -> None:
         self.backward[idx] += 1
 
+    def count(self, idx: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor) -> None:
+        """Add passes counted in bulk by a hot loop that calls `self.model` directly."""
+        self.forward[idx] += forward
+        self.backward[idx] += backward
+
 
 @contextmanager
 def eval_mode(model: Model) -> Iterator[None]:

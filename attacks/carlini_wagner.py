@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from bastion.attacks.base import Attack, Candidates, Progress, Queries
 from bastion.errors import ConfigError, ModelOutputError
@@ -77,15 +78,16 @@ class CarliniWagnerL2(Attack):
         reusable: torch.Tensor | None,
     ) -> Candidates:
         lo, hi = self.bounds
-        n = len(x)
-        dev = x.device
-        w0 = torch.atanh(((x - lo) / (hi - lo) * 2 - 1) * 0.999999)
+        n, dev, dtype = len(x), x.device, x.dtype
+        half, mid = (hi - lo) / 2, (hi + lo) / 2
+        w0 = torch.atanh(((x - mid) / half) * 0.999999)
+        targeted = target is not None
         goal = target if target is not None else y
-        onehot = torch.nn.functional.one_hot(goal, queries.num_classes).to(x.dtype)
+        onehot = F.one_hot(goal, queries.num_classes).to(dtype)
         const = torch.full((n,), self.initial_const, dtype=torch.float64, device=dev)
         lower = torch.zeros(n, dtype=torch.float64, device=dev)
         upper = torch.full((n,), 1e10, dtype=torch.float64, device=dev)
-        best_l2 = torch.full((n,), math.inf, dtype=x.dtype, device=dev)
+        best_l2 = torch.full((n,), math.inf, dtype=dtype, device=dev)
         best_x = x.clone()
         iterations = torch.zeros(n, dtype=torch.long, device=dev)
         check_every = max(self.max_iterations // 10, 1)
@@ -97,56 +99,69 @@ class CarliniWagnerL2(Attack):
             # the active samples' state, kept compact: stalled samples are dropped at each
             # abort-early check, so later iterations cost nothing for them
             pos = torch.arange(n, device=dev)
-            w, xs, oh = w0.clone(), x, onehot
-            cs = const.to(x.dtype)
+            w, xs, gl, oh = w0.clone(), x, goal.reshape(-1, 1), onehot
+            cs = const.to(dtype)
             m, v = torch.zeros_like(w), torch.zeros_like(w)
-            prev = torch.full((n,), math.inf, dtype=x.dtype, device=dev)
+            prev = torch.full((n,), math.inf, dtype=dtype, device=dev)
+            hits = torch.zeros(n, dtype=torch.bool, device=dev)
+            since = 0  # iterations since the active set last changed
             for it in range(self.max_iterations):
                 w.requires_grad_(True)
                 with torch.enable_grad():
-                    xa = lo + (hi - lo) * (torch.tanh(w) + 1) / 2
-                    logits = queries.logits(xa, rows[pos])
-                    real = (logits * oh).sum(1)
+                    xa = torch.tanh(w) * half + mid
+                    logits = queries.model(xa)
+                    real = logits.gather(1, gl).squeeze(1)
                     other = (logits - 1e4 * oh).amax(1)
-                    margin = other - real if target is not None else real - other
+                    margin = other - real if targeted else real - other
                     l2 = (xa - xs).flatten(1).pow(2).sum(1)
                     loss = l2 + cs * (margin + self.confidence).clamp_min(0)
                     (grad,) = torch.autograd.grad(loss.sum(), w)
-                queries.count_backward(rows[pos])
-                iterations[pos] += 1
+                since += 1
                 with torch.no_grad():
                     l2, loss, w = l2.detach(), loss.detach(), w.detach()
-                    hit = self._success(logits.detach(), oh, target is not None)
+                    hit = self._success(logits.detach(), oh, gl.squeeze(1), targeted)
+                    hits |= hit
                     better = hit & (l2 < best_l2[pos])
                     if bool(better.any()):
                         best_l2[pos[better]] = l2[better]
                         best_x[pos[better]] = xa.detach()[better]
-                    succeeded[pos[hit]] = True
                     t = it + 1
                     m.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
                     v.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
                     lr_t = self.learning_rate * math.sqrt(1 - _BETA2**t) / (1 - _BETA1**t)
-                    w = w - lr_t * m / (v.sqrt() + _ADAM_EPS)
+                    w.addcdiv_(m, v.sqrt().add_(_ADAM_EPS), value=-lr_t)
                     if self.abort_early and it % check_every == 0:
                         keep = ~(loss > prev * 0.9999)
                         prev = loss
                         if not bool(keep.all()):
-                            pos, w, m, v, xs, oh, cs, prev = (
-                                t_[keep] for t_ in (pos, w, m, v, xs, oh, cs, prev)
+                            iterations[pos] += since
+                            succeeded[pos[hits]] = True
+                            since = 0
+                            pos, w, m, v, xs, gl, oh, cs, prev, hits = (
+                                t_[keep] for t_ in (pos, w, m, v, xs, gl, oh, cs, prev, hits)
                             )
-                if progress is not None:
-                    progress(bstep * self.max_iterations + it + 1, total)
+                if progress is not None and (t % 10 == 0 or t == self.max_iterations):
+                    progress(bstep * self.max_iterations + t, total)
                 if not len(pos):
                     break
+            iterations[pos] += since
+            succeeded[pos[hits]] = True
             lower, upper, const = _update_const(succeeded, lower, upper, const)
+        queries.count(rows, forward=iterations, backward=iterations)
         return Candidates(x_adv=best_x, iterations=iterations)
 
-    def _success(self, logits: torch.Tensor, onehot: torch.Tensor, targeted: bool) -> torch.Tensor:
+    def _success(
+        self, logits: torch.Tensor, onehot: torch.Tensor, goal: torch.Tensor, targeted: bool
+    ) -> torch.Tensor:
         """The reference's `compare`: success with the confidence margin κ applied."""
-        goal = onehot.argmax(1)
-        if targeted:
-            return (logits - self.confidence * onehot).argmax(1) == goal
-        return (logits + self.confidence * onehot).argmax(1) != goal
+        if self.confidence:
+            logits = (
+                logits - self.confidence * onehot
+                if targeted
+                else logits + (self.confidence * onehot)
+            )
+        pred = logits.argmax(1)
+        return pred == goal if targeted else pred != goal
 
 
 def _update_const(
