@@ -75,6 +75,33 @@ def eval_mode(model: Model) -> Iterator[None]:
 
 
 @dataclass
+class Batch:
+    """What `_perturb` works on: the samples of the call that are not yet adversarial."""
+
+    queries: Queries
+    x: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor | None
+    indices: torch.Tensor  # dataset indices: the per-sample random streams
+    rows: torch.Tensor  # positions in the caller's batch, for per-sample counters
+    progress: Progress | None
+    reusable: torch.Tensor | None  # what `_clean_pass` kept for these samples
+
+    @property
+    def goal(self) -> torch.Tensor:
+        """The class to move towards (target) or away from (true label)."""
+        return self.target if self.target is not None else self.y
+
+    def adversarial(
+        self, pred: torch.Tensor, keep: torch.Tensor | slice = slice(None)
+    ) -> torch.Tensor:
+        """`is_adversarial` for the samples `keep` of this batch."""
+        return is_adversarial(
+            pred, self.y[keep], self.target[keep] if self.target is not None else None
+        )
+
+
+@dataclass
 class Candidates:
     """What `_perturb` returns for the samples it was given."""
 
@@ -127,7 +154,7 @@ class Attack(ABC):
             iterations = torch.zeros(n, dtype=torch.long, device=x.device)
             pred_adv = pred_clean.clone()
             if len(todo):
-                cand = self._perturb(
+                batch = Batch(
                     queries,
                     x[todo],
                     y[todo],
@@ -137,10 +164,10 @@ class Attack(ABC):
                     progress,
                     reusable[todo] if reusable is not None else None,
                 )
+                cand = self._perturb(batch)
                 with torch.no_grad():
                     adv_logits = queries.logits(cand.x_adv, todo)
-                goal = target[todo] if target is not None else None
-                ok = is_adversarial(adv_logits.argmax(1), y[todo], goal)
+                ok = batch.adversarial(adv_logits.argmax(1))
                 x_adv[todo[ok]] = cand.x_adv[ok]
                 pred_adv[todo] = torch.where(ok, adv_logits.argmax(1), pred_clean[todo])
                 iterations[todo] = cand.iterations
@@ -169,19 +196,8 @@ class Attack(ABC):
         """Refuse models this attack cannot evaluate (override to add checks)."""
 
     @abstractmethod
-    def _perturb(
-        self,
-        queries: Queries,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        target: torch.Tensor | None,
-        indices: torch.Tensor,
-        rows: torch.Tensor,
-        progress: Progress | None,
-        reusable: torch.Tensor | None,
-    ) -> Candidates:
-        """Candidate adversarial images for samples `rows` (not yet adversarial);
-        `reusable` is what `_clean_pass` kept for these samples."""
+    def _perturb(self, batch: Batch) -> Candidates:
+        """Candidate adversarial images for the batch's samples (none yet adversarial)."""
 
 
 def check_eps(eps: float | torch.Tensor, norm: str) -> None:

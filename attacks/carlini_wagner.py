@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bastion.attacks.base import Attack, Candidates, Progress, Queries
+from bastion.attacks.base import Attack, Batch, Candidates
 from bastion.errors import ConfigError, ModelOutputError
 from bastion.validation import looks_like_probabilities
 
@@ -66,23 +66,14 @@ class CarliniWagnerL2(Attack):
                 "CW needs logits: remove the final softmax layer"
             )
 
-    def _perturb(
-        self,
-        queries: Queries,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        target: torch.Tensor | None,
-        indices: torch.Tensor,
-        rows: torch.Tensor,
-        progress: Progress | None,
-        reusable: torch.Tensor | None,
-    ) -> Candidates:
+    def _perturb(self, batch: Batch) -> Candidates:
+        x, queries = batch.x, batch.queries
         lo, hi = self.bounds
         n, dev, dtype = len(x), x.device, x.dtype
         half, mid = (hi - lo) / 2, (hi + lo) / 2
         w0 = torch.atanh(((x - mid) / half) * 0.999999)
-        targeted = target is not None
-        goal = target if target is not None else y
+        targeted = batch.target is not None
+        goal = batch.goal
         onehot = F.one_hot(goal, queries.num_classes).to(dtype)
         const = torch.full((n,), self.initial_const, dtype=torch.float64, device=dev)
         lower = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -140,14 +131,14 @@ class CarliniWagnerL2(Attack):
                             pos, w, m, v, xs, gl, oh, cs, prev, hits = (
                                 t_[keep] for t_ in (pos, w, m, v, xs, gl, oh, cs, prev, hits)
                             )
-                if progress is not None and (t % 10 == 0 or t == self.max_iterations):
-                    progress(bstep * self.max_iterations + t, total)
+                if batch.progress is not None and (t % 10 == 0 or t == self.max_iterations):
+                    batch.progress(bstep * self.max_iterations + t, total)
                 if not len(pos):
                     break
             iterations[pos] += since
             succeeded[pos[hits]] = True
             lower, upper, const = _update_const(succeeded, lower, upper, const)
-        queries.count(rows, forward=iterations, backward=iterations)
+        queries.count(batch.rows, forward=iterations, backward=iterations)
         return Candidates(x_adv=best_x, iterations=iterations)
 
     def _success(

@@ -12,15 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bastion import rng
-from bastion.attacks.base import (
-    Attack,
-    Candidates,
-    Progress,
-    Queries,
-    check_eps,
-    is_adversarial,
-    per_sample,
-)
+from bastion.attacks.base import Attack, Batch, Candidates, Queries, check_eps, per_sample
 from bastion.errors import ConfigError, InvalidInputError
 from bastion.results import Norm
 
@@ -114,27 +106,14 @@ class GradientDescentAttack(Attack):
             return super()._clean_pass(queries, x, goal)
         return _loss_gradient(queries, x, torch.arange(len(x), device=x.device), goal)
 
-    def _perturb(
-        self,
-        queries: Queries,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        target: torch.Tensor | None,
-        indices: torch.Tensor,
-        rows: torch.Tensor,
-        progress: Progress | None,
-        reusable: torch.Tensor | None,
-    ) -> Candidates:
-        if (
-            isinstance(self.eps, torch.Tensor)
-            and self.eps.dim()
-            and self.eps.shape[0] != queries.forward.shape[0]
-        ):
+    def _perturb(self, batch: Batch) -> Candidates:
+        x, n_call = batch.x, batch.queries.forward.shape[0]
+        if isinstance(self.eps, torch.Tensor) and self.eps.dim() and self.eps.shape[0] != n_call:
             raise InvalidInputError(
                 f"a per-sample eps needs one value per image: got "
-                f"{self.eps.shape[0]} for {queries.forward.shape[0]} images"
+                f"{self.eps.shape[0]} for {n_call} images"
             )
-        eps = per_sample(self.eps, rows, x)
+        eps = per_sample(self.eps, batch.rows, x)
         alpha = (
             torch.full_like(eps, self.abs_stepsize)
             if self.abs_stepsize is not None
@@ -143,29 +122,27 @@ class GradientDescentAttack(Attack):
         lo, hi = self.bounds
         x_adv = x.clone()
         if self.random_start:
-            x_adv = (x + self._random_start(x, eps, indices)).clamp(lo, hi)
+            x_adv = (x + self._random_start(x, eps, batch.indices)).clamp(lo, hi)
         iterations = torch.zeros(len(x), dtype=torch.long, device=x.device)
         active = torch.arange(len(x), device=x.device)
-        sign = -1.0 if target is not None else 1.0
-        goals = target if target is not None else y
+        sign = -1.0 if batch.target is not None else 1.0
         for step in range(self.steps):
             xa = x_adv[active]
             keep = torch.ones(len(active), dtype=torch.bool, device=x.device)
-            if step == 0 and reusable is not None:
-                grad = reusable  # computed at x by the clean pass, where none is adversarial
+            if step == 0 and batch.reusable is not None:
+                grad = batch.reusable  # taken at x by the clean pass, where none is adversarial
             else:
-                logits, grad = _loss_gradient(queries, xa, rows[active], goals[active])
+                rows, goal = batch.rows[active], batch.goal[active]
+                logits, grad = _loss_gradient(batch.queries, xa, rows, goal)
                 if self.early_stop:
-                    keep = ~is_adversarial(
-                        logits.argmax(1), y[active], target[active] if target is not None else None
-                    )
+                    keep = ~batch.adversarial(logits.argmax(1), active)
             a = active[keep]
             moved = xa[keep] + sign * alpha[a] * _direction(grad[keep], self.norm)
             x_adv[a] = _project(moved, x[a], eps[a], self.norm).clamp(lo, hi)
             iterations[a] += 1
             active = a
-            if progress is not None:
-                progress(step + 1, self.steps)
+            if batch.progress is not None:
+                batch.progress(step + 1, self.steps)
             if not len(active):
                 break
         return Candidates(x_adv=x_adv, iterations=iterations)
