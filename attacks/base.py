@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from bastion.errors import ConfigError, InvalidInputError
+from bastion.modes import eval_mode
 from bastion.results import AttackResult, distances
 from bastion.validation import check_images, check_labels, check_logits
 
@@ -57,21 +56,6 @@ class Queries:
         """Add passes counted in bulk by a hot loop that calls `self.model` directly."""
         self.forward[idx] += forward
         self.backward[idx] += backward
-
-
-@contextmanager
-def eval_mode(model: Model) -> Iterator[None]:
-    """Run in eval mode and restore every submodule's own train/eval flag afterwards."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 @dataclass

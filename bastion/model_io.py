@@ -32,6 +32,7 @@ from bastion.model_formats import (
     _torch_load,
     detect_format,
 )
+from bastion.modes import eval_mode
 from bastion.normalized import Normalized
 
 __all__ = [
@@ -329,17 +330,6 @@ def load_model(
 # --- saving and hashing ------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def save_model(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -368,7 +358,7 @@ def save_model(
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, out)
         return
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if format == "torchscript":
             with _quiet_jit():
                 traced = torch.jit.trace(model, example_input)  # type: ignore[no-untyped-call]

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from bastion.attacks.base import Attack, eval_mode
+from bastion.attacks.base import Attack
 from bastion.data import Dataset
 from bastion.errors import ConfigError, InvalidInputError
+from bastion.modes import eval_mode
 from bastion.results import distances
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.progress import NoProgress, ProgressSink
