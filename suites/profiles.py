@@ -1,0 +1,40 @@
+"""Run profiles: the fast profile trims a suite for pull requests; nightly runs use it whole.
+
+The fast profile keeps every check and eps (thresholds still read the same rows) but
+evaluates at most 64 samples, caps PGD/BIM at 10 steps and CW-L2 at 2 binary-search steps
+× 100 iterations. Its figures are noisier and its attacks weaker, so robust accuracy reads
+higher than in a full run: use it to catch regressions early, not to quote numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from typing import Any
+
+from bastion.suites.suite import Check, Suite
+
+FAST_N = 64
+FAST_CAPS: dict[str, dict[str, int]] = {
+    "PGD": {"steps": 10},
+    "BIM": {"steps": 10},
+    "CarliniWagnerL2": {"binary_search_steps": 2, "max_iterations": 100},
+}
+
+
+def fast_n(n: int | None, available: int) -> int:
+    """The number of samples a fast run evaluates."""
+    return min(n if n is not None else available, available, FAST_N)
+
+
+def fast_check(check: Check) -> Check:
+    params: dict[str, Any] = dict(check.params)
+    for name, cap in FAST_CAPS.get(check.attack, {}).items():
+        default = inspect.signature(check.spec.cls).parameters[name].default
+        params[name] = min(int(params.get(name, default)), cap)
+    return replace(check, params=params, n=min(check.n or FAST_N, FAST_N))
+
+
+def fast_suite(suite: Suite) -> Suite:
+    """`suite` with every check trimmed to the fast profile."""
+    return replace(suite, checks=tuple(fast_check(c) for c in suite.checks))

@@ -1,0 +1,263 @@
+"""Pass thresholds on robust accuracy, and the explanation a failing one prints.
+
+A threshold is `min_accuracy` for one check (by id or attack name) at one eps, or for the
+worst case over the suite. When it fails, the explanation names the model, data and run,
+prints the robustness table (every check and eps: robust accuracy, success rate, points
+attacked), says which attack broke it at which eps, and where the full report is. It is
+what the pytest plugin shows instead of a bare `assert 0.31 >= 0.4`.
+
+Pure Python over report.json dicts: no torch, so the plugin can use it at any time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.suites.formatting import NORM_LABELS
+
+
+class RobustnessFailure(AssertionError):
+    """A robustness threshold the test asked for is not met; the message explains why."""
+
+
+class SanityFlagWarning(UserWarning):
+    """A check's evaluation may not be trustworthy (gradient masking, a random model, …)."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """`robust accuracy >= min_accuracy` for one check at one eps (its largest when None),
+    or for the worst case over the suite (`attack=None`)."""
+
+    min_accuracy: float
+    attack: str | None = None
+    eps: float | None = None
+
+    def subject(self) -> str:
+        """What is measured: `pgd at eps 0.1`, or the worst case over the suite."""
+        if self.attack is None:
+            what = "worst case over the suite"
+            return what + (f" at eps {_eps(self.eps)}" if self.eps is not None else "")
+        return self.attack + (f" at eps {_eps(self.eps)}" if self.eps is not None else "")
+
+    def to_dict(self, value: float | None = None) -> dict[str, Any]:
+        return {
+            "min_accuracy": self.min_accuracy,
+            "attack": self.attack,
+            "eps": self.eps,
+            "value": value,
+            "passed": None if value is None else value >= self.min_accuracy,
+        }
+
+
+class RobustAccuracy(float):
+    """A robust accuracy that remembers where it came from, so that a failing
+    `assert report.robust_accuracy("pgd", eps=0.1) >= 0.4` can print the whole table."""
+
+    report: Mapping[str, Any]
+    attack: str | None
+    eps: float | None
+    location: Callable[[], str | None] | None
+
+    def __new__(
+        cls,
+        value: float,
+        *,
+        report: Mapping[str, Any],
+        attack: str | None = None,
+        eps: float | None = None,
+        location: Callable[[], str | None] | None = None,
+    ) -> RobustAccuracy:
+        self = super().__new__(cls, value)
+        self.report, self.attack, self.eps, self.location = report, attack, eps, location
+        return self
+
+
+def _eps(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    text = f"{value:.4g}"
+    k = value * 255
+    if 0 < value < 1 and abs(k - round(k)) < 1e-6:
+        text += f" ({round(k)}/255)"
+    return text
+
+
+def _num(value: Any, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _matches(check: Mapping[str, Any], attack: str | None) -> bool:
+    if attack is None:
+        return True
+    names = (str(check.get("id", "")).lower(), str(check.get("attack", "")).lower())
+    return attack.lower() in names or _alias(attack) in names
+
+
+def _alias(attack: str) -> str:
+    # the aliases suites accept (pgd, cw); no import of the suite module (torch) here
+    return {"cw": "carliniwagnerl2", "cw-l2": "carliniwagnerl2"}.get(attack.lower(), attack.lower())
+
+
+def _close(a: Any, b: Any) -> bool:
+    return (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and math.isclose(a, b, rel_tol=1e-6)
+    )
+
+
+def robustness_table(report: Mapping[str, Any], threshold: Threshold | None = None) -> list[str]:
+    """One aligned line per (check, eps): robust accuracy, success rate, points attacked;
+    rows that fall below the threshold are marked."""
+    header = ("check", "attack", "norm", "eps", "robust acc", "success", "attacked", "")
+    rows: list[tuple[str, ...]] = []
+    for check in report.get("checks") or []:
+        relevant = threshold is not None and _matches(check, threshold.attack)
+        for r in check.get("results") or []:
+            acc = r.get("robust_accuracy")
+            mark = ""
+            if (
+                relevant
+                and threshold is not None
+                and isinstance(acc, (int, float))
+                and acc < threshold.min_accuracy
+            ):
+                mark = f"<- below {threshold.min_accuracy:g}"
+            rows.append(
+                (
+                    str(check.get("id", "?")),
+                    str(check.get("attack", "?")),
+                    NORM_LABELS.get(str(check.get("norm")), str(check.get("norm"))),
+                    _eps(r.get("eps")),
+                    _num(acc),
+                    _num(r.get("success_rate")),
+                    _num(r.get("attacked"), "d"),
+                    mark,
+                )
+            )
+    if threshold is not None and threshold.attack is None:
+        for norm, norm_rows in (report.get("robust_accuracy_by_norm") or {}).items():
+            for r in norm_rows:
+                acc = r.get("robust_accuracy")
+                below = isinstance(acc, (int, float)) and acc < threshold.min_accuracy
+                rows.append(
+                    (
+                        "worst case",
+                        "(all checks)",
+                        NORM_LABELS.get(norm, norm),
+                        _eps(r.get("eps")),
+                        _num(acc),
+                        "-",
+                        _num(r.get("n"), "d"),
+                        f"<- below {threshold.min_accuracy:g}" if below else "",
+                    )
+                )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = {3, 4, 5, 6}
+    return [
+        "  ".join(
+            (cell.rjust(w) if i in right else cell.ljust(w))
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def breaking_points(report: Mapping[str, Any], threshold: Threshold) -> list[str]:
+    """For each relevant check, the smallest eps at which its robust accuracy fell below."""
+    lines = []
+    for check in report.get("checks") or []:
+        if not _matches(check, threshold.attack):
+            continue
+        below = [
+            r
+            for r in sorted(check.get("results") or [], key=lambda r: r.get("eps") or 0.0)
+            if isinstance(r.get("robust_accuracy"), (int, float))
+            and r["robust_accuracy"] < threshold.min_accuracy
+        ]
+        if not below:
+            continue
+        first = below[0]
+        norm = NORM_LABELS.get(str(check.get("norm")), str(check.get("norm")))
+        lines.append(
+            f"{check.get('attack')} (check {check.get('id')!r}, {norm}) broke it at eps "
+            f"{_eps(first.get('eps'))}: robust accuracy {_num(first.get('robust_accuracy'))} "
+            f"< {threshold.min_accuracy:g}, success rate {_num(first.get('success_rate'))}"
+        )
+    if not lines and threshold.attack is None:
+        lines.append(
+            "no single check falls below on its own; together they do (a point counts as "
+            "robust only if no check broke it)"
+        )
+    return lines
+
+
+def _context(report: Mapping[str, Any]) -> str:
+    model = report.get("model") or {}
+    data = report.get("data") or {}
+    suite = report.get("suite") or {}
+    env = report.get("environment") or {}
+    sha = str(model.get("sha256") or "")
+    parts = [
+        f"model {model.get('source') or '?'}" + (f" (sha256 {sha[:12]}...)" if sha else ""),
+        f"data {data.get('spec', '?')} ({data.get('split', '?')}, {data.get('n', '?')} samples)",
+        f"suite {suite.get('name', '?')}",
+        f"seed {report.get('seed', '?')}",
+        f"device {env.get('device', '?')}",
+    ]
+    if report.get("profile"):
+        parts.append(f"profile {report['profile']}")
+    return " · ".join(parts)
+
+
+def explain(
+    report: Mapping[str, Any],
+    threshold: Threshold,
+    value: float,
+    location: str | None = None,
+    *,
+    headline: bool = True,
+) -> list[str]:
+    """The lines that explain why `value` (robust accuracy) fails `threshold`: what broke it
+    and where the report is first (pytest shortens long assertion explanations), then the
+    run's context and the robustness table."""
+    lines = []
+    if headline:
+        lines.append(
+            f"robust accuracy {value:.3f} is below the required {threshold.min_accuracy:g}: "
+            f"{threshold.subject()}"
+        )
+    lines += breaking_points(report, threshold)
+    if location:
+        lines.append(f"report: {location}")
+    lines += ["", _context(report), f"clean accuracy {_num(report.get('clean_accuracy'))}", ""]
+    lines += robustness_table(report, threshold)
+    for flag in report.get("flags") or []:
+        lines.append(f"warning [{flag.get('name')}]: {flag.get('message')}")
+    return lines
+
+
+def compare_repr(op: str, left: object, right: object) -> list[str] | None:
+    """`pytest_assertrepr_compare` for comparisons of a RobustAccuracy with a number."""
+    if isinstance(left, RobustAccuracy) and op in (">=", ">") and _is_number(right):
+        acc, bound, text = left, float(right), f"{float(left):.3f} {op} {right}"  # type: ignore[arg-type]
+    elif isinstance(right, RobustAccuracy) and op in ("<=", "<") and _is_number(left):
+        acc, bound, text = right, float(left), f"{left} {op} {float(right):.3f}"  # type: ignore[arg-type]
+    else:
+        return None
+    threshold = Threshold(bound, acc.attack, acc.eps)
+    location = acc.location() if acc.location is not None else None
+    return [
+        f"robust accuracy of {threshold.subject()}: {text}",
+        *explain(acc.report, threshold, float(acc), location, headline=False),
+    ]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
