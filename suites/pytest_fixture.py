@@ -16,7 +16,6 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,9 +27,9 @@ from bastion.data import Dataset, load_data
 from bastion.errors import BastionError, ConfigError
 from bastion.suites import runner
 from bastion.suites.check_cache import CheckCache, check_key, key_digest, model_fingerprint
+from bastion.suites.check_report import CheckReport, surface
 from bastion.suites.profiles import fast_n, fast_suite
 from bastion.suites.pytest_plugin import PluginSession
-from bastion.suites.report import Report
 from bastion.suites.session_report import Entry
 from bastion.suites.suite import (
     ATTACKS,
@@ -41,14 +40,7 @@ from bastion.suites.suite import (
     load_suite,
     validate_check,
 )
-from bastion.suites.thresholds import (
-    RobustAccuracy,
-    RobustnessFailure,
-    SanityFlagWarning,
-    Threshold,
-    explain,
-    robustness_table,
-)
+from bastion.suites.thresholds import RobustnessFailure, SanityFlagWarning, robustness_table
 
 DataLike = str | Dataset | tuple[torch.Tensor, torch.Tensor]
 EpsLike = float | Sequence[float]
@@ -59,68 +51,6 @@ def _fail(message: str) -> NoReturn:
     """Fail the test with `message` alone: no traceback through the plugin, no chain.
     (This frame stays visible: were every frame hidden, pytest would add a note saying so.)"""
     raise pytest.fail.Exception(message, pytrace=False) from None
-
-
-def _surface(exc: BastionError) -> NoReturn:
-    """Re-raise a mistake in the test's call (unknown suite, bad data spec) from the test's
-    own line: the frames inside the runner say nothing the one-sentence message does not."""
-    __tracebackhide__ = True
-    raise exc.with_traceback(None) from None
-
-
-@dataclass
-class CheckReport(Report):
-    """The Report of a check run from a test, tied to its entry in the session report."""
-
-    entry: Entry | None = None
-    locate: Callable[[], str | None] | None = None
-
-    @property
-    def cached(self) -> bool:
-        return bool(self.entry and self.entry.cached)
-
-    def location(self) -> str | None:
-        """Where to read this check's full report (written on first call if need be)."""
-        return self.locate() if self.locate is not None else None
-
-    def robust_accuracy(
-        self, attack: str | None = None, eps: float | None = None
-    ) -> RobustAccuracy:
-        value = super().robust_accuracy(attack, eps)
-        if eps is None and attack is not None:
-            eps = _largest_eps(self.data, attack)
-        return RobustAccuracy(
-            value, report=self.data, attack=attack, eps=eps, location=self.location
-        )
-
-    def require(
-        self, min_accuracy: float, attack: str | None = None, eps: float | None = None
-    ) -> RobustAccuracy:
-        """Fail the test unless robust accuracy (of `attack` at `eps`, or the worst case over
-        the suite) is at least `min_accuracy`; the failure prints the robustness table."""
-        __tracebackhide__ = True
-        try:
-            value = self.robust_accuracy(attack, eps)
-        except BastionError as exc:
-            _surface(exc)
-        threshold = Threshold(float(min_accuracy), attack, value.eps)
-        if self.entry is not None:
-            self.entry.threshold = threshold.to_dict(float(value))
-        if value < min_accuracy:
-            raise RobustnessFailure(
-                "\n".join(explain(self.data, threshold, float(value), self.location()))
-            )
-        return value
-
-
-def _largest_eps(report: Mapping[str, Any], attack: str) -> float | None:
-    eps = [
-        r["eps"]
-        for c in report.get("checks", [])
-        if attack.lower() in (str(c["id"]).lower(), str(c["attack"]).lower())
-        for r in c.get("results", [])
-    ]
-    return max(eps) if eps else None
 
 
 def one_check_suite(
@@ -188,7 +118,7 @@ class BastionFixture:
                 suite_obj = suite_obj.with_eps(tuple(float(e) for e in eps_list))
             report = self._run_suite(model, data, suite_obj, n, seed, device, batch_size)
         except BastionError as exc:
-            _surface(exc)
+            surface(exc)
         if report.passed is False:
             raise RobustnessFailure("\n".join(self._criteria_failure(report)))
         return report
@@ -215,7 +145,7 @@ class BastionFixture:
         try:
             suite = one_check_suite(attack, eps, norm, params)
         except BastionError as exc:
-            _surface(exc)
+            surface(exc)
         report = self.check(
             model, data, suite, n=n, seed=seed, device=device, batch_size=batch_size
         )
