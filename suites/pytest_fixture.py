@@ -354,7 +354,7 @@ class BastionFixture:
         for flag in report.flags:
             warnings.warn(
                 SanityFlagWarning(f"{self._nodeid}: [{flag.get('name')}] {flag.get('message')}"),
-                stacklevel=4,
+                stacklevel=3,  # the test that called check()
             )
         return result
 
