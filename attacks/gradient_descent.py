@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from bastion import rng
-from bastion.attacks.base import Attack, Batch, Candidates, Queries, check_eps, per_sample
+from bastion.attacks.base import (
+    Attack,
+    Batch,
+    Candidates,
+    Model,
+    Queries,
+    check_eps,
+    is_adversarial,
+    per_sample,
+)
 from bastion.errors import ConfigError, InvalidInputError
 from bastion.results import Norm
 
@@ -37,16 +46,15 @@ def _project(moved: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: Norm
 
 
 def _loss_gradient(
-    queries: Queries, x: torch.Tensor, rows: torch.Tensor, goal: torch.Tensor
+    model: Model, x: torch.Tensor, goal: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at x and the gradient of the summed cross-entropy towards `goal` (the true
     class, to be raised; or the target, to be lowered), in one forward-backward pass."""
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = queries.logits(xg, rows)
+        logits = model(xg)
         loss = F.cross_entropy(logits, goal, reduction="sum")
         (grad,) = torch.autograd.grad(loss, xg)
-    queries.count_backward(rows)
     return logits.detach(), grad
 
 
@@ -104,7 +112,10 @@ class GradientDescentAttack(Attack):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.random_start:  # the first gradient is taken elsewhere than at x
             return super()._clean_pass(queries, x, goal)
-        return _loss_gradient(queries, x, torch.arange(len(x), device=x.device), goal)
+        rows = torch.arange(len(x), device=x.device)
+        logits, grad = _loss_gradient(lambda t: queries.logits(t, rows), x, goal)
+        queries.count_backward(rows)
+        return logits, grad
 
     def _perturb(self, batch: Batch) -> Candidates:
         x, n_call = batch.x, batch.queries.forward.shape[0]
@@ -123,26 +134,42 @@ class GradientDescentAttack(Attack):
         x_adv = x.clone()
         if self.random_start:
             x_adv = (x + self._random_start(x, eps, batch.indices)).clamp(lo, hi)
-        iterations = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        active = torch.arange(len(x), device=x.device)
         sign = -1.0 if batch.target is not None else 1.0
+        model = batch.queries.model
+        # the active samples' state, kept compact: samples that turn adversarial are written
+        # out and dropped, and passes are counted in bulk when the active set changes
+        passes = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        iterations = torch.zeros_like(passes)
+        pos = torch.arange(len(x), device=x.device)
+        xa, x0, e, al, goal, y = x_adv[pos], x, eps, alpha, batch.goal, batch.y
+        target = batch.target
+        since_pass = since_step = 0
         for step in range(self.steps):
-            xa = x_adv[active]
-            keep = torch.ones(len(active), dtype=torch.bool, device=x.device)
             if step == 0 and batch.reusable is not None:
                 grad = batch.reusable  # taken at x by the clean pass, where none is adversarial
             else:
-                rows, goal = batch.rows[active], batch.goal[active]
-                logits, grad = _loss_gradient(batch.queries, xa, rows, goal)
-                if self.early_stop:
-                    keep = ~batch.adversarial(logits.argmax(1), active)
-            a = active[keep]
-            moved = xa[keep] + sign * alpha[a] * _direction(grad[keep], self.norm)
-            x_adv[a] = _project(moved, x[a], eps[a], self.norm).clamp(lo, hi)
-            iterations[a] += 1
-            active = a
+                logits, grad = _loss_gradient(model, xa, goal)
+                since_pass += 1
+                done = is_adversarial(logits.argmax(1), y, target) if self.early_stop else None
+                if done is not None and bool(done.any()):
+                    passes[pos] += since_pass
+                    iterations[pos] += since_step
+                    since_pass = since_step = 0
+                    x_adv[pos[done]] = xa[done]
+                    keep = ~done
+                    pos, xa, x0, e, al, goal, y, grad = (
+                        t[keep] for t in (pos, xa, x0, e, al, goal, y, grad)
+                    )
+                    target = target[keep] if target is not None else None
+                    if not len(pos):
+                        break
+            xa = _project(xa + sign * al * _direction(grad, self.norm), x0, e, self.norm)
+            xa = xa.clamp(lo, hi)
+            since_step += 1
             if batch.progress is not None:
                 batch.progress(step + 1, self.steps)
-            if not len(active):
-                break
+        x_adv[pos] = xa
+        passes[pos] += since_pass
+        iterations[pos] += since_step
+        batch.queries.count(batch.rows, forward=passes, backward=passes)
         return Candidates(x_adv=x_adv, iterations=iterations)
