@@ -12,10 +12,13 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from bastion.data import Dataset
 
 RECIPE: dict[str, Any] = {
     "name": "digits-cnn",
@@ -71,35 +74,60 @@ def demo_model(
     *, device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None
 ) -> nn.Module:
     """The embedded default, in eval mode: trained on the first call, then loaded from cache."""
+    return cached_model(
+        RECIPE, DigitsCNN, "digits", prefix="demo-", device=device, progress=progress
+    )
+
+
+def cached_model(
+    recipe: dict[str, Any],
+    build: Callable[[], nn.Module],
+    data_spec: str,
+    *,
+    prefix: str = "",
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> nn.Module:
+    """`build()` trained by `recipe` on the training split of `data_spec`, cached under
+    `cache_dir()` by the recipe's hash (atomically); a corrupt cache entry is retrained."""
     from safetensors.torch import load_file, save_file
 
-    path = cache_dir() / f"demo-{RECIPE['name']}-{recipe_hash()}.safetensors"
-    model = DigitsCNN()
+    path = cache_dir() / f"{prefix}{recipe['name']}-{recipe_hash(recipe)}.safetensors"
+    model = build()
     if path.exists():
         try:
             model.load_state_dict(load_file(str(path)))
         except Exception:  # a corrupt cache entry is retrained, not trusted
             path.unlink(missing_ok=True)
     if not path.exists():
-        train_demo(model, progress=progress)
+        from bastion.data import load_data
+
+        train_classifier(model, load_data(data_spec, split="train"), recipe, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(model.state_dict(), str(tmp), metadata={"recipe": json.dumps(RECIPE)})
+        save_file(model.state_dict(), str(tmp), metadata={"recipe": json.dumps(recipe)})
         os.replace(tmp, path)
     return model.to(device).eval()
 
 
-def train_demo(model: nn.Module, *, progress: Callable[[int, int], None] | None = None) -> None:
-    """Train `model` on the digits training split with the fixed recipe (deterministic)."""
-    from bastion.data import load_data
-
-    train = load_data("digits", split="train")
-    gen = torch.Generator().manual_seed(RECIPE["seed"])
+def train_classifier(
+    model: nn.Module,
+    train: Dataset,
+    recipe: dict[str, Any],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Train `model` with Adam and cross-entropy as `recipe` says (seed, epochs, batch size,
+    lr, weight decay), deterministically: the initial weights and the batch order are drawn
+    from the recipe's seed, not from the global generator."""
+    gen = torch.Generator().manual_seed(recipe["seed"])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RECIPE["seed"])
+        torch.manual_seed(recipe["seed"])
         model.apply(_reset)
-    opt = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-    n, bs, epochs = len(train), RECIPE["batch_size"], RECIPE["epochs"]
+    opt = torch.optim.Adam(
+        model.parameters(), lr=recipe["lr"], weight_decay=recipe.get("weight_decay", 0.0)
+    )
+    n, bs, epochs = len(train), recipe["batch_size"], recipe["epochs"]
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(n, generator=gen)

@@ -99,42 +99,9 @@ class MnistCNN(nn.Module):
 
 def mnist_model(root: Path) -> nn.Module:
     """The benchmark's MNIST CNN: trained once (a few seconds), then loaded from the cache."""
-    from safetensors.torch import load_file, save_file
+    from bastion.zoo import cached_model
 
-    from bastion.data import load_data
-    from bastion.zoo import cache_dir, recipe_hash
-
-    path = cache_dir() / f"{MNIST_RECIPE['name']}-{recipe_hash(MNIST_RECIPE)}.safetensors"
-    model = MnistCNN()
-    if path.exists():
-        try:
-            model.load_state_dict(load_file(str(path)))
-            return model.eval()
-        except Exception:  # a corrupt cache entry is retrained
-            path.unlink(missing_ok=True)
-    print(f"training the MNIST CNN once (cached at {path}) …", file=sys.stderr)
-    train = load_data(f"mnist:{root}", split="train")
-    gen = torch.Generator().manual_seed(MNIST_RECIPE["seed"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(MNIST_RECIPE["seed"])
-        model = MnistCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=MNIST_RECIPE["lr"])
-    bs = MNIST_RECIPE["batch_size"]
-    model.train()
-    for _ in range(MNIST_RECIPE["epochs"]):
-        order = torch.randperm(len(train), generator=gen)
-        for start in range(0, len(train), bs):
-            idx = order[start : start + bs]
-            loss = nn.functional.cross_entropy(model(train.x[idx]), train.y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(model.state_dict(), str(tmp), metadata={"recipe": json.dumps(MNIST_RECIPE)})
-    os.replace(tmp, path)
-    return model
+    return cached_model(MNIST_RECIPE, MnistCNN, f"mnist:{root}")
 
 
 def attack_specs(eps: float, const: float, quick: bool) -> dict[str, AttackSpec]:
