@@ -1,0 +1,1 @@
+"""The `bastion` subcommands, one module each (see `bastion.cli`)."""

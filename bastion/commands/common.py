@@ -1,0 +1,157 @@
+"""What the `bastion` subcommands share: the parser class, exit codes, model and data options."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, NoReturn
+
+from bastion.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with exit code 2 and a pointer to --help on a usage error."""
+
+    commands: frozenset[str] = frozenset()  # the subcommand names, set by bastion.cli
+
+    def error(self, message: str) -> NoReturn:  # argparse's own exit code is 2 as well
+        self.exit(EXIT_BAD_INPUT, f"bastion: error: {message}; see --help\n")
+
+
+def floats(text: str) -> list[float]:
+    """argparse type: numbers separated by commas or spaces."""
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+
+
+def add_model_and_data(p: argparse.ArgumentParser) -> None:
+    """MODEL, --data and the options that load them (read by `load_model_and_data`)."""
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model file (TorchScript, torch.export .pt2, safetensors with --arch, "
+        "ONNX); default: the embedded demo CNN on digits",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="data spec: digits, mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, "
+        "folder:PATH, npz:PATH[#NAME] (default: digits)",
+    )
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="let torchvision download MNIST/Fashion-MNIST/CIFAR-10 into ROOT",
+    )
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="module:factory that builds the architecture for safetensors weights",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a pickled model file (it can run arbitrary code)",
+    )
+    p.add_argument(
+        "--mean",
+        type=floats,
+        default=None,
+        help="per-channel mean the model expects (wraps it in bastion.Normalized)",
+    )
+    p.add_argument("--std", type=floats, default=None, help="per-channel std (with --mean)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available, else cpu)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of a suite run: sample count, batch size, output directory, resume, …"""
+    p.add_argument("--n", type=int, default=500, help="number of samples (default 500)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--out",
+        default="bastion-report",
+        help="output directory (default ./bastion-report); other files there stay",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out without redoing finished work",
+    )
+    p.add_argument("--junit", default=None, help="also write JUnit XML to this file")
+    p.add_argument(
+        "--fail-under",
+        type=float,
+        default=None,
+        help="exit 1 when the worst-case robust accuracy is below this fraction",
+    )
+    p.add_argument("--gallery", type=int, default=8, help="images in the HTML gallery")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--json", action="store_true", help="print the report as JSON on stdout instead of tables"
+    )
+
+
+def device(name: str | None) -> str:
+    """The torch device to run on: --device, or cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was asked for but no CUDA device is available; use --device cpu"
+        )
+    return name
+
+
+def load_model_and_data(args: argparse.Namespace, progress: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The model (or the demo model), the data (`args.n` samples if set) and provenance."""
+    from bastion.data import load_data
+    from bastion.model_io import detect_format, file_sha256, load_model, module_fingerprint
+    from bastion.normalized import Normalized
+    from bastion.zoo import demo_model
+
+    if (args.mean is None) != (args.std is None):
+        raise ConfigError("--mean and --std go together; give both or neither")
+    dev = device(args.device)
+    if args.model is None:
+        task = progress.task("training the demo model (first run only)", 1)
+        model = demo_model(device=dev, progress=lambda k, m: task.update(k / m))
+        task.close()
+        info: dict[str, Any] = {
+            "source": "demo",
+            "format": "builtin",
+            "sha256": module_fingerprint(model),
+        }
+        if args.mean is not None:
+            model = Normalized(model, args.mean, args.std)
+    else:
+        model = load_model(
+            args.model,
+            arch=args.arch,
+            trust_pickle=args.trust_pickle,
+            device=dev,
+            mean=args.mean,
+            std=args.std,
+        )
+        info = {
+            "source": str(args.model),
+            "format": detect_format(args.model),
+            "sha256": file_sha256(args.model),
+        }
+    n = getattr(args, "n", None)
+    data = load_data(args.data or "digits", split=args.split, n=n, download=args.download)
+    info.update(num_classes=len(data.classes), input_shape=list(data.x.shape[1:]))
+    return model, data, info
