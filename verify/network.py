@@ -1,0 +1,132 @@
+"""A ReLU network as the verifier sees it: a flat list of simple layers with float32 weights.
+
+Every engine (bounds, SMT, MILP, DLV) reads this one representation; `extract.py` builds it
+from an `nn.Module`, TorchScript or ONNX. Weights stay float32 exactly as the model has
+them; `exact()` turns a float32 value into the rational it denotes, so z3 sees the
+weights as given (float32 rounding of the model's own arithmetic is not modelled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, eq=False)
+class Dense:
+    """y = W x + b on a flat vector; weight (out, in), bias (out,)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Conv2d:
+    """2-D convolution on C×H×W; weight (out, in, kh, kw), bias (out,)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True, eq=False)
+class Elementwise:
+    """y = x · scale + shift, broadcast over the input (normalisation, Sub/Div constants)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ReLU:
+    """max(x, 0)."""
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """C×H×W → a flat vector (row-major, as torch and ONNX flatten)."""
+
+
+@dataclass(frozen=True)
+class AvgPool2d:
+    """Average pooling (zero padding counted, as torch's default count_include_pad)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class MaxPool2d:
+    """Max pooling without padding."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+
+
+Layer = Dense | Conv2d | Elementwise | ReLU | Flatten | AvgPool2d | MaxPool2d
+LINEAR_LAYERS = (Dense, Conv2d, Elementwise, Flatten, AvgPool2d)
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """Layers applied in order to one input of `input_shape` (no batch axis)."""
+
+    layers: tuple[Layer, ...]
+    input_shape: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        shapes = [self.input_shape]
+        x = torch.zeros((1, *self.input_shape))
+        for layer in self.layers:
+            x = apply_layer(layer, x)
+            shapes.append(tuple(x.shape[1:]))
+        object.__setattr__(self, "shapes", tuple(shapes))
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of outputs (classes)."""
+        return int(torch.Size(self.shapes[-1]).numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs for a batch `N × input_shape`, in x's dtype (float32 replays the model)."""
+        for layer in self.layers:
+            x = apply_layer(layer, x)
+        return x.flatten(1)
+
+    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The input and every layer's output for a batch (index k = after layer k-1)."""
+        out = [x]
+        for layer in self.layers:
+            out.append(apply_layer(layer, out[-1]))
+        return out
+
+
+def apply_layer(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """One layer on a batch, computed in x's dtype."""
+    if isinstance(layer, Dense):
+        return F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+    if isinstance(layer, Conv2d):
+        w, b = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
+        return F.conv2d(x, w, b, stride=layer.stride, padding=layer.padding)
+    if isinstance(layer, Elementwise):
+        return x * layer.scale.to(x.dtype) + layer.shift.to(x.dtype)
+    if isinstance(layer, ReLU):
+        return torch.relu(x)
+    if isinstance(layer, Flatten):
+        return x.flatten(1)
+    if isinstance(layer, AvgPool2d):
+        return F.avg_pool2d(x, layer.kernel, layer.stride, layer.padding)
+    if isinstance(layer, MaxPool2d):
+        return F.max_pool2d(x, layer.kernel, layer.stride)
+    raise TypeError(f"not a verifier layer: {layer!r}")
+
+
+def exact(value: float) -> Fraction:
+    """The rational a float32 (or float64) value denotes, exactly."""
+    return Fraction(float(value))
