@@ -5,8 +5,18 @@
 
 from bastion.attacks.base import Attack
 from bastion.attacks.carlini_wagner import CarliniWagnerL2
+from bastion.attacks.feature_guided import FeatureGameMCTS, SafeCV
 from bastion.attacks.fgsm import FGSM
 from bastion.attacks.gradient_descent import GradientDescentAttack
 from bastion.attacks.pgd import BIM, PGD
 
-__all__ = ["Attack", "BIM", "CarliniWagnerL2", "FGSM", "GradientDescentAttack", "PGD"]
+__all__ = [
+    "Attack",
+    "BIM",
+    "CarliniWagnerL2",
+    "FGSM",
+    "FeatureGameMCTS",
+    "GradientDescentAttack",
+    "PGD",
+    "SafeCV",
+]

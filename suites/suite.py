@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bastion.attacks import BIM, FGSM, PGD, Attack, CarliniWagnerL2
+from bastion.attacks import BIM, FGSM, PGD, Attack, CarliniWagnerL2, FeatureGameMCTS, SafeCV
 from bastion.errors import ConfigError
 from bastion.results import NORMS
 
@@ -66,6 +66,9 @@ ATTACKS: dict[str, AttackSpec] = {
     "PGD": AttackSpec(PGD, True, ("linf", "l2")),
     "BIM": AttackSpec(BIM, True, ("linf", "l2")),
     "CarliniWagnerL2": AttackSpec(CarliniWagnerL2, False, ("l2",)),
+    # black-box minimum-norm searches: robust accuracy is read at L2 radii, like CW's
+    "FeatureGameMCTS": AttackSpec(FeatureGameMCTS, False, ("l2",)),
+    "SafeCV": AttackSpec(SafeCV, False, ("l2",)),
 }
 _ALIASES = {
     "fgsm": "FGSM",
@@ -74,6 +77,10 @@ _ALIASES = {
     "cw": "CarliniWagnerL2",
     "cw-l2": "CarliniWagnerL2",
     "carliniwagnerl2": "CarliniWagnerL2",
+    "mcts": "FeatureGameMCTS",
+    "deepgame": "FeatureGameMCTS",
+    "featuregamemcts": "FeatureGameMCTS",
+    "safecv": "SafeCV",
 }
 
 
