@@ -1,0 +1,200 @@
+"""DVERGE: feature distillation, the diversity training loop, layer lists by hooks, Ensemble."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from bastion.attacks import PGD
+from bastion.defenses import dverge
+from bastion.defenses.model_families import (
+    FeaturePoint,
+    SmallCNN,
+    feature_layers,
+    read_features,
+    resnet20,
+)
+from bastion.errors import ConfigError, InvalidInputError, ModelOutputError
+from bastion.normalized import Normalized
+from bastion.validation import looks_like_probabilities
+
+
+def _cnn(seed: int, width: int = 4, channels: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return SmallCNN(in_channels=channels, width=width).eval()
+
+
+def _images(n: int, seed: int, size: int = 8) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_distilled_images_stay_in_the_ball_and_approach_the_target_features() -> None:
+    model = _cnn(0, width=8)
+    x, xs = _images(16, 1), _images(16, 2)
+    point = feature_layers(model)[2]
+    eps = 0.07
+    distilled = [dverge.distill(model, x, xs, point, steps=k) for k in (0, 3, 6, 10)]
+    dist = [float(dverge.feature_distance(model, x, z, point).mean()) for z in distilled]
+    z = dverge.distill(model, x, xs, point)
+    assert float((z - xs).abs().max()) <= eps + 1e-6
+    assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+    assert dist == sorted(dist, reverse=True) and dist[-1] < 0.7 * dist[0]
+    # a random corner of the same ball does not bring the features closer
+    noise = (xs + eps * torch.randn_like(xs).sign()).clamp(0, 1)
+    assert float(dverge.feature_distance(model, x, noise, point).mean()) > 0.9 * dist[0]
+
+
+def test_distill_does_not_change_its_inputs_and_works_at_the_logits() -> None:
+    model = _cnn(0)
+    x, xs = _images(4, 1), _images(4, 2)
+    x0, xs0 = x.clone(), xs.clone()
+    z = dverge.distill(model, x, xs, feature_layers(model)[-1], momentum=0.0)
+    assert torch.equal(x, x0) and torch.equal(xs, xs0)
+    assert not z.requires_grad and not torch.equal(z, xs)
+
+
+def _tiny_set(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    return _images(n, 3), torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(4))
+
+
+def test_training_changes_the_weights_deterministically_given_a_seed() -> None:
+    models = [_cnn(0), _cnn(1)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    kwargs = {"epochs": 2, "batch_size": 16, "steps": 2, "lr": 0.01}
+    calls: list[tuple[int, int]] = []
+    a = dverge.train(
+        models, _tiny_set(), seed=0, progress=lambda d, t: calls.append((d, t)), **kwargs
+    )
+    b = dverge.train(models, _tiny_set(), seed=0, **kwargs)
+    c = dverge.train(models, _tiny_set(), seed=1, **kwargs)
+    assert calls[-1] == (4, 4) and len(calls) == 4
+    for m, old in zip(models, before, strict=True):  # the inputs are copied, not trained
+        assert all(torch.equal(v, old[k]) for k, v in m.state_dict().items())
+    for ma, mb, mc, old in zip(a.members, b.members, c.members, before, strict=True):
+        sa, sb, sc = ma.state_dict(), mb.state_dict(), mc.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert any(not torch.equal(sa[k], old[k]) for k in sa)
+        assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    assert not a.training
+
+
+def _cross_loss(
+    models: list[nn.Module], x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, layer: int
+) -> float:
+    """The DVERGE objective Σ_i Σ_{j≠i} CE(f_i(x'_{f_j}(x, x_s)), y_s) on one fixed batch."""
+    distilled = [dverge.distill(m, x, xs, feature_layers(m)[layer - 1]) for m in models]
+    with torch.no_grad():
+        return sum(
+            float(F.cross_entropy(mi(xd), ys))
+            for i, mi in enumerate(models)
+            for j, xd in enumerate(distilled)
+            if i != j
+        )
+
+
+def test_diversity_training_lowers_the_cross_distillation_loss() -> None:
+    x = _images(64, 3)
+    y = x.mean((2, 3)).argmax(1)  # a learnable toy task: the brightest channel
+    xs, ys, xt = x[:32], y[:32], x[32:]
+    models = [_cnn(k, width=8) for k in range(3)]
+    before = _cross_loss(models, xt, xs, ys, layer=3)
+    ens = dverge.train(
+        models, (x, y), epochs=10, batch_size=32, lr=0.05, layer=3, augment=False, steps=3
+    )
+    after = _cross_loss(list(ens.members), xt, xs, ys, layer=3)
+    assert after < 0.7 * before
+
+
+def test_layer_lists_read_pre_relu_features_by_hooks() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    for model, depth in (
+        (SmallCNN(), 5),
+        (resnet20(), 20),
+        (torchvision.models.resnet18(num_classes=10), 18),
+        (Normalized(resnet20(), 0.5, 0.25), 20),
+    ):
+        model.eval()
+        points = feature_layers(model)
+        assert len(points) == depth
+        with torch.no_grad():
+            feats = [read_features(model, x, p) for p in points]
+        assert all(float(f.min()) < 0 for f in feats[:-1])  # before ReLU: negatives survive
+        assert torch.allclose(feats[-1], model(x), atol=1e-5)
+        assert all(not p.module._forward_hooks and not p.module._forward_pre_hooks for p in points)
+
+
+@pytest.mark.parametrize("kind", ["resnet20", "resnet18"])
+def test_block_sum_feature_is_the_block_output_before_its_relu(kind: str) -> None:
+    torch.manual_seed(0)
+    model = (resnet20() if kind == "resnet20" else torchvision.models.resnet18()).eval()
+    blocks = list(model.blocks) if kind == "resnet20" else list(model.layer2)
+    block = blocks[1]
+    merge = block.merge if kind == "resnet20" else block.relu
+    point = next(p for p in feature_layers(model) if p.module is merge)
+    seen: list[torch.Tensor] = []
+    handle = block.register_forward_hook(lambda _m, _i, out: seen.append(out.clone()))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        assert torch.allclose(torch.relu(read_features(model, x, point)), seen[0], atol=1e-6)
+
+
+def test_ensemble_returns_the_log_of_the_mean_softmax() -> None:
+    a, b = nn.Linear(3, 4), nn.Linear(3, 4)
+    ens = dverge.Ensemble([a, b])
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        out = ens(x)
+        expected = torch.log((F.softmax(a(x), 1) + F.softmax(b(x), 1)) / 2)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(F.softmax(out, 1), out.exp(), atol=1e-6)  # logits up to a constant
+    assert not looks_like_probabilities(out)
+
+
+def test_transfer_matrix_of_identical_models_is_uniform() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x, _ = _tiny_set(16)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    m = dverge.transfer_matrix([model, model], x, y, PGD(0.1, steps=5))
+    assert m.shape == (2, 2) and float(m[0, 0]) > 0.5
+    assert torch.allclose(m, m[0, 0].expand(2, 2))
+
+
+class _NoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))  # type: ignore[no-any-return]
+
+
+def test_bad_input_raises_clear_errors() -> None:
+    x, y = _tiny_set(8)
+    with pytest.raises(ConfigError, match="at least one"):
+        dverge.Ensemble([])
+    with pytest.raises(ConfigError, match="at least 2"):
+        dverge.train([_cnn(0)], (x, y))
+    with pytest.raises(ConfigError, match="one architecture"):
+        dverge.train([_cnn(0), resnet20()], (x, y))
+    with pytest.raises(ConfigError, match="layer must be"):
+        dverge.train([_cnn(0), _cnn(1)], (x, y), layer=6)
+    with pytest.raises(ConfigError, match="no layer list"):
+        dverge.train([_NoLayers(), _NoLayers()], (x, y))
+    with pytest.raises(InvalidInputError, match="must lie in"):
+        dverge.train([_cnn(0), _cnn(1)], (x * 2, y))
+    with pytest.raises(InvalidInputError, match="one shape"):
+        dverge.distill(_cnn(0), x, x[:4], feature_layers(_cnn(0))[0])
+    with pytest.raises(ConfigError, match="eps > 0"):
+        dverge.distill(_cnn(0), x, x, feature_layers(_cnn(0))[0], eps=0)
+    with pytest.raises(ConfigError, match="never reached"):
+        read_features(_cnn(0), x, FeaturePoint(nn.Linear(1, 1)))
+    with pytest.raises(ModelOutputError, match="same K"):
+        dverge.Ensemble([nn.Linear(3, 4), nn.Linear(3, 5)])(torch.randn(2, 3))
