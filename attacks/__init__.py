@@ -7,6 +7,8 @@ from bastion.attacks.base import Attack
 from bastion.attacks.carlini_wagner import CarliniWagnerL2
 from bastion.attacks.feature_guided import FeatureGameMCTS, SafeCV
 from bastion.attacks.fgsm import FGSM
+from bastion.attacks.fooling import FoolingEvolution, FoolingResult
+from bastion.attacks.fooling_ascent import FoolingGradientAscent
 from bastion.attacks.gradient_descent import GradientDescentAttack
 from bastion.attacks.pgd import BIM, PGD
 
@@ -16,6 +18,9 @@ __all__ = [
     "CarliniWagnerL2",
     "FGSM",
     "FeatureGameMCTS",
+    "FoolingEvolution",
+    "FoolingGradientAscent",
+    "FoolingResult",
     "GradientDescentAttack",
     "PGD",
     "SafeCV",
