@@ -1,0 +1,89 @@
+"""VNN-COMP benchmark lists: `instances.csv` rows (onnx, vnnlib, timeout) and known answers.
+
+    >>> for inst in read_instances("vnncomp2021/mnistfc/mnistfc_instances.csv"):
+    ...     inst.onnx, inst.vnnlib, inst.timeout, inst.expected   # Path, Path, 120.0, 'unsat'
+
+Paths are resolved relative to the csv's folder, as the competition scripts do. When a
+`reference_results.csv` lies next to it (columns `onnx,vnnlib,consensus,…`, as in
+`shared/data/vnncomp2021`), each instance carries its row and the consensus verdict in
+VNN-COMP 2022 words: `unsat` (the property holds) or `sat` (violated).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bastion.errors import DataError
+
+__all__ = ["Instance", "read_instances"]
+
+_VERDICTS = {"holds": "unsat", "unsat": "unsat", "violated": "sat", "sat": "sat"}
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One benchmark instance: a network, a property and the time allowed (seconds)."""
+
+    onnx: Path
+    vnnlib: Path
+    timeout: float
+    expected: str | None = None  # "sat" / "unsat" from the reference results, when known
+    reference: Mapping[str, str] = field(default_factory=dict)  # that reference row
+
+    @property
+    def name(self) -> str:
+        """`network.onnx:property.vnnlib`, how result lines name the instance."""
+        return f"{self.onnx.name}:{self.vnnlib.name}"
+
+
+def _reference(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"onnx", "vnnlib"} <= set(rows[0]):
+        raise DataError(f"{path} has no onnx and vnnlib columns; is it a reference results file?")
+    return {(r["onnx"], r["vnnlib"]): r for r in rows}
+
+
+def read_instances(
+    path: str | os.PathLike[str], *, reference: str | os.PathLike[str] | None = None
+) -> list[Instance]:
+    """The rows of a VNN-COMP `instances.csv` (with or without a header row).
+
+    `reference` defaults to `reference_results.csv` beside the csv, if it exists. Raises
+    `DataError` naming the line for a malformed row or a file that does not exist.
+    """
+    csv_path = Path(path).expanduser()
+    try:
+        with csv_path.open(newline="") as f:
+            rows = [row for row in csv.reader(f)]
+    except OSError as exc:
+        raise DataError(f"cannot read {csv_path} ({exc.strerror}); check the path") from None
+    ref_path = (
+        Path(reference) if reference is not None else csv_path.parent / "reference_results.csv"
+    )
+    known = _reference(ref_path) if (reference is not None or ref_path.exists()) else {}
+    out = []
+    for line, row in enumerate(rows, 1):
+        cells = [c.strip() for c in row]
+        if not any(cells) or (line == 1 and cells[:2] == ["onnx", "vnnlib"]):
+            continue
+        if len(cells) != 3:
+            raise DataError(f"{csv_path} line {line}: expected onnx,vnnlib,timeout, got {row}")
+        try:
+            timeout = float(cells[2])
+        except ValueError:
+            raise DataError(
+                f"{csv_path} line {line}: timeout {cells[2]!r} is not a number"
+            ) from None
+        onnx, vnnlib = (csv_path.parent / cells[0]), (csv_path.parent / cells[1])
+        for p in (onnx, vnnlib):
+            if not p.is_file():
+                raise DataError(f"{csv_path} line {line}: {p} does not exist")
+        ref = known.get((cells[0], cells[1]), {})
+        verdict = _VERDICTS.get(ref.get("consensus", "").strip().lower())
+        out.append(Instance(onnx, vnnlib, timeout, verdict, ref))
+    return out

@@ -1,0 +1,396 @@
+"""VNN-LIB 1.0 (the VNN-COMP subset of SMT-LIB): read and write properties, write witnesses.
+
+A file declares inputs `X_i` and outputs `Y_j` (`(declare-const X_0 Real)`) and asserts
+constraints whose conjunction describes the *unsafe* set: a box on the inputs and linear
+constraints on the outputs, nested as `(or (and …) …)`. `X_i` is the i-th input of the
+network's input flattened in row-major order (as ONNX and torch flatten it).
+
+    >>> props = read_vnnlib("prop_0_0.03.vnnlib", input_shape=(784,), num_outputs=10)
+    >>> text = write_vnnlib(props)              # parses back to the same properties
+    >>> write_counterexample(x, y)               # 'sat\\n((X_0 0.1)\\n (X_1 …) … (Y_9 …))\\n'
+
+Reading turns the assertions into disjunctive normal form; disjuncts that share an input
+box become one `Property` whose `unsafe` set lists their output constraints, so an ACAS Xu
+property with two input boxes gives two properties. Strict `<`/`>` are read as `<=`/`>=`
+(the unsafe set is closed, as in `spec.py`; this can only add boundary points to it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bastion.errors import InvalidInputError
+
+from .spec import Halfspaces, Property
+
+__all__ = ["VnnlibError", "parse_vnnlib", "read_vnnlib", "write_counterexample", "write_vnnlib"]
+
+_MAX_DISJUNCTS = 100_000
+_VAR = re.compile(r"([XY])_(\d+)$")
+_TOKEN = re.compile(r"\(|\)|[^\s()]+")
+_IGNORED = {"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"}
+
+
+class VnnlibError(InvalidInputError):
+    """A VNN-LIB file that cannot be read: malformed, or outside the supported subset."""
+
+
+class _List(list):  # type: ignore[type-arg]
+    """A parenthesised expression, with the line it starts on (tokens are plain str)."""
+
+    line: int
+
+
+_Expr = str | _List
+
+
+@dataclass
+class _Linear:
+    """Σ coef·var + const; vars are ("X", i) or ("Y", j)."""
+
+    coefs: dict[tuple[str, int], float]
+    const: float
+
+
+_Atom = _Linear  # the constraint `lin ≤ 0`
+_Dnf = list[list[_Atom]]
+
+
+def _error(line: int, what: str) -> VnnlibError:
+    return VnnlibError(f"VNN-LIB line {line}: {what}")
+
+
+def _parse_sexprs(text: str) -> list[_Expr]:
+    stack: list[_List] = []
+    top: list[_Expr] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        for word in _TOKEN.findall(raw.split(";", 1)[0]):
+            if word == "(":
+                node = _List()
+                node.line = lineno
+                stack.append(node)
+            elif word == ")":
+                if not stack:
+                    raise _error(lineno, "unbalanced ')'; check the parentheses")
+                done = stack.pop()
+                (stack[-1] if stack else top).append(done)
+            elif stack:
+                stack[-1].append(word)
+            else:
+                raise _error(lineno, f"{word!r} outside parentheses; every command is (…)")
+    if stack:
+        raise _error(stack[-1].line, "unclosed '('; the file ends inside this expression")
+    return top
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self.declared: dict[str, set[int]] = {"X": set(), "Y": set()}
+
+    def declare(self, cmd: _List) -> None:
+        if len(cmd) != 3 or not isinstance(cmd[1], str) or cmd[2] != "Real":
+            raise _error(cmd.line, "expected (declare-const NAME Real)")
+        match = _VAR.match(cmd[1])
+        if match is None:
+            raise _error(cmd.line, f"variable {cmd[1]!r} is not X_i or Y_j")
+        self.declared[match[1]].add(int(match[2]))
+
+    def term(self, e: _Expr, line: int) -> _Linear:
+        if isinstance(e, str):
+            match = _VAR.match(e)
+            if match is not None:
+                if int(match[2]) not in self.declared[match[1]]:
+                    raise _error(line, f"{e} is used before its declare-const")
+                return _Linear({(match[1], int(match[2])): 1.0}, 0.0)
+            try:
+                return _Linear({}, float(e))
+            except ValueError:
+                raise _error(line, f"{e!r} is neither a number nor X_i/Y_j") from None
+        if not e or not isinstance(e[0], str):
+            raise _error(e.line, "empty or malformed term")
+        op, args = e[0], [self.term(a, e.line) for a in e[1:]]
+        if op == "+" and args:
+            return _sum(args, [1.0] * len(args))
+        if op == "-" and args:
+            return _sum(args, [-1.0] if len(args) == 1 else [1.0] + [-1.0] * (len(args) - 1))
+        if op == "*" and args:
+            out = args[0]
+            for a in args[1:]:
+                if out.coefs and a.coefs:
+                    raise _error(e.line, "product of two variables; VNN-LIB 1.0 is linear")
+                out, a = (out, a) if out.coefs else (a, out)
+                out = _sum([out], [a.const])
+            return out
+        if op == "/" and len(args) == 2 and not args[1].coefs and args[1].const != 0:
+            return _sum([args[0]], [1.0 / args[1].const])
+        raise _error(e.line, f"unsupported term ({op} …); use +, -, * by constants, /")
+
+    def formula(self, e: _Expr, line: int) -> _Dnf:
+        if not isinstance(e, _List) or not e or not isinstance(e[0], str):
+            raise _error(line, "expected a constraint (<=, >=, and, or)")
+        op = e[0]
+        if op == "and":
+            out: _Dnf = [[]]
+            for part in e[1:]:
+                out = _product(out, self.formula(part, e.line), e.line)
+            return out
+        if op == "or":
+            if len(e) < 2:
+                raise _error(e.line, "(or) needs at least one operand")
+            return [conj for part in e[1:] for conj in self.formula(part, e.line)]
+        if op in ("<=", ">=", "<", ">", "=") and len(e) == 3:
+            lhs, rhs = self.term(e[1], e.line), self.term(e[2], e.line)
+            le = _sum([lhs, rhs], [1.0, -1.0])  # lhs - rhs ≤ 0
+            ge = _sum([lhs, rhs], [-1.0, 1.0])
+            atoms = {"<=": [le], "<": [le], ">=": [ge], ">": [ge], "=": [le, ge]}[op]
+            if len({k for k, _ in le.coefs}) > 1:
+                raise _error(e.line, "a constraint mixes X and Y; inputs must form a box")
+            return [atoms]
+        raise _error(e.line, f"unsupported constraint ({op} …); use <=, >=, and, or")
+
+    def count(self, kind: str, given: int | None) -> int:
+        ids = self.declared[kind]
+        n = len(ids)
+        if ids != set(range(n)):
+            raise VnnlibError(f"the declared {kind} variables are not {kind}_0 … {kind}_{n - 1}")
+        if given is not None and given != n:
+            what = "inputs" if kind == "X" else "outputs"
+            raise VnnlibError(
+                f"the file declares {n} {what} but the network has {given}; "
+                "check that the property belongs to this network"
+            )
+        return n
+
+
+def _sum(terms: list[_Linear], weights: list[float]) -> _Linear:
+    coefs: dict[tuple[str, int], float] = {}
+    const = 0.0
+    for t, w in zip(terms, weights, strict=True):
+        const += w * t.const
+        for k, c in t.coefs.items():
+            coefs[k] = coefs.get(k, 0.0) + w * c
+    return _Linear({k: c for k, c in coefs.items() if c != 0.0}, const)
+
+
+def _product(a: _Dnf, b: _Dnf, line: int) -> _Dnf:
+    if len(a) * len(b) > _MAX_DISJUNCTS:
+        raise _error(line, f"more than {_MAX_DISJUNCTS} disjuncts after expanding and/or")
+    if len(a) == 1 and len(b) == 1:  # the common case, a conjunction of atoms
+        a[0].extend(b[0])
+        return a
+    return [x + y for x, y in itertools.product(a, b)]
+
+
+class _Disjunct:
+    """Box bounds and output rows of one conjunction of atoms (None once contradictory)."""
+
+    def __init__(self, n: int) -> None:
+        self.lower, self.upper = [-math.inf] * n, [math.inf] * n
+        self.rows: list[_Linear] = []
+        self.empty = False
+
+    def copy(self) -> _Disjunct:
+        out = _Disjunct(0)
+        out.lower, out.upper, out.rows = self.lower[:], self.upper[:], self.rows[:]
+        out.empty = self.empty
+        return out
+
+    def add(self, atoms: list[_Atom]) -> _Disjunct:
+        for atom in atoms:
+            if not atom.coefs:
+                self.empty |= atom.const > 0  # a constant constraint c ≤ 0
+                continue
+            ((kind, i), c), *more = atom.coefs.items()
+            if kind == "Y":
+                self.rows.append(atom)
+            elif more:
+                raise VnnlibError("a constraint involves several X variables; give a box")
+            elif c > 0:  # c·x + k ≤ 0
+                self.upper[i] = min(self.upper[i], -atom.const / c)
+            else:
+                self.lower[i] = max(self.lower[i], -atom.const / c)
+        return self
+
+    def halfspaces(self, k: int) -> Halfspaces:
+        rows = self.rows or [_Linear({}, 0.0)]  # no output constraint: every output is unsafe
+        a = torch.zeros(len(rows), k, dtype=torch.float64)
+        b = torch.zeros(len(rows), dtype=torch.float64)
+        for r, atom in enumerate(rows):
+            for (_, j), c in atom.coefs.items():
+                a[r, j] = c
+            b[r] = -atom.const
+        return Halfspaces(a, b)
+
+
+def parse_vnnlib(
+    text: str,
+    input_shape: int | Sequence[int] | None = None,
+    num_outputs: int | None = None,
+) -> list[Property]:
+    """The properties in VNN-LIB 1.0 text; see `read_vnnlib`."""
+    reader = _Reader()
+    common: list[_Atom] = []
+    choices: list[_Dnf] = []
+    for cmd in _parse_sexprs(text):
+        if not isinstance(cmd, _List) or not cmd or not isinstance(cmd[0], str):
+            raise VnnlibError("expected a command such as (assert …)")
+        if cmd[0] == "declare-const":
+            reader.declare(cmd)
+        elif cmd[0] == "assert" and len(cmd) == 2:
+            dnf = reader.formula(cmd[1], cmd.line)
+            if len(dnf) == 1:
+                common.extend(dnf[0])
+            else:
+                choices.append(dnf)
+        elif cmd[0] not in _IGNORED:
+            raise _error(cmd.line, f"unsupported command ({cmd[0]} …)")
+    shape = (input_shape,) if isinstance(input_shape, int) else input_shape
+    n = reader.count("X", None if shape is None else math.prod(shape))
+    k = reader.count("Y", num_outputs)
+    shape = tuple(shape) if shape is not None else (n,)
+    base = _Disjunct(n).add(common)
+    extras: _Dnf = [[]]
+    for dnf in choices:
+        extras = _product(extras, dnf, 0)
+    groups: dict[tuple[tuple[float, ...], tuple[float, ...]], list[Halfspaces]] = {}
+    for extra in extras:
+        d = base.copy().add(extra)
+        if d.empty or any(lo > hi for lo, hi in zip(d.lower, d.upper, strict=True)):
+            continue
+        unbounded = [i for i in range(n) if math.isinf(d.lower[i]) or math.isinf(d.upper[i])]
+        if unbounded:
+            raise VnnlibError(
+                f"X_{unbounded[0]} lacks a lower or upper bound; give every input a box"
+            )
+        groups.setdefault((tuple(d.lower), tuple(d.upper)), []).append(d.halfspaces(k))
+    if not groups:
+        raise VnnlibError("the constraints are contradictory: no input box remains")
+    return [
+        Property(
+            torch.tensor(lo, dtype=torch.float64).reshape(shape),
+            torch.tensor(hi, dtype=torch.float64).reshape(shape),
+            tuple(unsafe),
+        )
+        for (lo, hi), unsafe in groups.items()
+    ]
+
+
+def read_vnnlib(
+    path: str | os.PathLike[str],
+    input_shape: int | Sequence[int] | None = None,
+    num_outputs: int | None = None,
+) -> list[Property]:
+    """The properties of a VNN-LIB 1.0 file, one per distinct input box.
+
+    `input_shape` (or the number of inputs) and `num_outputs` are checked against the
+    declarations when given; the box is reshaped to `input_shape` (flat by default).
+    Raises `VnnlibError` (an `InvalidInputError`) with the line number on malformed files.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise VnnlibError(
+            f"cannot read VNN-LIB file {p} ({exc.strerror}); check the path"
+        ) from None
+    try:
+        return parse_vnnlib(text, input_shape, num_outputs)
+    except VnnlibError as exc:
+        raise VnnlibError(f"{p}: {exc}") from None
+
+
+def _num(v: float) -> str:
+    if not math.isfinite(v):
+        raise InvalidInputError(f"VNN-LIB cannot express the non-finite bound {v}")
+    return np.format_float_positional(v, unique=True, trim="0")
+
+
+def _row(a: torch.Tensor, b: float) -> str:
+    nz = [(j, float(a[j])) for j in torch.nonzero(a).flatten().tolist()]
+    if len(nz) == 2 and b == 0 and sorted(c for _, c in nz) == [-1.0, 1.0]:
+        (i, ci), (j, _) = nz if nz[0][1] == 1.0 else nz[::-1]
+        return f"(<= Y_{i} Y_{j})"
+    if len(nz) == 1 and abs(nz[0][1]) == 1.0:
+        j, c = nz[0]
+        return f"(<= Y_{j} {_num(b)})" if c > 0 else f"(>= Y_{j} {_num(-b)})"
+    terms = [f"Y_{j}" if c == 1.0 else f"(* {_num(c)} Y_{j})" for j, c in nz] or ["0.0"]
+    lhs = terms[0] if len(terms) == 1 else f"(+ {' '.join(terms)})"
+    return f"(<= {lhs} {_num(b)})"
+
+
+def _box_atoms(prop: Property) -> list[tuple[str, str]]:
+    """Per input, its (upper, lower) bound atoms."""
+    lo, hi = prop.lower.flatten().tolist(), prop.upper.flatten().tolist()
+    return [
+        (f"(<= X_{i} {_num(high)})", f"(>= X_{i} {_num(low)})")
+        for i, (low, high) in enumerate(zip(lo, hi, strict=True))
+    ]
+
+
+def write_vnnlib(
+    properties: Property | Sequence[Property],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    comment: str | None = None,
+) -> str:
+    """VNN-LIB 1.0 text for one or more properties (their disjunction); written to `path`
+    when given. One property gives the usual layout (box asserts, then one `or` of `and`s
+    on Y); several give a single `or` with one `(and box output)` per box and disjunct."""
+    props = [properties] if isinstance(properties, Property) else list(properties)
+    if not props:
+        raise InvalidInputError("no property to write; give at least one")
+    n, k = props[0].lower.numel(), props[0].unsafe[0].a.shape[1]
+    if any(p.lower.numel() != n or p.unsafe[0].a.shape[1] != k for p in props):
+        raise InvalidInputError("the properties differ in their number of inputs or outputs")
+    lines = [f"; {c}" for c in (comment or "").splitlines()]
+    lines += [f"(declare-const X_{i} Real)" for i in range(n)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(k)]
+
+    def conj(h: Halfspaces) -> str:
+        return " ".join(_row(h.a[r], float(h.b[r])) for r in range(len(h.b)))
+
+    if len(props) == 1:
+        lines += [f"(assert {atom})" for pair in _box_atoms(props[0]) for atom in pair]
+        lines.append("(assert (or")
+        lines += [f"    (and {conj(h)})" for h in props[0].unsafe]
+    else:
+        lines.append("(assert (or")
+        for p in props:
+            box = " ".join(atom for pair in _box_atoms(p) for atom in pair)
+            lines += [f"    (and {box} {conj(h)})" for h in p.unsafe]
+    lines.append("))")
+    text = "\n".join(lines) + "\n"
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def write_counterexample(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    verdict: str = "sat",
+) -> str:
+    """A VNN-COMP result with witness: `sat` on the first line, then `((X_0 v) … (Y_0 v) …)`.
+
+    `x` is one input (any shape, flattened row-major), `y` its outputs; values are written
+    in the shortest decimal that reads back as the same float64.
+    """
+    xs = x.detach().to(torch.float64).flatten().tolist()
+    ys = y.detach().to(torch.float64).flatten().tolist()
+    pairs = [f"(X_{i} {_num(v)})" for i, v in enumerate(xs)]
+    pairs += [f"(Y_{j} {_num(v)})" for j, v in enumerate(ys)]
+    text = f"{verdict}\n(" + "\n ".join(pairs) + ")\n"
+    if path is not None:
+        Path(path).write_text(text)
+    return text
