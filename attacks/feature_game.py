@@ -17,6 +17,7 @@ query budget and a deadline.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal
 
@@ -156,6 +157,10 @@ class FeatureGame:
         s = contrib.sum(-1)
         return np.sqrt(s) if self.norm == "l2" else s
 
+    def pixel_contributions(self, pix: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Distance shares of pixels `pix` when they carry the counts `counts`."""
+        return self._contrib(self._values(pix, counts))
+
     def contributions(self, m: np.ndarray) -> np.ndarray:
         """Per-pixel distance shares (P×HW) of the sets `m` (P×HW)."""
         pix = np.broadcast_to(np.arange(self.size), m.shape)
@@ -164,6 +169,17 @@ class FeatureGame:
     def distance(self, m: np.ndarray) -> np.ndarray:
         """‖α_M − α‖ in the game's norm (pixels on the [lo, hi] scale) for sets `m` (P×HW)."""
         return self._total(self.contributions(m))
+
+    def fits(self, contrib: np.ndarray, pix: int, share: float) -> bool:
+        """Whether the set with per-pixel shares `contrib` (HW) stays in budget when pixel
+        `pix` takes the share `share`."""
+        if self.norm == "linf":
+            rest = np.delete(contrib, pix)
+            total = max(float(rest.max()) if len(rest) else 0.0, share)
+        else:
+            total = float(contrib.sum() - contrib[pix] + share)
+            total = math.sqrt(max(total, 0.0)) if self.norm == "l2" else total
+        return total <= self.budget + 1e-9
 
     def legal(
         self, m: np.ndarray, contrib: np.ndarray, pix: np.ndarray, sign: np.ndarray
@@ -252,7 +268,7 @@ class FeatureGame:
             if not len(active):
                 break
             m[active, pix] += sign
-            contrib[active, pix] = self._contrib(self._values(pix, m[active, pix]))
+            contrib[active, pix] = self.pixel_contributions(pix, m[active, pix])
             first[active] = -1
             _, adv = self.oracle.evaluate(m[active])
             found.append(m[active[adv]])

@@ -55,6 +55,8 @@ class _Search:
         self.h, self.w = feats.partition.shape
         mid = (game.lo + game.hi) / 2
         self.far = np.where(game.alpha.mean(0) < mid, 1, -1).astype(np.int16)
+        # each pixel's distance share once replaced; 0 where the replacement changes nothing
+        self.share = game.pixel_contributions(np.arange(game.size), self.far)
         self.sgn = -1.0 if targeted else 1.0
         (self.p_clean,), _ = game.oracle.evaluate(np.zeros((1, game.size), dtype=np.int16))
         self.q = feats.player_one.copy()  # DFMCS's keypoint distribution, shared by rollouts
@@ -65,27 +67,26 @@ class _Search:
 
     def visit(self, m: np.ndarray, used: set[int], k: int) -> list[int]:
         """Manipulate up to visit_constant new pixels sampled around keypoint k (in place)."""
-        col, row = self.game.feats.keypoints[k, :2]
+        game = self.game
+        contrib = game.contributions(m[None])[0]
+        draws = self.rng.normal(game.feats.keypoints[k, :2], self.sigma[k], (self.vc * ATTEMPTS, 2))
+        cols = np.clip(np.rint(draws[:, 0]), 0, self.w - 1).astype(int)
+        rows = np.clip(np.rint(draws[:, 1]), 0, self.h - 1).astype(int)
         added: list[int] = []
-        for _ in range(self.vc):
-            for _ in range(ATTEMPTS):
-                x, y = self.rng.normal((col, row), self.sigma[k])
-                c = int(np.clip(np.rint(x), 0, self.w - 1))
-                r = int(np.clip(np.rint(y), 0, self.h - 1))
-                p = r * self.w + c
-                if p in used:
-                    continue
-                ok = self.game.legal(
-                    m[None],
-                    self.game.contributions(m[None]),
-                    np.array([[p]]),
-                    self.far[p].reshape(1, 1),
-                )
-                if ok[0, 0]:
-                    m[p] = self.far[p]
-                    used.add(p)
-                    added.append(p)
-                    break
+        slots = attempts = 0  # slots: pixels placed or given up after ATTEMPTS tries
+        for p in (rows * self.w + cols).tolist():
+            if slots == self.vc:
+                break
+            if p not in used and self.share[p] > 0 and game.fits(contrib, p, self.share[p]):
+                m[p] = self.far[p]
+                contrib[p] = self.share[p]
+                used.add(p)
+                added.append(p)
+                slots, attempts = slots + 1, 0
+            else:
+                attempts += 1
+                if attempts == ATTEMPTS:
+                    slots, attempts = slots + 1, 0
         return added
 
     def rollout(self, m: np.ndarray, used: set[int], best: int | None) -> np.ndarray | None:
