@@ -1,0 +1,235 @@
+"""Decamouflage (Kim et al., arXiv 2010.03735): three detectors of image-scaling attack images.
+
+Each looks at the large image A before the deployment's resize:
+* rescaling — A against A scaled down to the model size and back up with the deployment
+  scaler (`rescale_mse`, `rescale_ssim`): an attack image comes back as the upscaled target;
+* filtering — A against its 3×3 minimum filter (`filter_mse`, `filter_ssim`): the filter
+  wipes out the sparse embedded target pixels;
+* steganalysis — `csp`, the number of bright blobs ("centred spectrum points") in the
+  centred log spectrum: the embedded target repeats the spectrum periodically.
+A detector flags an image when any of its scores passes its threshold; the ensemble is
+their majority vote. MSE is Σ over channels / (H·W) on the 0–255 scale, as the reference
+code computes it; SSIM as scikit-image with Gaussian weights σ = 1.5.
+
+Deviations: no JPEG round trips (the reference writes filtered images and spectra as
+JPEG); the spectrum is normalised to a 896×896 image (`|F|·896²/(H·W)`) so the fixed
+threshold 250 keeps its meaning at every size (§4.6 of our spec); the built-in thresholds
+are a black-box calibration on photos bundled with scikit-image and scikit-learn.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from bastion.attacks.scalers import Size, as_pixels, get_scaler, ssim
+from bastion.errors import ConfigError, DataError
+from bastion.fileio import write_atomic
+
+SCORES = ("rescale_mse", "rescale_ssim", "filter_mse", "filter_ssim", "csp")
+_ATTACK_IF_LOW = frozenset({"rescale_ssim", "filter_ssim"})  # the others: attack if high
+DETECTORS = {
+    "rescaling": ("rescale_mse", "rescale_ssim"),
+    "filtering": ("filter_mse", "filter_ssim"),
+    "steganalysis": ("csp",),
+}
+_FORMAT = "bastion-decamouflage/1"
+_SPECTRUM_REF = 896 * 896
+
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a - b) ** 2).sum() / (a.shape[0] * a.shape[1]))
+
+
+def csp_count(image: np.ndarray) -> int:
+    """Centred spectrum points of an H×W×C float image on 0–255 (Decamouflage steganalysis)."""
+    img = image.astype(np.float32)
+    grey = img[..., 0] if img.shape[2] == 1 else cv2.cvtColor(img[..., :3], cv2.COLOR_RGB2GRAY)
+    spec = cv2.dft(grey, flags=cv2.DFT_COMPLEX_OUTPUT)
+    mag = cv2.magnitude(spec[..., 0], spec[..., 1]) * (_SPECTRUM_REF / grey.size)
+    h, w = mag.shape
+    mag = np.roll(mag, (h // 2, w // 2), axis=(0, 1))  # fftshift
+    log = 20 * np.log(np.maximum(mag, 1e-12))
+    binary = np.where(log > 250, 255, 0).astype(np.uint8)  # 8-bit saturation, then > 250
+    blurred = cv2.GaussianBlur(cv2.medianBlur(binary, 3), (21, 21), 0)
+    contours, _ = cv2.findContours(blurred, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    return len(contours)
+
+
+def image_scores(image: np.ndarray, scaler: str, size: Size) -> dict[str, float]:
+    """The five Decamouflage scores of one image (uint8 or float in [0, 1])."""
+    a = as_pixels(image).astype(np.float32)
+    s = get_scaler(scaler)
+    back = s(s(a, size), a.shape[:2])
+    low = cv2.erode(a, np.ones((3, 3), np.uint8)).reshape(a.shape)
+    return {
+        "rescale_mse": _mse(a, back),
+        "rescale_ssim": ssim(a, back),
+        "filter_mse": _mse(a, low),
+        "filter_ssim": ssim(a, low),
+        "csp": float(csp_count(a)),
+    }
+
+
+def _flags(scores: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, np.ndarray]:
+    return {
+        k: scores[k] < thresholds[k] if k in _ATTACK_IF_LOW else scores[k] > thresholds[k]
+        for k in SCORES
+    }
+
+
+def _best_threshold(benign: np.ndarray, attacks: np.ndarray, low: bool) -> float:
+    """The cut with the highest accuracy on the labelled scores (a sorted sweep)."""
+    values = np.unique(np.concatenate([benign, attacks]))
+    cuts = np.concatenate([[values[0] - 1], (values[1:] + values[:-1]) / 2, [values[-1] + 1]])
+    sign = -1 if low else 1
+    correct = [(sign * benign <= sign * c).sum() + (sign * attacks > sign * c).sum() for c in cuts]
+    return float(cuts[int(np.argmax(correct))])
+
+
+def _benchmark_photos() -> list[np.ndarray]:
+    """RGB photos shipped with scikit-image and scikit-learn (no download)."""
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    names = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina")
+    photos = [getattr(data, n)() for n in names]
+    photos += [data.immunohistochemistry(), data.stereo_motorcycle()[0]]
+    photos += [np.stack([data.camera()] * 3, axis=-1), *load_sample_images().images]
+    return photos
+
+
+@functools.lru_cache(maxsize=16)
+def builtin_thresholds(scaler: str, size: Size, percentile: float = 99.0) -> dict[str, float]:
+    """Black-box thresholds from bundled photos (flipped, cropped) resized to 4× `size`."""
+    big = (4 * size[0], 4 * size[1])
+    benign = []
+    for p in _benchmark_photos():
+        h, w = p.shape[:2]
+        for img in (p, p[:, ::-1], p[: h * 3 // 4, w // 4 :]):
+            benign.append(cv2.resize(np.ascontiguousarray(img), big[::-1], cv2.INTER_AREA))
+    det = Decamouflage(scaler, size, thresholds={})
+    return det.calibrate(benign, percentile=percentile).thresholds
+
+
+class Decamouflage:
+    """Detector of image-scaling attacks against `scaler` resizing to `size` = (rows, cols).
+
+    `calibrate(benign, attacks=None)`: white-box (best-accuracy threshold per score on
+    labelled images) when attack images are given, black-box otherwise (the benign
+    `percentile`; CSP never below the paper's fixed 1). Without calibration, `thresholds`
+    are the built-in black-box ones (computed on first use, a few seconds at 224²).
+    Images: a sequence of H×W(×C) arrays (uint8, or float in [0, 1]) or one N×H×W×C array.
+    """
+
+    def __init__(
+        self,
+        scaler: str = "cv2.linear",
+        size: Size | int = (224, 224),
+        *,
+        thresholds: dict[str, float] | None = None,
+    ) -> None:
+        self.scaler = get_scaler(scaler).name
+        rows, cols = (size, size) if isinstance(size, int) else size
+        if rows < 1 or cols < 1:
+            raise ConfigError(f"size must be positive, got {size}")
+        self.size: Size = (int(rows), int(cols))
+        self.mode = "built-in" if thresholds is None else "given"
+        self._thresholds = None if thresholds is None else dict(thresholds)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Threshold per score (an image is flagged by a score beyond it)."""
+        if self._thresholds is None:
+            self._thresholds = dict(builtin_thresholds(self.scaler, self.size))
+        return self._thresholds
+
+    def score(self, images: Sequence[np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """Each score for every image: name → array of N floats."""
+        rows = [image_scores(img, self.scaler, self.size) for img in images]
+        return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in SCORES}
+
+    def decide(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-score, per-detector and `ensemble` (majority of three) boolean verdicts."""
+        flags = _flags(scores, self.thresholds)
+        out = {name: np.logical_or.reduce([flags[k] for k in ks]) for name, ks in DETECTORS.items()}
+        out["ensemble"] = np.sum([out[name] for name in DETECTORS], axis=0) >= 2
+        return {**flags, **out}
+
+    def detect(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """True for every image the ensemble takes for an attack image."""
+        return self.decide(self.score(images))["ensemble"]
+
+    def calibrate(
+        self,
+        benign: Sequence[np.ndarray] | np.ndarray,
+        attacks: Sequence[np.ndarray] | np.ndarray | None = None,
+        *,
+        percentile: float = 99.0,
+    ) -> Decamouflage:
+        """Set the thresholds from benign images (and attack images: white-box); returns self."""
+        if len(benign) < 1 or (attacks is not None and len(attacks) < 1):
+            raise DataError("calibration needs at least one benign (and one attack) image")
+        if not 50 <= percentile <= 100:
+            raise ConfigError(f"percentile must lie in [50, 100], got {percentile}")
+        b = self.score(benign)
+        if attacks is None:
+            t = {
+                k: float(np.percentile(b[k], 100 - percentile if k in _ATTACK_IF_LOW else percentile))
+                for k in SCORES
+            }
+            t["csp"] = max(t["csp"], 1.0)
+            self.mode = "black-box"
+        else:
+            a = self.score(attacks)
+            t = {k: _best_threshold(b[k], a[k], k in _ATTACK_IF_LOW) for k in SCORES}
+            self.mode = "white-box"
+        self._thresholds = t
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "scaler": self.scaler,
+            "size": list(self.size),
+            "mode": self.mode,
+            "thresholds": self.thresholds,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the thresholds with the scaler and size they belong to as JSON."""
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        scaler: str | None = None,
+        size: Size | int | None = None,
+    ) -> Decamouflage:
+        """The detector saved in `path`; refuses it when `scaler`/`size` are given and differ."""
+        try:
+            d = json.loads(open(path, encoding="utf-8").read())
+            ok = d.get("format") == _FORMAT and set(d["thresholds"]) == set(SCORES)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"cannot read thresholds from {path}: {exc}") from None
+        if not ok:
+            raise DataError(f"{path} is not a Decamouflage threshold file; make one with calibrate")
+        det = cls(d["scaler"], tuple(d["size"]), thresholds=d["thresholds"])
+        det.mode = d.get("mode", "given")
+        want = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+        if (scaler is not None and get_scaler(scaler).name != det.scaler) or (
+            want is not None and want != det.size
+        ):
+            raise ConfigError(
+                f"{path} was calibrated for {det.scaler} at {det.size[0]}×{det.size[1]}, not for "
+                f"{scaler or det.scaler} at {want[0] if want else det.size[0]}×"
+                f"{want[1] if want else det.size[1]}; calibrate thresholds for this deployment"
+            )
+        return det
