@@ -89,8 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     args = parser.parse_args()
-    n_train, n_test, cw_n, epochs = (1000, 200, 20, 1) if args.quick else (10_000, 1000, 100, 4)
-    cw = CarliniWagnerL2(binary_search_steps=8, max_iterations=300)
+    n_train, n_test, cw_n, epochs = (1000, 200, 20, 1) if args.quick else (6000, 1000, 60, 3)
+    cw = CarliniWagnerL2(binary_search_steps=8, max_iterations=200)
     train = load_data(DATA, split="train", n=n_train)
     test = load_data(DATA, split="test", n=n_test)
 
@@ -109,7 +109,7 @@ def main() -> None:
         "optimizer": "Adam lr 3e-3, batch 64",
         "epochs": f"1 init + {epochs} teacher + {epochs} student (seed 0)",
         "fgsm_eps": list(EPS),
-        "cw": "CarliniWagnerL2(binary_search_steps=8, max_iterations=300), other defaults "
+        "cw": "CarliniWagnerL2(binary_search_steps=8, max_iterations=200), other defaults "
         "(reduced from 9 × 10,000)",
         "threads": torch.get_num_threads(),
         "load_average_start": os.getloadavg(),
