@@ -14,7 +14,12 @@ from bastion.commands.common import EXIT_BAD_INPUT, Parser
 from bastion.errors import BastionError
 
 # Each module has `register(subparsers)`, which adds its subcommands with a `handler`.
-_COMMAND_MODULES = ("bastion.commands.report", "bastion.commands.defend", "bastion.commands.fool")
+_COMMAND_MODULES = (
+    "bastion.commands.report",
+    "bastion.commands.defend",
+    "bastion.commands.fool",
+    "bastion.commands.scaling",
+)
 _DEFAULT_COMMAND = "report"  # `bastion [MODEL] [options]` is `bastion report …`
 
 
