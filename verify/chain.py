@@ -1,0 +1,327 @@
+"""A `Network` built one operation at a time: the part every model reader shares.
+
+Readers (torch.fx, TorchScript, torch.export, ONNX) name each operation with its aten name
+(`linear`, `conv2d`, `max_pool2d`, `add`, …) and its parameters by the aten argument names,
+and call `Chain.apply`. The chain tracks the activation's shape, refuses branches (each
+operation must consume the previous one's output), and turns affine operations (BatchNorm,
+`+ - × ÷` by constants) into a scale and shift that is folded into the preceding Dense or
+Conv2d layer when there is one (per channel for Conv2d), else into an `Elementwise` layer.
+Folding is done in float64 and stored as float32, like every weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bastion.errors import ModelLoadError
+
+from .network import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Elementwise,
+    Flatten,
+    Layer,
+    MaxPool2d,
+    Network,
+    ReLU,
+    apply_layer,
+)
+
+SUPPORTED = (
+    "Linear (Gemm, MatMul), Conv2d, ReLU, Flatten, view/reshape to (N, -1), BatchNorm, "
+    "AvgPool2d, MaxPool2d (no padding), Identity, Dropout (eval), bastion.Normalized, "
+    "and + - * / by constants"
+)
+_ALIASES = {"self": "input", "train": "training", "size": "shape", "A": "input"}
+_IDENTITY = ("contiguous", "clone", "detach", "identity", "alpha_dropout", "feature_dropout")
+
+
+class UnsupportedLayerError(ModelLoadError):
+    """A layer the verifier cannot express; the message names it and its position."""
+
+
+class Data:
+    """The activation between two operations (a fresh object after each one)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<activation>"
+
+
+class _Batch:
+    """The batch size, symbolic: `x.size(0)` in a model's `x.view(x.size(0), -1)`."""
+
+    def __repr__(self) -> str:
+        return "N"
+
+
+BATCH = _Batch()
+
+
+def _pair(value: Any, default: Any = None) -> tuple[int, int]:
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        value = default
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, int):
+        return (value, value)
+    a, b = value if len(value) == 2 else (value[0], value[0])
+    return (int(a), int(b))
+
+
+def _const(value: Any) -> torch.Tensor:
+    return torch.as_tensor(value).detach().to("cpu", torch.float64)
+
+
+class Chain:
+    """The layers read so far, the current activation and its shape (no batch axis).
+
+    A reshape to `(B, -1)` flattens when B is the symbolic batch size, -1, 1 (the usual
+    batch of ONNX files) or `batch`, the size a program was traced or exported with.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], batch: int | None = None) -> None:
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.batch = batch  # the batch size a program was traced or exported with, if fixed
+        self.shape = self.input_shape
+        self.layers: list[Layer] = []
+        self.current = Data()
+        self.position = 0
+
+    def network(self) -> Network:
+        return Network(tuple(self.layers), self.input_shape)
+
+    def unsupported(self, name: str, where: str) -> UnsupportedLayerError:
+        return UnsupportedLayerError(
+            f"unsupported layer {name} at position {self.position} ('{where}'); supported: "
+            f"{SUPPORTED}"
+        )
+
+    def expect_current(self, value: Any, what: str) -> None:
+        if value is not self.current:
+            raise ModelLoadError(
+                f"{what} does not take the previous layer's output; the verifier reads only "
+                "a single chain of layers (no branches or residual connections)"
+            )
+
+    def touches_data(self, *values: Any) -> bool:
+        """Whether the activation appears anywhere in these (nested) arguments."""
+        for v in values:
+            if isinstance(v, Data):
+                return True
+            items = v.values() if isinstance(v, dict) else v
+            if isinstance(v, (list, tuple, dict)) and self.touches_data(*items):
+                return True
+        return False
+
+    def size(self, data: Any, dim: int | None) -> Any:
+        """`x.size()` / `x.size(dim)` of the activation, the batch axis symbolic."""
+        self.expect_current(data, "a size query")
+        full = (BATCH, *self.shape)
+        return full if dim is None else full[dim]
+
+    def apply(self, op: str, params: dict[str, Any], where: str) -> Any:
+        """Apply aten operation `op` to the current activation; returns the new one."""
+        params = {_ALIASES.get(k, k): v for k, v in params.items()}
+        op = op.rstrip("_") if op.endswith("_") and not op.startswith("_") else op
+        if op in ("add", "sub", "rsub", "mul", "div"):
+            self._binary(op, params, where)
+        else:
+            self.expect_current(params.pop("input", self.current), where)
+            handler = _HANDLERS.get(op)
+            if handler is None and op not in _IDENTITY:
+                raise self.unsupported(op, where)
+            if handler is not None:
+                handler(self, params, where)
+        self.position += 1
+        self.current = Data()
+        if op == "_native_batch_norm_legit_no_training":
+            return (self.current, None, None)
+        return self.current
+
+    def _push(self, layer: Layer, where: str) -> None:
+        try:
+            out = apply_layer(layer, torch.zeros((1, *self.shape)))
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"{where} does not fit an activation of shape {self.shape} "
+                f"({str(exc).splitlines()[0][:100]}); check input_shape"
+            ) from None
+        self.layers.append(layer)
+        self.shape = tuple(out.shape[1:])
+
+    # --- affine maps ------------------------------------------------------------------
+
+    def _binary(self, op: str, p: dict[str, Any], where: str) -> None:
+        a, b, alpha = p.get("input"), p.get("other"), p.get("alpha", 1)
+        if isinstance(a, Data) == isinstance(b, Data) or p.get("rounding_mode") is not None:
+            raise self.unsupported(f"{op} of two activations", where)
+        data_first = isinstance(a, Data)
+        self.expect_current(a if data_first else b, where)
+        const = _const(b if data_first else a)
+        one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        if op == "add":
+            scale, shift = (one, alpha * const) if data_first else (one * alpha, const)
+        elif op == "sub":
+            scale, shift = (one, -alpha * const) if data_first else (-alpha * one, const)
+        elif op == "rsub":  # other - alpha·input
+            scale, shift = (-alpha * one, const) if data_first else (one, -alpha * const)
+        elif op == "mul":
+            scale, shift = const, zero
+        elif data_first:
+            scale, shift = 1.0 / const, zero
+        else:
+            raise self.unsupported("division by an activation", where)
+        self._affine(scale, shift, where)
+
+    def _affine(self, scale: torch.Tensor, shift: torch.Tensor, where: str) -> None:
+        """x · scale + shift, the constants broadcast over (1, *shape) without growing it."""
+        full = (1, *self.shape)
+        try:
+            grown = torch.broadcast_shapes(scale.shape, shift.shape, full) != full
+        except RuntimeError:
+            grown = True
+        if grown:
+            raise ModelLoadError(
+                f"{where} combines the activation of shape {self.shape} with a constant of "
+                f"shape {tuple(scale.shape) or tuple(shift.shape)}; it must broadcast to it"
+            )
+        s, t = torch.broadcast_to(scale, full)[0], torch.broadcast_to(shift, full)[0]
+        prev = self.layers[-1] if self.layers else None
+        if isinstance(prev, Dense):
+            w, b = prev.weight.double(), prev.bias.double()
+            self.layers[-1] = Dense((s[:, None] * w).float(), (s * b + t).float())
+        elif isinstance(prev, Conv2d) and _per_channel(s) and _per_channel(t):
+            sc, tc = s[:, 0, 0], t[:, 0, 0]
+            w, b = prev.weight.double(), prev.bias.double()
+            weight = (sc[:, None, None, None] * w).float()
+            self.layers[-1] = Conv2d(weight, (sc * b + tc).float(), prev.stride, prev.padding)
+        elif isinstance(prev, Elementwise):
+            s0, t0 = prev.scale.double(), prev.shift.double()
+            self.layers[-1] = Elementwise((s0 * s).float(), (t0 * s + t).float())
+        else:
+            self._push(Elementwise(s.float().clone(), t.float().clone()), where)
+
+    def _batch_norm(self, p: dict[str, Any], where: str) -> None:
+        if p.get("training") or p.get("running_mean") is None:
+            raise ModelLoadError(
+                f"{where} is a BatchNorm in training mode (or without running statistics); "
+                "put the model in eval mode"
+            )
+        mean, var = _const(p["running_mean"]), _const(p["running_var"])
+        weight = _const(p["weight"]) if p.get("weight") is not None else torch.ones_like(mean)
+        bias = _const(p["bias"]) if p.get("bias") is not None else torch.zeros_like(mean)
+        scale = weight / torch.sqrt(var + float(p.get("eps", 1e-5)))
+        view = (-1, *([1] * (len(self.shape) - 1)))
+        self._affine(scale.reshape(view), (bias - mean * scale).reshape(view), where)
+
+    # --- layers -----------------------------------------------------------------------
+
+    def _linear(self, p: dict[str, Any], where: str) -> None:
+        w = torch.as_tensor(p["weight"]).detach().cpu().float()
+        bias = p.get("bias")
+        b = torch.zeros(w.shape[0]) if bias is None else _const(bias).float().reshape(-1)
+        if len(self.shape) != 1 or w.dim() != 2 or w.shape[1] != self.shape[0]:
+            raise ModelLoadError(
+                f"{where} expects {w.shape[-1]} inputs but receives shape {self.shape}; "
+                "flatten first or check input_shape"
+            )
+        self._push(Dense(w.clone(), b.expand(w.shape[0]).clone()), where)
+
+    def _conv2d(self, p: dict[str, Any], where: str) -> None:
+        w = torch.as_tensor(p["weight"]).detach().cpu().float()
+        if p.get("transposed") or w.dim() != 4:
+            raise self.unsupported("transposed or non-2-D convolution", where)
+        if int(p.get("groups", 1)) != 1 or _pair(p.get("dilation"), 1) != (1, 1):
+            raise self.unsupported("Conv2d with groups or dilation", where)
+        stride = _pair(p.get("stride"), 1)
+        padding = p.get("padding", 0)
+        if padding == "same" and stride == (1, 1) and w.shape[2] % 2 and w.shape[3] % 2:
+            padding = (w.shape[2] // 2, w.shape[3] // 2)
+        elif isinstance(padding, str) and padding != "valid":
+            raise self.unsupported(f"Conv2d with padding={padding!r} (asymmetric)", where)
+        pad = (0, 0) if padding == "valid" else _pair(padding, 0)
+        bias = p.get("bias")
+        b = torch.zeros(w.shape[0]) if bias is None else _const(bias).float()
+        self._push(Conv2d(w.clone(), b.clone(), stride, pad), where)
+
+    def _flatten(self, p: dict[str, Any], where: str) -> None:
+        ndim = len(self.shape) + 1
+        start, end = int(p.get("start_dim", 0)) % ndim, int(p.get("end_dim", -1)) % ndim
+        if start != 1 or end != ndim - 1:
+            raise self.unsupported(
+                f"flatten({start}, {end}) (only flatten(1) keeps the batch)", where
+            )
+        if len(self.shape) > 1:
+            self._push(Flatten(), where)
+
+    def _reshape(self, p: dict[str, Any], where: str) -> None:
+        sizes = [BATCH if s is BATCH else int(s) for s in p["shape"]]
+        numel = math.prod(self.shape)
+        batch_ok = bool(sizes) and (sizes[0] is BATCH or sizes[0] in (-1, 1, self.batch))
+        if batch_ok and sizes[1:] == list(self.shape):
+            return  # a reshape that changes nothing
+        if batch_ok and len(sizes) == 2 and sizes[1] in (-1, numel) and sizes != [-1, -1]:
+            self._flatten({"start_dim": 1}, where)
+            return
+        raise self.unsupported(f"reshape to {tuple(sizes)} (only to (N, -1))", where)
+
+    def _pool_window(self, p: dict[str, Any], where: str) -> tuple[tuple[int, int], ...]:
+        if len(self.shape) != 3:
+            raise ModelLoadError(f"{where} needs a C×H×W activation, got shape {self.shape}")
+        k = _pair(p["kernel_size"])
+        s, pad = _pair(p.get("stride"), k), _pair(p.get("padding"), 0)
+        if p.get("ceil_mode") and any(
+            (n + 2 * q - kk) % ss for n, q, kk, ss in zip(self.shape[1:], pad, k, s, strict=True)
+        ):
+            raise self.unsupported("pooling with ceil_mode=True that rounds up", where)
+        return k, s, pad
+
+    def _max_pool2d(self, p: dict[str, Any], where: str) -> None:
+        k, s, pad = self._pool_window(p, where)
+        if pad != (0, 0) or _pair(p.get("dilation"), 1) != (1, 1) or p.get("return_indices"):
+            raise self.unsupported("MaxPool2d with padding, dilation or indices", where)
+        self._push(MaxPool2d(k, s), where)
+
+    def _avg_pool2d(self, p: dict[str, Any], where: str) -> None:
+        k, s, pad = self._pool_window(p, where)
+        if p.get("divisor_override") is not None or (
+            pad != (0, 0) and not p.get("count_include_pad", True)
+        ):
+            raise self.unsupported("AvgPool2d excluding padding or with a divisor", where)
+        self._push(AvgPool2d(k, s, pad), where)
+
+    def _relu(self, p: dict[str, Any], where: str) -> None:
+        self._push(ReLU(), where)
+
+    def _dropout(self, p: dict[str, Any], where: str) -> None:
+        if p.get("training"):
+            raise ModelLoadError(f"{where} is a dropout in training mode; use eval mode")
+
+
+def _per_channel(t: torch.Tensor) -> bool:
+    return bool((t == t[:, :1, :1]).all())
+
+
+_HANDLERS: dict[str, Callable[[Chain, dict[str, Any], str], None]] = {
+    "linear": Chain._linear,
+    "conv2d": Chain._conv2d,
+    "_convolution": Chain._conv2d,
+    "convolution": Chain._conv2d,
+    "relu": Chain._relu,
+    "flatten": Chain._flatten,
+    "view": Chain._reshape,
+    "reshape": Chain._reshape,
+    "_unsafe_view": Chain._reshape,
+    "max_pool2d": Chain._max_pool2d,
+    "avg_pool2d": Chain._avg_pool2d,
+    "batch_norm": Chain._batch_norm,
+    "_native_batch_norm_legit_no_training": Chain._batch_norm,
+    "dropout": Chain._dropout,
+}
