@@ -79,8 +79,10 @@ def sift_keypoints(image: np.ndarray, scale: int | None = None) -> tuple[np.ndar
         raise InvalidInputError(f"the SIFT enlargement factor must be >= 1, got {scale}")
     gray = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
     if scale > 1:
-        gray = cv2.resize(gray, (w * scale, h * scale), interpolation=cv2.INTER_LINEAR)
-    found = cv2.SIFT_create().detect(gray, None)
+        gray = np.asarray(
+            cv2.resize(gray, (w * scale, h * scale), interpolation=cv2.INTER_LINEAR), np.uint8
+        )
+    found = cv2.SIFT.create().detect(gray, None)  # OpenCV >= 4.4 (SIFT left xfeatures2d)
     rows: dict[tuple[float, float, float], float] = {}
     for kp in found:
         # cv2.resize maps pixel centres: original = (enlarged + 0.5) / scale − 0.5
