@@ -219,14 +219,14 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random crop back to the input size from a 4-pixel zero-padded image, and a random
     horizontal flip, per sample (torchvision's RandomCrop(pad 4) + RandomHorizontalFlip)."""
     n, c, h, w = x.shape
-    dy, dx = torch.randint(0, 9, (2, n), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
+    dy, dx = torch.randint(0, 9, (2, n), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     padded = F.pad(x, (4, 4, 4, 4))
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    crops = padded[
-        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
-    ]
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    crops = padded[batch, channel, rows, cols]
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
