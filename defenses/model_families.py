@@ -96,14 +96,14 @@ def torchvision_resnet_layers(model: nn.Module) -> list[FeaturePoint]:
     """A torchvision ResNet's layers, before ReLU: the stem's BN, inside each block every BN
     followed by a ReLU, each block's sum (the input of the block's last ReLU call), the logits.
     ResNet-18 has 1 + 8·2 + 1 = 18."""
-    points = [FeaturePoint(model.bn1)]
-    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for block in stage:
-            inner = [block.bn1, block.bn2] if hasattr(block, "conv3") else [block.bn1]  # Bottleneck
-            points += [FeaturePoint(bn) for bn in inner]
-            points.append(FeaturePoint(block.relu, "input", call=len(inner)))
-    points.append(FeaturePoint(model.fc))
-    return points
+    points = [FeaturePoint(model.get_submodule("bn1"))]
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for block in model.get_submodule(stage).children():
+            bottleneck = hasattr(block, "conv3")
+            inner = ("bn1", "bn2") if bottleneck else ("bn1",)
+            points += [FeaturePoint(block.get_submodule(bn)) for bn in inner]
+            points.append(FeaturePoint(block.get_submodule("relu"), "input", call=len(inner)))
+    return [*points, FeaturePoint(model.get_submodule("fc"))]
 
 
 class SmallCNN(nn.Module):
@@ -183,8 +183,8 @@ class CifarResNet(nn.Module):
 
     def feature_layers(self) -> list[FeaturePoint]:
         points = [FeaturePoint(self.bn1)]
-        for block in self.blocks:
-            points += [FeaturePoint(block.bn1), FeaturePoint(block.merge)]
+        for block in self.blocks.children():
+            points += [FeaturePoint(block.get_submodule(n)) for n in ("bn1", "merge")]
         return [*points, FeaturePoint(self.fc)]
 
 
