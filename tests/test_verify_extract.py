@@ -246,6 +246,9 @@ def test_mnistfc_onnx_matches_onnxruntime_and_its_property() -> None:
 @needs_vnncomp
 def test_acasxu_onnx_with_weights_among_inputs_matches_onnxruntime() -> None:
     pytest.importorskip("onnx")
+    from bastion.verify.onnx_graph import read_onnx
+    from bastion.verify.vnnlib import read_vnnlib
+
     path = VNN / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx"
     net = load_network(path)
     assert net.input_shape == (1, 1, 5)
@@ -253,6 +256,14 @@ def test_acasxu_onnx_with_weights_among_inputs_matches_onnxruntime() -> None:
     x = torch.rand(6, 1, 1, 5, generator=torch.Generator().manual_seed(3)) - 0.5
     want = _ort_outputs(path, x)
     assert (net.forward(x) - want).abs().max().item() <= 1e-5 * max(1, want.abs().max().item())
+    # the property's box has the network's input shape; its corners run through both
+    (prop,) = read_vnnlib(VNN / "acasxu" / "prop_1.vnnlib", net.input_shape, net.num_outputs)
+    corners = torch.stack([prop.lower, prop.upper]).float()
+    assert torch.allclose(net.forward(corners), _ort_outputs(path, corners), rtol=1e-5, atol=1e-6)
+    # every ACAS Xu network reads (read_onnx itself compares it with onnxruntime)
+    others = sorted((VNN / "acasxu").glob("ACASXU_*.onnx"))
+    assert len(others) == 45
+    assert all(len(read_onnx(p).layers) == 15 for p in others)
 
 
 def test_torch_exported_onnx_convnet_and_unsupported_operator(

@@ -160,7 +160,9 @@ class Chain:
 
     def _binary(self, op: str, p: dict[str, Any], where: str) -> None:
         a, b, alpha = p.get("input"), p.get("other"), p.get("alpha", 1)
-        if isinstance(a, Data) == isinstance(b, Data) or p.get("rounding_mode") is not None:
+        if p.get("rounding_mode") is not None:
+            raise self.unsupported(f"{op} with rounding_mode", where)
+        if isinstance(a, Data) and isinstance(b, Data):
             raise self.unsupported(f"{op} of two activations", where)
         data_first = isinstance(a, Data)
         self.expect_current(a if data_first else b, where)

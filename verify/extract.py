@@ -33,7 +33,7 @@ from bastion.modes import eval_mode
 from bastion.normalized import Normalized
 
 from . import torchscript_graph
-from .chain import SUPPORTED, Chain, UnsupportedLayerError
+from .chain import SUPPORTED, Chain, Data, UnsupportedLayerError
 from .network import Network
 
 __all__ = ["SUPPORTED", "UnsupportedLayerError", "check_network", "extract", "load_network"]
@@ -189,6 +189,8 @@ def _fetch(root: nn.Module, target: str) -> Any:
 def _call(chain: Chain, node: fx.Node, args: Any, kwargs: dict[str, Any], where: str) -> Any:
     """A call_function / call_method node: a layer on the data, or plain Python on constants."""
     target = node.target
+    if target is operator.getitem and isinstance(args[0], Data):
+        raise chain.unsupported("indexing or slicing", where)
     if target is operator.getitem or not chain.touches_data(args, kwargs):
         fn: Any = getattr(args[0], str(target)) if node.op == "call_method" else target
         return fn(*(args[1:] if node.op == "call_method" else args), **kwargs)
@@ -323,12 +325,19 @@ def _run(reference: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Ten
 
 def load_network(path: str | os.PathLike[str], input_shape: Sequence[int] | None = None) -> Network:
     """A model file (ONNX, torch.export, TorchScript; any format `bastion.load_model` reads,
-    detected from the bytes) as a `Network`."""
+    detected from the bytes) as a `Network`. ONNX files fix their own input shape (the
+    ONNX input without its batch axis); `input_shape` is for the others (see `extract`)."""
     from bastion.model_formats import detect_format
     from bastion.model_io import load_model
 
     if detect_format(path) == "onnx":
         from .onnx_graph import read_onnx
 
-        return read_onnx(path)
+        network = read_onnx(path)
+        if input_shape is not None and tuple(input_shape) != network.input_shape:
+            raise ModelLoadError(
+                f"{path} takes inputs of shape {network.input_shape}, not "
+                f"{tuple(input_shape)}; leave input_shape out for ONNX files"
+            )
+        return network
     return extract(load_model(path), input_shape)
