@@ -239,7 +239,7 @@ def parse_vnnlib(
     """The properties in VNN-LIB 1.0 text; see `read_vnnlib`."""
     reader = _Reader()
     common: list[_Atom] = []
-    choices: list[_Dnf] = []
+    choices: list[tuple[int, _Dnf]] = []  # asserts with a disjunction, and their line
     for cmd in _parse_sexprs(text):
         if not isinstance(cmd, _List) or not cmd or not isinstance(cmd[0], str):
             raise VnnlibError("expected a command such as (assert …)")
@@ -250,7 +250,7 @@ def parse_vnnlib(
             if len(dnf) == 1:
                 common.extend(dnf[0])
             else:
-                choices.append(dnf)
+                choices.append((cmd.line, dnf))
         elif cmd[0] not in _IGNORED:
             raise _error(cmd.line, f"unsupported command ({cmd[0]} …)")
     shape = (input_shape,) if isinstance(input_shape, int) else input_shape
@@ -259,8 +259,8 @@ def parse_vnnlib(
     shape = tuple(shape) if shape is not None else (n,)
     base = _Disjunct(n).add(common)
     extras: _Dnf = [[]]
-    for dnf in choices:
-        extras = _product(extras, dnf, 0)
+    for line, dnf in choices:
+        extras = _product(extras, dnf, line)
     groups: dict[tuple[tuple[float, ...], tuple[float, ...]], list[Halfspaces]] = {}
     for extra in extras:
         d = base.copy().add(extra)
