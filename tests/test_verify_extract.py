@@ -191,6 +191,17 @@ def test_branches_missing_shapes_and_wrong_networks_are_errors(demo: nn.Module) 
         extract(demo)
     with pytest.raises(ModelLoadError, match="expects 512 inputs but receives shape"):
         extract(demo, (1, 9, 7))
+
+    class BatchDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.size(0) > 1:
+                return x
+            return -x
+
+    with pytest.raises(ModelLoadError, match="cannot trace BatchDependent.forward"):
+        extract(BatchDependent(), (4,))
+    with pytest.raises(ModelLoadError, match="branches on a value that depends on its input"):
+        extract(_script(BatchDependent()), (4,))
     net = extract(demo, (1, 8, 8))
     with pytest.raises(ModelLoadError, match="pass the right input_shape"):
         check_network(net, lambda x: demo(x[:, :, :4]))
