@@ -201,16 +201,18 @@ class _Direct:
 
 @dataclass
 class _Cppn:
+    """CPPN encoding (`bastion.attacks.cppn`): one small network per image."""
+
     shape: tuple[int, int, int]
     params: cppn.CppnParams
 
     def random(self, n: int, generator: torch.Generator) -> list[Any]:
-        return list(cppn.random_genomes(n, self.shape[0], self.params, generator))
+        return cppn.random_genomes(n, self.shape[0], self.params, generator)
 
     def offspring(
         self, parents: list[Any], size: int, generation: int, generator: torch.Generator
     ) -> list[Any]:
-        return list(cppn.offspring(parents, size, self.params, generator))
+        return cppn.offspring(parents, size, self.params, generator)
 
     def render(self, genomes: list[Any], device: torch.device) -> torch.Tensor:
         return cppn.render(genomes, self.shape, device)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,11 @@ def _classes(text: str | None) -> list[int] | None:
 
 
 class _Bars:
-    """Rich bars on stderr: the demo model's training, then the generations with the best
-    confidence per class (in %)."""
+    """Rich bars on stderr (the demo model's training, then the generations) and, below
+    them, the best confidence per class in % (floored, so 100 means exactly 1)."""
 
     def __init__(self, enabled: bool) -> None:
-        from rich.console import Console
+        from rich.console import Console, RenderableType
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -89,19 +91,27 @@ class _Bars:
             TextColumn,
             TimeElapsedColumn,
         )
+        from rich.text import Text
 
-        self.progress = Progress(
+        class _WithBest(Progress):
+            best = ""
+
+            def get_renderables(self) -> Iterable[RenderableType]:
+                yield self.make_tasks_table(self.tasks)
+                if self.best:
+                    yield Text(self.best)
+
+        self.progress = _WithBest(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            TextColumn("{task.fields[best]}"),
             console=Console(stderr=True),
             disable=not enabled,
         )
 
     def task(self, label: str, total: float) -> Any:
-        progress, task_id = self.progress, self.progress.add_task(label, total=total, best="")
+        progress, task_id = self.progress, self.progress.add_task(label, total=total)
 
         class _Task:
             def update(self, completed: float) -> None:
@@ -112,12 +122,16 @@ class _Bars:
 
         return _Task()
 
-    def callback(self, label: str, total: int) -> Any:
-        task_id = self.progress.add_task(label, total=max(total, 1), best="")
+    def callback(self, label: str, total: int, classes: list[str]) -> Any:
+        task_id = self.progress.add_task(label, total=max(total, 1))
 
         def update(done: int, _total: int, best: Any) -> None:
-            shown = " ".join(f"{100 * float(c):.1f}" for c in best.tolist())
-            self.progress.update(task_id, completed=done, best=f"best % {shown}")
+            shown = "  ".join(
+                f"{name}:{math.floor(float(c) * 1e4) / 100:.2f}"
+                for name, c in zip(classes, best.tolist(), strict=False)
+            )
+            self.progress.best = f"best confidence per class (%)  {shown}"
+            self.progress.update(task_id, completed=done)
 
         return update
 
@@ -165,11 +179,12 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
             )
             extra, label = {}, f"MAP-Elites ({args.encoding})"
+        shown = [str(c) for c in classes] if classes is not None else data.classes
         result = attack(
             model,
             input_shape=shape,
             classes=classes,
-            progress=bars.callback(label, steps),
+            progress=bars.callback(label, steps, shown),
             **extra,
         )
     names = data.classes if len(data.classes) == result.num_classes else None
