@@ -11,6 +11,7 @@ from bastion.attacks.fooling import FoolingEvolution, FoolingResult
 from bastion.attacks.fooling_ascent import FoolingGradientAscent
 from bastion.attacks.gradient_descent import GradientDescentAttack
 from bastion.attacks.pgd import BIM, PGD
+from bastion.attacks.scaling import PenaltyScalingAttack, ScalingAttack, ScalingAttackResult
 
 __all__ = [
     "Attack",
@@ -23,5 +24,8 @@ __all__ = [
     "FoolingResult",
     "GradientDescentAttack",
     "PGD",
+    "PenaltyScalingAttack",
     "SafeCV",
+    "ScalingAttack",
+    "ScalingAttackResult",
 ]

@@ -55,8 +55,16 @@ _CV2_FLAGS = {
 
 def _cv2_resize(s: Scaler, img: np.ndarray, rows: int, cols: int) -> np.ndarray:
     data = img if img.dtype == np.uint8 else img.astype(np.float32)
-    out = cv2.resize(data, (cols, rows), interpolation=_CV2_FLAGS[s.method])
-    return out.reshape(rows, cols, img.shape[2])
+    flag = _CV2_FLAGS[s.method]
+    if data.shape[2] > 4:  # cv2.resize takes at most four channels
+        return np.stack(
+            [
+                _cv2_resize(s, data[..., c : c + 1], rows, cols)[..., 0]
+                for c in range(data.shape[2])
+            ],
+            axis=-1,
+        )
+    return cv2.resize(data, (cols, rows), interpolation=flag).reshape(rows, cols, img.shape[2])
 
 
 def _pil_resize(s: Scaler, img: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -91,7 +91,8 @@ def solve_box_qp(
     y = np.zeros_like(target)
     w, theta = y.copy(), np.ones(act.size)
     it = 0
-    for it in range(1, max_iterations + 1):
+    while it < max_iterations:
+        it += 1
         v = w + step * (cu @ np.clip(s - cut @ w, 0.0, 255.0))
         # prox of step·Σ max(y·hi, y·lo): a shifted soft threshold
         y_new = np.where(v > step * hi, v - step * hi, np.where(v < step * lo, v - step * lo, 0.0))
@@ -294,7 +295,7 @@ class PenaltyScalingAttack:
         dev = torch.device(self.device)
 
         def tensor(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=dev)
+            return torch.tensor(np.asarray(a), dtype=torch.float32, device=dev)
 
         cl_t, cr_t = tensor(cl), tensor(cr)
         s_t, t_t = tensor(s.transpose(2, 0, 1) / 255), tensor(t.transpose(2, 0, 1) / 255)
@@ -313,9 +314,9 @@ class PenaltyScalingAttack:
             if it % 1000 == 0:
                 if progress is not None:
                     progress(it, self.max_iterations)
-                if float(loss) > 0.999 * prev:
+                if loss.item() > 0.999 * prev:
                     break
-                prev = float(loss)
+                prev = loss.item()
         with torch.no_grad():
             a_np = ((torch.tanh(w) + 1) / 2 * 255).permute(1, 2, 0).cpu().numpy()
         return _result(

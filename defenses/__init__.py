@@ -1,7 +1,24 @@
 """Defenses: model transforms (`RawISP().wrap(model)`), training recipes (`distill`) and
 detectors; see docs/defenses.md."""
 
+from bastion.defenses.decamouflage import Decamouflage
 from bastion.defenses.distillation import Distilled, TemperatureScaled, distill
 from bastion.defenses.raw_isp import RawISP
+from bastion.defenses.scaling_defenses import (
+    scaling_advice,
+    scaling_audit,
+    selective_median_filter,
+    selective_random_filter,
+)
 
-__all__ = ["Distilled", "RawISP", "TemperatureScaled", "distill"]
+__all__ = [
+    "Decamouflage",
+    "Distilled",
+    "RawISP",
+    "TemperatureScaled",
+    "distill",
+    "scaling_advice",
+    "scaling_audit",
+    "selective_median_filter",
+    "selective_random_filter",
+]

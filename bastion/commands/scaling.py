@@ -10,8 +10,13 @@ from typing import Any
 from bastion.commands.common import EXIT_OK
 from bastion.errors import ConfigError, DataError
 
-_SCORE_FORMAT = {"rescale_mse": ".1f", "rescale_ssim": ".3f", "filter_mse": ".1f",
-                 "filter_ssim": ".3f", "csp": ".0f"}  # fmt: skip
+_SCORE_FORMAT = {
+    "rescale_mse": ".1f",
+    "rescale_ssim": ".3f",
+    "filter_mse": ".1f",
+    "filter_ssim": ".3f",
+    "csp": ".0f",
+}
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -109,7 +114,9 @@ def run_attack(args: argparse.Namespace) -> int:
         print(json.dumps(metrics))
     else:
         shown = {k: v for k, v in metrics.items() if k != "out" and v is not None}
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        text = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+        )
         print(f"{out} {text}")
     return EXIT_OK
 
@@ -166,8 +173,17 @@ def run_detect(args: argparse.Namespace) -> int:
     ]
     n_attack = sum(r["verdict"] == "attack" for r in rows)
     if args.json:
-        print(json.dumps({"scaler": det.scaler, "size": list(det.size), "mode": det.mode,
-                          "thresholds": det.thresholds, "images": rows}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "scaler": det.scaler,
+                    "size": list(det.size),
+                    "mode": det.mode,
+                    "thresholds": det.thresholds,
+                    "images": rows,
+                }
+            )
+        )
         return EXIT_OK
     for r in rows:
         values = " ".join(f"{k}={r[k]:{_SCORE_FORMAT[k]}}" for k in SCORES)
