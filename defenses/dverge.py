@@ -185,10 +185,18 @@ def train(
                 xs, xt = _augment(xs, gen), _augment(xt, gen)
             xs, xt, ys = xs.to(dev), xt.to(dev), y[order_s[sl]].to(dev)
             distilled = [
-                distill(m, xt, xs, p[pick - 1], eps=eps, step_size=step_size, steps=steps,
-                        momentum=distill_momentum)
+                distill(
+                    m,
+                    xt,
+                    xs,
+                    p[pick - 1],
+                    eps=eps,
+                    step_size=step_size,
+                    steps=steps,
+                    momentum=distill_momentum,
+                )
                 for m, p in zip(subs, points, strict=True)
-            ]  # fmt: skip
+            ]
             for i, (m, opt) in enumerate(zip(subs, opts, strict=True)):
                 loss = sum(F.cross_entropy(m(xd), ys) for j, xd in enumerate(distilled) if j != i)
                 opt.zero_grad()

@@ -198,3 +198,20 @@ def test_bad_input_raises_clear_errors() -> None:
         read_features(_cnn(0), x, FeaturePoint(nn.Linear(1, 1)))
     with pytest.raises(ModelOutputError, match="same K"):
         dverge.Ensemble([nn.Linear(3, 4), nn.Linear(3, 5)])(torch.randn(2, 3))
+
+
+def test_cli_trains_saves_and_reloads_a_dverge_ensemble(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from bastion.cli import main
+    from bastion.model_io import load_model
+
+    out = tmp_path / "ensemble.pt2"
+    argv = ["defend", "dverge", "--n", "64", "--members", "2", "--baseline-epochs", "2"]
+    argv += ["--epochs", "1", "--batch-size", "32", "--steps", "2", "--lr", "0.01"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"{out} DVERGE ensemble of 2 sub-models")
+    model = load_model(str(out))
+    x = torch.rand(3, 1, 8, 8)
+    logp = model(x)
+    assert logp.shape == (3, 10) and torch.allclose(logp.exp().sum(1), torch.ones(3), atol=1e-5)
+    assert main([*argv, "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert main(["defend", "dverge", "--members", "1", "--out", str(out)]) == 2
