@@ -217,12 +217,11 @@ def run_dverge(args: argparse.Namespace) -> int:
         members = [build().to(dev) for _ in range(args.members)]
         task = progress.task(f"training {args.members} baseline sub-models", 1)
         for k, model in enumerate(members):
-            train_classifier(
-                model,
-                data,
-                {**recipe, "seed": args.seed * 1000 + k},
-                progress=lambda done, total, k=k: task.update((k + done / total) / args.members),
-            )
+
+            def step(done: int, total: int, k: int = k) -> None:
+                task.update((k + done / total) / args.members)
+
+            train_classifier(model, data, {**recipe, "seed": args.seed * 1000 + k}, progress=step)
         task.close()
         task = progress.task("DVERGE diversity training", 1)
         ensemble = dverge.train(
