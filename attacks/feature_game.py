@@ -31,6 +31,7 @@ from bastion.attacks.saliency import Features
 Norm = Literal["l0", "l1", "l2", "linf"]
 USEFUL = 1e-6  # DeepGame's `usefulAction` threshold (its code's `10 ^ -6` is XOR, i.e. -16)
 DRAWS = 12  # draws a random player makes to find a legal move (DeepGame)
+WAVE = 16  # playouts advancing together (one forward pass of up to WAVE images per step)
 
 
 class Oracle:
@@ -251,22 +252,25 @@ class FeatureGame:
     def _playouts(
         self, m: np.ndarray, first: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Random playouts from the sets `m`, all advancing one round (Player I then Player
-        II) per step, one batched query per step. Returns the adversarial end states and the
-        row each came from; playouts with no legal move, or cut by the budget, end without."""
+        """Random playouts from the sets `m`, up to WAVE at a time advancing one round (Player
+        I then Player II) per step, one batched query per step; a finished playout makes room
+        for the next. Returns the adversarial end states and the row each came from;
+        playouts with no legal move, or cut by the query budget, end without one."""
         m = m.copy()
         contrib = self.contributions(m)
-        active = np.arange(len(m))
+        active = np.zeros(0, dtype=np.int64)
+        started = 0
         found, owner = [], []
-        while len(active):
+        while (started < len(m) or len(active)) and self.oracle.remaining() > 0:
+            take = min(WAVE - len(active), len(m) - started)
+            active = np.concatenate([active, np.arange(started, started + take)])
+            started += take
             pix, sign = self._draw(rng, first[active])
             ok = self.legal(m[active], contrib[active], pix, sign)
             has = ok.any(1)
             pick = ok.argmax(1)[has]
             active, pix, sign = active[has], pix[has, pick], sign[has, pick]
             active, pix, sign = (a[: self.oracle.remaining()] for a in (active, pix, sign))
-            if not len(active):
-                break
             m[active, pix] += sign
             contrib[active, pix] = self.pixel_contributions(pix, m[active, pix])
             first[active] = -1
