@@ -158,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--generations must be >= 0 and --population >= 1, got {steps}, {args.population}"
         )
+    if args.method == "ascent" and (args.target is not None or args.time_budget is not None):
+        raise ConfigError("--target and --time-budget apply to --method evolution only")
     classes = _classes(args.classes)
     bars = _Bars(sys.stderr.isatty() and not args.quiet)
     with bars.progress:
