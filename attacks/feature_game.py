@@ -9,10 +9,10 @@ send every touched pixel to the image minimum, are not reproduced). A state is t
 `α_M` is adversarial, or when no legal move is left (value d).
 
 `FeatureGame` gives what the tree search needs: the legal moves inside a feature, batched
-random playouts (all of an expansion's playouts advance in lockstep, one forward pass per
-step) and `scrutinize`, DeepGame's greedy removal of unnecessary manipulations, also in
-lockstep. `Oracle` wraps `BlackBoxQueries` with a cache keyed by the manipulation set, a
-query budget and a deadline.
+random playouts (an expansion's playouts advance in waves of WAVE, one forward pass per
+step) and `scrutinize`, DeepGame's greedy removal of unnecessary manipulations, batched
+across the playouts' results. `Oracle` wraps `BlackBoxQueries` with a cache keyed by the
+manipulation set, a query budget and a deadline.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ class FeatureGame:
         self.ends = np.cumsum(np.bincount(grouped, minlength=feats.count))
 
     # ----- distance -------------------------------------------------------------------------
-    def _values(self, pix: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """Pixel values (…×C) of pixels `pix` under counts `m` (same shape)."""
+    def _changes(self, pix: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Changes α_M − α (…×C) of pixels `pix` under counts `m` (same shape)."""
         base = self.alpha[:, pix]  # C×…
         return np.moveaxis(np.clip(base + self.tau * m[None], self.lo, self.hi) - base, 0, -1)
 
@@ -160,12 +160,12 @@ class FeatureGame:
 
     def pixel_contributions(self, pix: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Distance shares of pixels `pix` when they carry the counts `counts`."""
-        return self._contrib(self._values(pix, counts))
+        return self._contrib(self._changes(pix, counts))
 
     def contributions(self, m: np.ndarray) -> np.ndarray:
         """Per-pixel distance shares (P×HW) of the sets `m` (P×HW)."""
         pix = np.broadcast_to(np.arange(self.size), m.shape)
-        return self._contrib(self._values(pix, m))
+        return self._contrib(self._changes(pix, m))
 
     def distance(self, m: np.ndarray) -> np.ndarray:
         """‖α_M − α‖ in the game's norm (pixels on the [lo, hi] scale) for sets `m` (P×HW)."""
@@ -189,7 +189,7 @@ class FeatureGame:
         with per-pixel distance shares `contrib`): they change the image and stay in budget."""
         rows = np.arange(len(m))[:, None]
         old = m[rows, pix]
-        before, after = self._values(pix, old), self._values(pix, old + sign)
+        before, after = self._changes(pix, old), self._changes(pix, old + sign)
         changes = (np.abs(after - before) > 0).any(-1)
         newc = self._contrib(after)
         if self.norm == "linf":
