@@ -91,11 +91,11 @@ def _site_masks(raw: torch.Tensor) -> torch.Tensor:
 def malvar(raw: torch.Tensor) -> torch.Tensor:
     """Malvar–He–Cutler gradient-corrected demosaicing, mirror padding; differentiable."""
     _check_bayer(raw)
-    kernels = torch.tensor(
-        [_G_AT_RB, _ROW_NEIGHBOURS, np.transpose(_ROW_NEIGHBOURS).tolist(), _DIAGONAL],
-        dtype=raw.dtype,
-        device=raw.device,
-    ).unsqueeze(1)
+    g_kernel, row_kernel, diag_kernel = (
+        torch.tensor(k, dtype=raw.dtype, device=raw.device)
+        for k in (_G_AT_RB, _ROW_NEIGHBOURS, _DIAGONAL)
+    )
+    kernels = torch.stack([g_kernel, row_kernel, row_kernel.T, diag_kernel]).unsqueeze(1)
     est = F.conv2d(F.pad(raw, (2, 2, 2, 2), mode="reflect"), kernels / 8)
     g_rb, row, col, diag = est[:, 0:1], est[:, 1:2], est[:, 2:3], est[:, 3:4]
     r_site, gr_site, gb_site, b_site = _site_masks(raw)

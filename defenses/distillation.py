@@ -28,6 +28,7 @@ from torch import nn
 
 from bastion.data import Dataset
 from bastion.errors import ConfigError, InvalidInputError
+from bastion.modes import eval_mode
 from bastion.validation import check_images, check_labels, check_logits
 
 Progress = Callable[[int, int], None]
@@ -140,22 +141,24 @@ def distill(
         init = _architecture(model).to(x.device)
         _check_outputs(init, x, y)
         order = torch.Generator().manual_seed(seed)
-        fit = dict(temperature=temperature, batch_size=batch_size, order=order)
-        _train(init, x, y, epochs=init_epochs, optimizer=optimizer, on_epoch=epoch_done, **fit)
+
+        def fit(net: nn.Module, targets: torch.Tensor, n_epochs: int) -> None:
+            _train(net, x, targets, temperature, n_epochs, batch_size, optimizer, order, epoch_done)
+
+        fit(init, y, init_epochs)
         teacher = copy.deepcopy(init)
-        _train(teacher, x, y, epochs=epochs, optimizer=optimizer, on_epoch=epoch_done, **fit)
+        fit(teacher, y, epochs)
         soft = soft_labels(teacher, x, temperature, batch_size=batch_size)
         student = copy.deepcopy(init)
-        _train(student, x, soft, epochs=epochs, optimizer=optimizer, on_epoch=epoch_done, **fit)
+        fit(student, soft, epochs)
     return Distilled(student.eval(), teacher.eval(), float(temperature))
 
 
 def soft_labels(
     model: nn.Module, x: torch.Tensor, temperature: float, *, batch_size: int = 512
 ) -> torch.Tensor:
-    """`softmax(Z(x)/T)` for every image, computed in eval mode in batches."""
-    model.eval()
-    with torch.no_grad():
+    """`softmax(Z(x)/T)` for every image, in eval mode (restored after) and in batches."""
+    with eval_mode(model), torch.no_grad():
         parts = [model(x[i : i + batch_size]) / temperature for i in range(0, len(x), batch_size)]
     return torch.cat(parts).softmax(1)
 
@@ -193,7 +196,6 @@ def _train(
     model: nn.Module,
     x: torch.Tensor,
     targets: torch.Tensor,
-    *,
     temperature: float,
     epochs: int,
     batch_size: int,

@@ -98,7 +98,7 @@ def random_metadata(n: int, generator: torch.Generator) -> IspMetadata:
 
     rgb2cam, cam2rgb = _camera_matrices(uniform(1e-8, 1e8, (n, 4)))
     rgb_gain = 1 / (0.8 + 0.1 * torch.randn(n, generator=generator, dtype=torch.float64))
-    log_shot = uniform(*(math.log(v) for v in SHOT_NOISE_RANGE))
+    log_shot = uniform(math.log(SHOT_NOISE_RANGE[0]), math.log(SHOT_NOISE_RANGE[1]))
     log_read = 2.18 * log_shot + 1.20 + 0.26 * torch.randn(n, generator=generator)
     return IspMetadata(
         rgb2cam=rgb2cam,
