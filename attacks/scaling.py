@@ -217,11 +217,15 @@ class ScalingAttack:
         scaler = get_scaler(self.scaler)
         (m, n, ch), (mp, np_) = s.shape, t.shape[:2]
         cl, cr = coefficients(scaler, (m, n), (mp, np_))
-        opts = {"max_iterations": self.max_iterations, "tol": self.tol}
         # Step 1: columns of the horizontally scaled source S·CR (m×n'), constraint CL.
         s_h = np.einsum("ijc,jk->ikc", s, cr, optimize=True)
         a_h, it1, ok1 = solve_box_qp(
-            sp.csr_matrix(cl), s_h.reshape(m, -1), t.reshape(mp, -1), self.eps, **opts
+            sp.csr_matrix(cl),
+            s_h.reshape(m, -1),
+            t.reshape(mp, -1),
+            self.eps,
+            max_iterations=self.max_iterations,
+            tol=self.tol,
         )
         a_h = np.round(a_h).reshape(m, np_, ch)
         if progress is not None:
@@ -232,7 +236,8 @@ class ScalingAttack:
             s.transpose(1, 0, 2).reshape(n, -1),
             a_h.transpose(1, 0, 2).reshape(np_, -1),
             self.eps,
-            **opts,
+            max_iterations=self.max_iterations,
+            tol=self.tol,
         )
         attack = _to_uint8(a_t.reshape(n, m, ch).transpose(1, 0, 2))
         if progress is not None:
