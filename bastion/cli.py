@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "bastion.commands.defend",
     "bastion.commands.fool",
     "bastion.commands.scaling",
+    "bastion.commands.verify",
 )
 _DEFAULT_COMMAND = "report"  # `bastion [MODEL] [options]` is `bastion report …`
 

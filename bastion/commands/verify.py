@@ -1,0 +1,293 @@
+"""`bastion verify`: SAFE / UNSAFE / UNKNOWN for a region, a VNN-LIB property or a batch.
+
+Three forms, one verifier:
+  bastion verify [MODEL] [--data SPEC] [--index I | --image x.png] --eps E
+  bastion verify NET.onnx --vnnlib PROP.vnnlib [--out result.txt]
+  bastion verify --instances instances.csv [--out results.csv] [--resume]
+The verdict is the first word on stdout (SAFE/UNSAFE/UNKNOWN; sat/unsat/unknown for a
+VNN-LIB property); exit code 0 whatever the verdict, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from bastion.commands.common import EXIT_OK, add_model_and_data, device, load_model_and_data
+from bastion.errors import ConfigError, DataError
+
+_ENGINES = ("auto", "z3", "milp", "bounds")
+
+
+def register(sub: Any) -> None:
+    """Add `verify` to the subparsers `sub`."""
+    p = sub.add_parser(
+        "verify",
+        help="prove a region robust (SAFE), find a counterexample (UNSAFE), or say UNKNOWN",
+        description="Verify local robustness around one image (L∞ ball of --eps, or a DLV "
+        "feature region), a VNN-LIB property of an ONNX network (--vnnlib), or a "
+        "VNN-COMP instances.csv (--instances). Bounds first (CROWN), then PGD, then an "
+        "exact engine (z3 with branch and bound, or a HiGHS MILP).",
+    )
+    add_model_and_data(p)
+    p.add_argument("--index", type=int, default=0, help="sample of --data to verify (default 0)")
+    p.add_argument("--image", default=None, help="verify this image file instead of --data")
+    p.add_argument("--label", type=int, default=None, help="class to prove (default: predicted)")
+    p.add_argument("--eps", type=float, default=None, help="L∞ radius of the region")
+    p.add_argument("--vnnlib", default=None, help="VNN-LIB 1.0 property for MODEL (ONNX)")
+    p.add_argument("--instances", default=None, help="VNN-COMP instances.csv to run in batch")
+    p.add_argument("--engine", default="auto", choices=_ENGINES)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per verdict (default 60; with --instances the csv's own timeouts)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where to write: the VNN-COMP result file (--vnnlib), results CSV "
+        "(--instances), or a directory for verdict.json and the counterexample PNG",
+    )
+    p.add_argument("--resume", action="store_true", help="--instances: skip rows in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch on the form of the command."""
+    if args.timeout is not None and not args.timeout > 0:
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.instances is not None:
+        return _instances(args)
+    if args.vnnlib is not None:
+        return _vnnlib(args)
+    return _region(args)
+
+
+def _region(args: argparse.Namespace) -> int:
+    import torch
+
+    from bastion.suites.progress import NoProgress
+    from bastion.verify.region import verify_region
+
+    if args.eps is None:
+        raise ConfigError("give the region's radius with --eps (e.g. --eps 0.02)")
+    model, data, _ = load_model_and_data(args, NoProgress())
+    if args.image is not None:
+        x, name = _read_image(Path(args.image), data.x.shape[1:]), args.image
+    else:
+        if not 0 <= args.index < len(data):
+            raise ConfigError(f"--index {args.index} is outside the data (0..{len(data) - 1})")
+        x, name = data.x[args.index], f"{args.data or 'digits'}[{args.index}]"
+    x = x.to(device(args.device))
+    verdict = verify_region(
+        model,
+        x,
+        eps=args.eps,
+        label=args.label,
+        engine=args.engine,
+        timeout=args.timeout or 60.0,
+        seed=args.seed,
+    )
+    if args.out is not None:
+        _write_region(Path(args.out), verdict, x.cpu())
+    if args.json:
+        print(json.dumps({"name": name, **verdict.as_dict()}))
+        return EXIT_OK
+    d = verdict.details
+    rest = verdict.summary()[len(verdict.status) + 1 :]
+    print(f"{verdict.status} {name} label={d['label']} eps={args.eps:g} {rest}")
+    for s in verdict.layers:
+        print(
+            f"  layer {s['index']} {s['kind']}: {s['unstable']}/{s['neurons']} unstable "
+            f"(intervals: {s['unstable_ibp']}), mean width {s['mean_width']:.4g}"
+        )
+    if verdict.guarantee:
+        print(f"  {verdict.guarantee}")
+    if verdict.counterexample is not None:
+        pred = int(torch.as_tensor(verdict.output).argmax())
+        print(f"  counterexample classified {pred}; L∞ distance "
+              f"{float((verdict.counterexample - x.cpu()).abs().max()):.4g}")  # fmt: skip
+    return EXIT_OK
+
+
+def _read_image(path: Path, shape: Any) -> Any:
+    """An image file as C×H×W in [0, 1], checked against the model's input shape."""
+    import torch
+
+    from bastion.data import _read_image as read
+
+    if not path.is_file():
+        raise DataError(f"image {path} does not exist; check the path")
+    a = read(path)
+    x = torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy())
+    x = x.to(torch.float32) / 255.0
+    if tuple(x.shape) != tuple(shape):
+        raise DataError(
+            f"image {path} is {tuple(x.shape)} (C×H×W) but the model takes "
+            f"{tuple(shape)}; resize or convert it first"
+        )
+    return x
+
+
+def _write_region(out: Path, verdict: Any, x: Any) -> None:
+    from bastion.fileio import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "verdict.json", json.dumps(verdict.as_dict(), indent=1).encode())
+    if verdict.counterexample is not None:
+        import numpy as np
+        from PIL import Image
+
+        img = (verdict.counterexample.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(
+            out / "counterexample.png"
+        )
+        np.save(out / "counterexample.npy", verdict.counterexample.numpy())
+
+
+def _decide_file(network: Any, props: list[Any], timeout: float, engine: str, seed: int) -> Any:
+    """One verdict for the properties of a VNN-LIB file (a disjunction of input boxes)."""
+    import time
+
+    from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE, Verdict
+    from bastion.verify.verifier import verify
+
+    start = time.perf_counter()
+    verdicts = []
+    for prop in props:
+        left = timeout - (time.perf_counter() - start)
+        if left <= 0:
+            verdicts.append(Verdict(UNKNOWN, engine, 0.0, reason="deadline reached"))
+            break
+        v = verify(network, prop, engine=engine, timeout=left, seed=seed)
+        verdicts.append(v)
+        if v.status == UNSAFE:
+            break
+    final = next((v for v in verdicts if v.status == UNSAFE), None)
+    if final is None:
+        final = next((v for v in verdicts if v.status != SAFE), verdicts[-1])
+        if len(verdicts) < len(props) and final.status == SAFE:
+            final = Verdict(UNKNOWN, engine, 0.0, reason="deadline reached")
+    final.seconds = time.perf_counter() - start
+    return final
+
+
+def _vnnlib(args: argparse.Namespace) -> int:
+    from bastion.verify.extract import load_network
+    from bastion.verify.vnnlib import read_vnnlib, write_counterexample
+
+    if args.model is None:
+        raise ConfigError("--vnnlib needs the network file: bastion verify NET.onnx --vnnlib P")
+    network = load_network(args.model)
+    props = read_vnnlib(args.vnnlib, network.input_shape, network.num_outputs)
+    verdict = _decide_file(network, props, args.timeout or 60.0, args.engine, args.seed)
+    if args.out is not None:
+        from bastion.fileio import write_atomic
+
+        text = (
+            write_counterexample(verdict.counterexample, verdict.output)
+            if verdict.counterexample is not None
+            else f"{verdict.vnncomp}\n"
+        )
+        write_atomic(Path(args.out), text.encode())
+    if args.json:
+        print(json.dumps({"result": verdict.vnncomp, **verdict.as_dict()}))
+    else:
+        print(f"{verdict.vnncomp} {verdict.summary()}")
+    return EXIT_OK
+
+
+_FIELDS = ("onnx", "vnnlib", "result", "expected", "correct", "seconds", "engine", "reason")
+
+
+def _instances(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bastion.suites.progress import NoProgress, RichProgress
+    from bastion.verify.extract import load_network
+    from bastion.verify.instances import read_instances
+    from bastion.verify.vnnlib import read_vnnlib
+
+    instances = read_instances(args.instances)
+    out = Path(args.out) if args.out else None
+    done: dict[str, dict[str, str]] = {}
+    if out is not None and args.resume and out.exists():
+        with out.open(newline="") as f:
+            done = {f"{r['onnx']}:{r['vnnlib']}": r for r in csv.DictReader(f)}
+    interactive = sys.stderr.isatty() and not args.quiet
+    progress: Any = RichProgress() if interactive else NoProgress()
+    rows: list[dict[str, Any]] = []
+    networks: dict[Path, Any] = {}
+    writer = None
+    handle = None
+    if out is not None:
+        fresh = not (args.resume and out.exists())
+        handle = out.open("w" if fresh else "a", newline="")
+        writer = csv.DictWriter(handle, fieldnames=_FIELDS)
+        if fresh:
+            writer.writeheader()
+    console = Console(soft_wrap=True)
+    try:
+        with progress if interactive else _Null():
+            task = progress.task("verifying instances", len(instances))
+            for k, inst in enumerate(instances):
+                if inst.name in done:
+                    rows.append(done[inst.name])
+                    task.update(k + 1)
+                    continue
+                if inst.onnx not in networks:
+                    networks[inst.onnx] = load_network(inst.onnx)
+                net = networks[inst.onnx]
+                props = read_vnnlib(inst.vnnlib, net.input_shape, net.num_outputs)
+                timeout = args.timeout or inst.timeout
+                v = _decide_file(net, props, timeout, args.engine, args.seed)
+                correct = (
+                    ""
+                    if inst.expected is None or v.vnncomp == "unknown"
+                    else str(v.vnncomp == inst.expected)
+                )
+                row = {
+                    "onnx": inst.onnx.name, "vnnlib": inst.vnnlib.name, "result": v.vnncomp,
+                    "expected": inst.expected or "", "correct": correct,
+                    "seconds": f"{v.seconds:.3f}", "engine": v.engine, "reason": v.reason,
+                }  # fmt: skip
+                rows.append(row)
+                if writer is not None and handle is not None:
+                    writer.writerow(row)
+                    handle.flush()
+                console.print(
+                    f"{inst.name} {v.vnncomp} {v.seconds:.2f}s engine={v.engine}"
+                    + (f" expected={inst.expected}" if inst.expected else ""),
+                    highlight=False,
+                )
+                task.update(k + 1)
+            task.close()
+    finally:
+        if handle is not None:
+            handle.close()
+    solved = [r for r in rows if r["result"] in ("sat", "unsat")]
+    wrong = [r for r in rows if r["correct"] == "False"]
+    median = statistics.median(float(r["seconds"]) for r in solved) if solved else float("nan")
+    print(
+        f"summary: {len(solved)}/{len(rows)} solved "
+        f"({sum(r['result'] == 'unsat' for r in rows)} unsat, "
+        f"{sum(r['result'] == 'sat' for r in rows)} sat), {len(wrong)} wrong, "
+        f"median time of solved {median:.2f}s"
+    )
+    return EXIT_OK
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

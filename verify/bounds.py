@@ -1,0 +1,342 @@
+"""Layer-by-layer bounds: interval (IBP) and CROWN/DeepPoly back-substitution.
+
+For an input box, every layer's outputs get a lower and an upper bound. Interval bounds
+come first (one cheap pass); then, at every ReLU and max-pool, the pre-activation bounds
+of the neurons that intervals leave unstable are tightened by back-substituting a linear
+bound through all earlier layers to the input (DeepPoly; CROWN with the adaptive lower
+slope). The output property is bounded the same way, row by row: a disjunct of the unsafe
+set whose row is bounded away from it cannot be reached.
+
+Bounds are computed in float64 from the float32 weights and widened outward by a relative
+1e-9 (plus 1e-12) per bound, far above float64 rounding of these sums, so they hold for the
+exact (rational) network. Branch and bound passes `splits` (a ReLU's phase fixed) to bound
+a sub-problem; a sub-problem whose splits contradict the bounds is empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bastion.verify.network import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Elementwise,
+    Flatten,
+    Layer,
+    MaxPool2d,
+    Network,
+    ReLU,
+    apply_layer,
+)
+from bastion.verify.spec import Property
+
+_REL_PAD, _ABS_PAD = 1e-9, 1e-12
+_CHUNK = 2048  # rows back-substituted at once (memory: rows × widest layer)
+
+Splits = dict[int, torch.Tensor]
+"""ReLU layer index → per-neuron phase (flat): 1 active (h ≥ 0), -1 inactive (h ≤ 0), 0 free."""
+
+
+@dataclass
+class LayerStats:
+    """What the bounds say about one nonlinear layer (ReLU or max-pool)."""
+
+    index: int
+    kind: str
+    neurons: int
+    unstable: int
+    unstable_ibp: int
+    mean_width: float
+    max_width: float
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Bounds:
+    """Bounds of every activation (index k: the output of layer k-1, 0 the input)."""
+
+    lower: list[torch.Tensor]
+    upper: list[torch.Tensor]
+    stats: list[LayerStats]
+    infeasible: bool  # the splits contradict the bounds: the sub-problem is empty
+
+    def unstable(self, layer: int) -> torch.Tensor:
+        """Flat mask of the unstable neurons entering ReLU `layer`."""
+        return ((self.lower[layer] < 0) & (self.upper[layer] > 0)).flatten()
+
+
+def _pad(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        lo - _REL_PAD * lo.abs() - _ABS_PAD,
+        hi + _REL_PAD * hi.abs() + _ABS_PAD,
+    )
+
+
+def _interval(
+    layer: Layer, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interval image of a box through one layer (batch axis 1)."""
+    if isinstance(layer, ReLU):
+        return lo.clamp_min(0), hi.clamp_min(0)
+    if isinstance(layer, MaxPool2d | Flatten):
+        return apply_layer(layer, lo), apply_layer(layer, hi)
+    mid, rad = (hi + lo) / 2, (hi - lo) / 2
+    out_mid = apply_layer(layer, mid)
+    out_rad = _abs_linear(layer, rad)
+    return _pad(out_mid - out_rad, out_mid + out_rad)
+
+
+def _abs_linear(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """|L| x for a linear layer L (no bias): the radius of its interval image."""
+    if isinstance(layer, Dense):
+        return F.linear(x, layer.weight.to(x.dtype).abs())
+    if isinstance(layer, Conv2d):
+        w = layer.weight.to(x.dtype).abs()
+        return F.conv2d(x, w, None, stride=layer.stride, padding=layer.padding)
+    if isinstance(layer, Elementwise):
+        return x * layer.scale.to(x.dtype).abs()
+    if isinstance(layer, AvgPool2d):
+        return F.avg_pool2d(x, layer.kernel, layer.stride, layer.padding)
+    raise TypeError(f"not a linear layer: {layer!r}")
+
+
+def _back_linear(
+    layer: Layer, a: torch.Tensor, in_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients on the layer's input and the constant, for rows `a` on its output."""
+    m = a.shape[0]
+    if isinstance(layer, Flatten):
+        return a.reshape(m, *in_shape), a.new_zeros(m)
+    if isinstance(layer, Dense):
+        w, b = layer.weight.to(a.dtype), layer.bias.to(a.dtype)
+        return a @ w, a @ b
+    if isinstance(layer, Elementwise):
+        scale = layer.scale.to(a.dtype).expand(in_shape)
+        shift = layer.shift.to(a.dtype).expand(in_shape)
+        return a * scale, (a * shift).flatten(1).sum(1)
+    if isinstance(layer, Conv2d):
+        w, b = layer.weight.to(a.dtype), layer.bias.to(a.dtype)
+        const = (a.sum((2, 3)) * b).sum(1)
+        return _transpose_conv(a, w, layer.stride, layer.padding, in_shape, 1), const
+    if isinstance(layer, AvgPool2d):
+        c = in_shape[0]
+        k = layer.kernel
+        w = a.new_full((c, 1, *k), 1.0 / (k[0] * k[1]))
+        return _transpose_conv(a, w, layer.stride, layer.padding, in_shape, c), a.new_zeros(m)
+    raise TypeError(f"not a linear layer: {layer!r}")
+
+
+def _transpose_conv(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    in_shape: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    out_pad = [
+        in_shape[1 + d] - ((a.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + w.shape[2 + d])
+        for d in range(2)
+    ]
+    return F.conv_transpose2d(
+        a, w, stride=stride, padding=padding, output_padding=out_pad, groups=groups
+    )
+
+
+def _back_relu(
+    a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows on z = relu(h) → rows on h giving a lower bound (DeepPoly relaxation)."""
+    lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
+    unstable = (lo < 0) & (hi > 0)
+    active = lo >= 0
+    slope_up = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), active.to(a.dtype))
+    slope_low = torch.where(unstable, (hi > -lo).to(a.dtype), active.to(a.dtype))
+    pos, neg = a.clamp_min(0), a.clamp_max(0)
+    const = (neg * torch.where(unstable, -slope_up * lo, torch.zeros_like(lo))).flatten(1).sum(1)
+    return pos * slope_low + neg * slope_up, const
+
+
+@dataclass
+class _Windows:
+    """Max-pool windows under bounds: which input has the largest lower bound (`src`, a
+    flat position per window), whether it dominates, and the largest upper bound."""
+
+    src: torch.Tensor  # c × windows
+    dominated: torch.Tensor  # c × windows
+    up_max: torch.Tensor  # c × windows
+
+
+def _windows(layer: MaxPool2d, lo: torch.Tensor, hi: torch.Tensor) -> _Windows:
+    c, h, w = lo.shape
+    kk = layer.kernel[0] * layer.kernel[1]
+
+    def unfold(t: torch.Tensor) -> torch.Tensor:  # c × kk × windows
+        return F.unfold(t[None], layer.kernel, stride=layer.stride).view(c, kk, -1)
+
+    lo_w, hi_w = unfold(lo), unfold(hi)
+    pos_w = unfold(torch.arange(h * w, dtype=lo.dtype).view(1, h, w).expand(c, h, w))
+    best = lo_w.argmax(1, keepdim=True)
+    lo_max = lo_w.gather(1, best)[:, 0]
+    others = hi_w.scatter(1, best, float("-inf")).amax(1)
+    return _Windows(pos_w.gather(1, best)[:, 0].long(), lo_max >= others, hi_w.amax(1))
+
+
+def _back_maxpool(
+    layer: MaxPool2d, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows on z = maxpool(x) → rows on x giving a lower bound.
+
+    Lower relaxation z ≥ x_i* (i* the input with the largest lower bound), upper z ≤ max u,
+    or z = x_i* exactly when x_i*'s lower bound reaches every other input's upper bound.
+    """
+    c, h, w = lo.shape
+    win = _windows(layer, lo, hi)
+    flat = a.flatten(2)  # m × c × windows
+    pos, neg = flat.clamp_min(0), flat.clamp_max(0)
+    through = pos + torch.where(win.dominated, neg, torch.zeros_like(neg))
+    const = (torch.where(win.dominated, torch.zeros_like(neg), neg) * win.up_max).flatten(1)
+    coeff = a.new_zeros(a.shape[0], c, h * w)
+    coeff.scatter_add_(2, win.src.expand(a.shape[0], c, -1), through)
+    return coeff.view(a.shape[0], c, h, w), const.sum(1)
+
+
+def back_substitute(
+    network: Network,
+    bounds_lo: list[torch.Tensor],
+    bounds_hi: list[torch.Tensor],
+    a: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """Lower bounds of the rows `a` (m × shape of activation k) over the input box."""
+    out = []
+    for rows in a.split(_CHUNK):
+        coeff, const = rows, rows.new_zeros(rows.shape[0])
+        for j in range(k - 1, -1, -1):
+            layer = network.layers[j]
+            if isinstance(layer, ReLU):
+                coeff, c = _back_relu(coeff, bounds_lo[j], bounds_hi[j])
+            elif isinstance(layer, MaxPool2d):
+                coeff, c = _back_maxpool(layer, coeff, bounds_lo[j], bounds_hi[j])
+            else:
+                coeff, c = _back_linear(layer, coeff, network.shapes[j])
+            const = const + c
+        lo, hi = bounds_lo[0].unsqueeze(0), bounds_hi[0].unsqueeze(0)
+        value = (coeff.clamp_min(0) * lo + coeff.clamp_max(0) * hi).flatten(1).sum(1) + const
+        out.append(value)
+    return torch.cat(out)
+
+
+def compute_bounds(
+    network: Network,
+    prop: Property,
+    *,
+    method: str = "crown",
+    splits: Splits | None = None,
+) -> Bounds:
+    """Bounds of every layer over the property's input box ("ibp" or "crown")."""
+    if method not in ("ibp", "crown"):
+        raise ValueError(f"unknown bound method {method!r}; use 'ibp' or 'crown'")
+    splits = splits or {}
+    lo = [prop.lower.to(torch.float64)]
+    hi = [prop.upper.to(torch.float64)]
+    stats: list[LayerStats] = []
+    infeasible = False
+    for i, layer in enumerate(network.layers):
+        if isinstance(layer, ReLU | MaxPool2d):
+            ibp_unstable = int(((lo[i] < 0) & (hi[i] > 0)).sum())
+            if method == "crown" and i > 0:
+                lo[i], hi[i] = _tighten(network, lo, hi, i, relu=isinstance(layer, ReLU))
+            if i in splits:
+                lo[i], hi[i] = _apply_split(lo[i], hi[i], splits[i])
+            if bool((lo[i] > hi[i]).any()):
+                infeasible = True
+            width = (hi[i] - lo[i]).clamp_min(0)
+            stats.append(
+                LayerStats(
+                    index=i,
+                    kind="relu" if isinstance(layer, ReLU) else "maxpool",
+                    neurons=lo[i].numel(),
+                    unstable=_unstable_count(layer, lo[i], hi[i]),
+                    unstable_ibp=ibp_unstable,
+                    mean_width=float(width.mean()) if width.numel() else 0.0,
+                    max_width=float(width.max()) if width.numel() else 0.0,
+                )
+            )
+        l_next, h_next = _interval(layer, lo[i][None], hi[i][None])
+        lo.append(l_next[0])
+        hi.append(h_next[0])
+    if method == "crown":
+        n = len(network.layers)
+        eye = torch.eye(network.num_outputs, dtype=torch.float64).view(-1, *network.shapes[n])
+        low = back_substitute(network, lo, hi, eye, n)
+        high = -back_substitute(network, lo, hi, -eye, n)
+        low, high = _pad(low, high)
+        lo[n] = torch.maximum(lo[n], low.view(network.shapes[n]))
+        hi[n] = torch.minimum(hi[n], high.view(network.shapes[n]))
+    return Bounds(lo, hi, stats, infeasible)
+
+
+def _unstable_count(layer: Layer, lo: torch.Tensor, hi: torch.Tensor) -> int:
+    """ReLUs with l < 0 < u, or max-pool windows no single input dominates."""
+    if isinstance(layer, MaxPool2d):
+        return int((~_windows(layer, lo, hi).dominated).sum())
+    return int(((lo < 0) & (hi > 0)).sum())
+
+
+def _tighten(
+    network: Network,
+    lo: list[torch.Tensor],
+    hi: list[torch.Tensor],
+    i: int,
+    *,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN bounds for the neurons entering layer i that intervals leave unstable."""
+    shape = lo[i].shape
+    flat_lo, flat_hi = lo[i].flatten().clone(), hi[i].flatten().clone()
+    todo = ((flat_lo < 0) & (flat_hi > 0)) if relu else torch.ones_like(flat_lo, dtype=torch.bool)
+    rows = todo.nonzero().flatten()
+    if len(rows) == 0:
+        return lo[i], hi[i]
+    lows, highs = [], []
+    for part in rows.split(_CHUNK):
+        a = torch.zeros(len(part), flat_lo.numel(), dtype=torch.float64)
+        a[torch.arange(len(part)), part] = 1.0
+        a = a.view(len(part), *shape)
+        lows.append(back_substitute(network, lo, hi, a, i))
+        highs.append(-back_substitute(network, lo, hi, -a, i))
+    low, high = _pad(torch.cat(lows), torch.cat(highs))
+    flat_lo[rows] = torch.maximum(flat_lo[rows], low)
+    flat_hi[rows] = torch.minimum(flat_hi[rows], high)
+    return flat_lo.view(shape), flat_hi.view(shape)
+
+
+def _apply_split(
+    lo: torch.Tensor, hi: torch.Tensor, phase: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    flat_lo, flat_hi = lo.flatten().clone(), hi.flatten().clone()
+    flat_lo[phase > 0] = flat_lo[phase > 0].clamp_min(0)
+    flat_hi[phase < 0] = flat_hi[phase < 0].clamp_max(0)
+    return flat_lo.view(lo.shape), flat_hi.view(hi.shape)
+
+
+def property_lower_bounds(network: Network, prop: Property, bounds: Bounds) -> list[torch.Tensor]:
+    """Per disjunct, lower bounds of its rows `A y − b` (a disjunct is excluded when any
+    row's bound is > 0): back-substituted from the output, or by intervals on y."""
+    n = len(network.layers)
+    out = []
+    for h in prop.unsafe:
+        a = h.a.to(torch.float64)
+        crown = back_substitute(network, bounds.lower, bounds.upper, a, n) - h.b
+        y_lo, y_hi = bounds.lower[n], bounds.upper[n]
+        ibp = (a.clamp_min(0) * y_lo + a.clamp_max(0) * y_hi).sum(1) - h.b
+        low = torch.maximum(crown, ibp)
+        out.append(low - _REL_PAD * low.abs() - _ABS_PAD)
+    return out

@@ -1,0 +1,73 @@
+"""The verifier's answer: SAFE (proved), UNSAFE (a replayed counterexample) or UNKNOWN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SAFE, UNSAFE, UNKNOWN = "SAFE", "UNSAFE", "UNKNOWN"
+
+EXACTNESS = (
+    "SAFE is proved for the network over the rationals, with its float32 weights taken "
+    "exactly; float32 rounding inside the model is not modelled"
+)
+
+
+@dataclass
+class Verdict:
+    """What `verify` found.
+
+    `counterexample` (UNSAFE only) is an input in the region that the float32 model itself
+    maps into the unsafe set; `margin` is by how much (for robustness: the best other
+    logit minus the true class's). `layers` holds the per-layer bound statistics, `engine`
+    what decided (bounds, pgd, z3, milp, dlv), `reason` why UNKNOWN, `guarantee` what SAFE
+    means here.
+    """
+
+    status: str
+    engine: str
+    seconds: float
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    counterexample: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    margin: float | None = None
+    reason: str = ""
+    guarantee: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vnncomp(self) -> str:
+        """The word VNN-COMP prints: unsat (holds), sat (violated) or unknown."""
+        return {SAFE: "unsat", UNSAFE: "sat"}.get(self.status, "unknown")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: tensors as nested lists."""
+        out: dict[str, Any] = {
+            "status": self.status,
+            "engine": self.engine,
+            "seconds": round(self.seconds, 4),
+            "reason": self.reason,
+            "guarantee": self.guarantee,
+            "margin": self.margin,
+            "layers": self.layers,
+            **self.details,
+        }
+        if self.counterexample is not None:
+            out["counterexample"] = self.counterexample.tolist()
+        if self.output is not None:
+            out["output"] = self.output.tolist()
+        return out
+
+    def summary(self) -> str:
+        """One line: the verdict first, then engine, time and the figure that matters."""
+        parts = [self.status, f"engine={self.engine}", f"time={self.seconds:.2f}s"]
+        if self.margin is not None:
+            parts.append(f"margin={self.margin:.4g}")
+        unstable = sum(int(s.get("unstable", 0)) for s in self.layers)
+        if self.layers:
+            parts.append(f"unstable={unstable}")
+        if self.reason:
+            parts.append(f"reason={self.reason!r}")
+        return " ".join(parts)

@@ -1,0 +1,207 @@
+"""`verify`: decide a property of a ReLU network — bounds, attack, then an exact engine.
+
+1. CROWN/DeepPoly bounds for every layer; if they exclude every disjunct of the unsafe
+   set, the answer is SAFE without a solver.
+2. PGD inside the box on the float32 model; a point it drives strictly into the unsafe
+   set is UNSAFE at once.
+3. Each disjunct the bounds leave open goes to an exact engine: z3 under branch and bound
+   (sub-problems of at most `leaf_size` unstable ReLUs), or the HiGHS MILP. "auto" gives
+   small regions (≤ 40 free inputs) to z3 for a third of the time left and then to the
+   MILP, and larger ones to the MILP at once, since z3's exact simplex on dense rows
+   cannot finish them (specs/verification.md §4).
+
+A witness of an exact engine is replayed through the float32 model: UNSAFE only when the
+model itself puts it strictly inside the unsafe set. Witnesses on the decision boundary
+are searched again with a margin δ; unsat at δ but sat at 0 stays UNKNOWN, never SAFE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from bastion.errors import ConfigError
+from bastion.verify.bab import Outcome, branch_and_bound
+from bastion.verify.bounds import Bounds, Splits, compute_bounds, property_lower_bounds
+from bastion.verify.falsify import falsify
+from bastion.verify.network import Network
+from bastion.verify.spec import Halfspaces, Property
+from bastion.verify.verdict import EXACTNESS, SAFE, UNKNOWN, UNSAFE, Verdict
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+ENGINES = ("auto", "z3", "milp", "bounds")
+_Z3_MAX_FREE = 40
+_DELTA = 1e-4  # witness margin, on the scale of the outputs (VNN-COMP's tolerance)
+
+
+def verify(
+    network: Network,
+    prop: Property,
+    *,
+    model: Forward | None = None,
+    engine: str = "auto",
+    timeout: float = 60.0,
+    attack: bool = True,
+    leaf_size: int = 12,
+    seed: int = 0,
+) -> Verdict:
+    """SAFE, UNSAFE (with a counterexample the float32 model confirms) or UNKNOWN.
+
+    `model` is the float32 model that counterexamples are replayed through (default: the
+    network itself in float32); it must take a batch of `network.input_shape` inputs.
+    `engine` is "auto", "z3", "milp" or "bounds" (bounds and attack only).
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if not timeout > 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout}")
+    if tuple(prop.lower.shape) != network.input_shape:
+        raise ConfigError(
+            f"the property's input box has shape {tuple(prop.lower.shape)} but the network "
+            f"takes {network.input_shape}; give a box for the network's input"
+        )
+    start = time.perf_counter()
+    deadline = start + timeout
+    forward = model if model is not None else network.forward
+    bounds = compute_bounds(network, prop)
+    stats = [s.as_dict() for s in bounds.stats]
+    lows = property_lower_bounds(network, prop, bounds)
+    open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
+
+    def done(status: str, engine_used: str, **kw: Any) -> Verdict:
+        guarantee = EXACTNESS if status == SAFE else ""
+        details = {"disjuncts": len(prop.unsafe), "open_after_bounds": len(open_)}
+        details.update(kw.pop("details", {}))
+        return Verdict(
+            status, engine_used, time.perf_counter() - start, stats,
+            guarantee=guarantee, details=details, **kw,
+        )  # fmt: skip
+
+    if not open_:
+        return done(SAFE, "bounds")
+    if attack:
+        x = falsify(_float32(forward), prop, seed=seed)
+        if x is not None:
+            return _unsafe(done, forward, prop, x, "pgd")
+    if engine == "bounds":
+        return done(UNKNOWN, "bounds", reason="the bounds do not decide and no attack succeeded")
+    free = int(prop.free.sum())
+    engines = (
+        [engine] if engine != "auto" else (["z3", "milp"] if free <= _Z3_MAX_FREE else ["milp"])
+    )
+    reasons = []
+    domains = 0
+    used: set[str] = set()
+    for i in open_:
+        for k, chosen in enumerate(engines):
+            last = k == len(engines) - 1
+            share = deadline if last else time.perf_counter() + (deadline - time.perf_counter()) / 3
+            outcome = _decide(network, prop, prop.unsafe[i], bounds, chosen, leaf_size, share)
+            used.add(chosen)
+            if outcome.status != "unknown" or last:
+                break
+        domains += outcome.domains
+        if outcome.status == "sat" and outcome.witness is not None:
+            x = torch.as_tensor(outcome.witness).view(network.input_shape)
+            verdict = _replay(done, forward, prop, x, chosen)
+            if verdict is not None:
+                return verdict
+            deeper = _decide(
+                network, prop, _tighter(prop.unsafe[i]), bounds, chosen, leaf_size, deadline
+            )
+            if deeper.status == "sat" and deeper.witness is not None:
+                x = torch.as_tensor(deeper.witness).view(network.input_shape)
+                verdict = _replay(done, forward, prop, x, chosen)
+                if verdict is not None:
+                    return verdict
+            reasons.append(
+                f"disjunct {i}: witnesses of the exact engine lie on the boundary and the "
+                "float32 model does not confirm them"
+            )
+        elif outcome.status == "unknown":
+            reasons.append(f"disjunct {i}: {outcome.reason}")
+        if time.perf_counter() >= deadline and i != open_[-1]:
+            reasons.append("deadline reached before every disjunct was decided")
+            break
+    name = "+".join(e for e in engines if e in used)
+    if reasons:
+        return done(UNKNOWN, name, reason="; ".join(reasons), details={"domains": domains})
+    return done(SAFE, name, details={"domains": domains})
+
+
+def _float32(forward: Forward) -> Forward:
+    return lambda x: forward(x.to(torch.float32))
+
+
+def _tighter(disjunct: Halfspaces) -> Halfspaces:
+    """The disjunct with its rows moved δ inside: `A y ≤ b − δ`."""
+    return Halfspaces(disjunct.a, disjunct.b - _DELTA)
+
+
+def _replay(
+    done: Callable[..., Verdict], forward: Forward, prop: Property, x: torch.Tensor, engine: str
+) -> Verdict | None:
+    """UNSAFE if the float32 model confirms the witness (clipped into the box), else None."""
+    x32 = _into_box(x, prop)
+    with torch.no_grad():
+        y = forward(x32[None]).flatten(1)
+    if float(prop.violation(y)[0]) > 0 and bool(prop.contains(x32[None].double())[0]):
+        return _unsafe(done, forward, prop, x32, engine)
+    return None
+
+
+def _into_box(x: torch.Tensor, prop: Property) -> torch.Tensor:
+    """x in float32, clipped so that every coordinate lies inside the box exactly."""
+    lo, hi = prop.lower, prop.upper
+    x32 = x.double().clamp(lo, hi).to(torch.float32)
+    x32 = torch.where(x32.double() < lo, x32.nextafter(torch.full_like(x32, np.inf)), x32)
+    x32 = torch.where(x32.double() > hi, x32.nextafter(torch.full_like(x32, -np.inf)), x32)
+    return x32
+
+
+def _unsafe(
+    done: Callable[..., Verdict], forward: Forward, prop: Property, x: torch.Tensor, engine: str
+) -> Verdict:
+    x32 = x.to(torch.float32)
+    with torch.no_grad():
+        y = forward(x32[None]).flatten(1)
+    margin = float(prop.violation(y)[0])
+    return done(UNSAFE, engine, counterexample=x32, output=y[0].detach(), margin=margin)
+
+
+def _decide(
+    network: Network,
+    prop: Property,
+    disjunct: Halfspaces,
+    root: Bounds,
+    engine: str,
+    leaf_size: int,
+    deadline: float,
+) -> Outcome:
+    if engine == "milp":
+        return _milp(network, prop, disjunct, root, deadline)
+
+    def leaf(sub: Property, splits: Splits, bounds: Bounds) -> Outcome:
+        from bastion.verify.smt import solve_smt
+
+        out = solve_smt(network, sub, disjunct, bounds, splits=splits, deadline=deadline)
+        return Outcome(out.status, out.witness, out.reason)
+
+    return branch_and_bound(
+        network, prop, disjunct, leaf=leaf, leaf_size=leaf_size, deadline=deadline, root=root
+    )
+
+
+def _milp(
+    network: Network, prop: Property, disjunct: Halfspaces, bounds: Bounds, deadline: float
+) -> Outcome:
+    from bastion.verify import milp
+
+    prog, inputs, outputs = milp.encode(network, prop, bounds)
+    out = milp.solve_disjunct(prog, outputs, disjunct, deadline=deadline)
+    witness = out.witness[inputs] if out.witness is not None else None
+    return Outcome(out.status, witness, out.reason, domains=1)
