@@ -1,8 +1,14 @@
 """bastion.verify: network extraction, bounds, SMT encoding, DLV search, specs."""
 
+from .bounds import Bounds, compute_bounds
 from .extract import UnsupportedLayerError, check_network, extract, load_network
 from .instances import Instance, read_instances
+from .network import Network
 from .onnx_graph import read_onnx
+from .region import verify_region
+from .spec import Halfspaces, Property, robustness_property
+from .verdict import SAFE, UNKNOWN, UNSAFE, Verdict
+from .verifier import verify
 from .vnnlib import (
     VnnlibError,
     parse_vnnlib,
@@ -12,6 +18,18 @@ from .vnnlib import (
 )
 
 __all__ = [
+    "SAFE",
+    "UNKNOWN",
+    "UNSAFE",
+    "Bounds",
+    "Halfspaces",
+    "Network",
+    "Property",
+    "Verdict",
+    "compute_bounds",
+    "robustness_property",
+    "verify",
+    "verify_region",
     "Instance",
     "UnsupportedLayerError",
     "VnnlibError",
