@@ -17,6 +17,7 @@ manipulation set, a query budget and a deadline.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from typing import Literal
@@ -83,7 +84,7 @@ class Oracle:
 
     def remember(self, m: np.ndarray, probs: torch.Tensor) -> None:
         """Put already-known probabilities (the clean pass) into the cache."""
-        self.cache[m.tobytes()] = self._verdict(probs)
+        self.cache[_key(m)] = self._verdict(probs)
 
     def _verdict(self, p: torch.Tensor) -> tuple[float, bool]:
         pred = int(p.argmax())
@@ -92,7 +93,7 @@ class Oracle:
 
     def evaluate(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Goal-class probabilities and adversarial flags of the sets `m` (P×HW)."""
-        keys = [row.tobytes() for row in m]
+        keys = [_key(row) for row in m]
         new = sorted({k: i for i, k in enumerate(keys) if k not in self.cache}.values())
         if new:
             probs = self.queries.probabilities(self.images(m[new])).cpu()
@@ -100,6 +101,12 @@ class Oracle:
                 self.cache[keys[i]] = self._verdict(p)
         out = [self.cache[k] for k in keys]
         return np.array([o[0] for o in out]), np.array([o[1] for o in out], dtype=bool)
+
+
+def _key(m: np.ndarray) -> bytes:
+    """The cache key of a manipulation set: a 128-bit digest, not the set itself, so that
+    long searches on large images keep a small cache."""
+    return hashlib.blake2b(m.tobytes(), digest_size=16).digest()
 
 
 class FeatureGame:
