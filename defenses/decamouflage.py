@@ -49,7 +49,7 @@ _SPECTRUM_REF = 896 * 896
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a - b) ** 2).sum() / (a.shape[0] * a.shape[1]))
+    return float(cv2.norm(a, b, cv2.NORM_L2SQR) / (a.shape[0] * a.shape[1]))
 
 
 def csp_count(image: np.ndarray) -> int:
