@@ -57,7 +57,23 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="--instances: skip rows in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    _add_dlv_options(p)
     p.set_defaults(handler=run)
+
+
+def _add_dlv_options(p: Any) -> None:
+    g = p.add_argument_group("DLV mode (--region dlv; Huang et al., CAV 2017)")
+    g.add_argument("--region", default="linf", choices=("linf", "dlv"),
+                   help="linf: the L∞ ball of --eps; dlv: DLV's feature-region grid")  # fmt: skip
+    g.add_argument("--features", type=int, default=150, help="numOfFeatures (default 150)")
+    g.add_argument("--feature-dims", type=int, default=5, help="featureDims (default 5)")
+    g.add_argument("--span", type=float, default=1.0, help="span of one manipulation (1.0)")
+    g.add_argument("--num-span", type=int, default=1, help="numSpan: spans per dim (1)")
+    g.add_argument("--enumeration", default="convex", choices=("convex", "line", "point"))
+    g.add_argument("--heuristic", default="sift", choices=("sift", "derivative", "activation"))
+    g.add_argument("--dlv-layer", type=int, default=0, help="layer to analyse (0: input)")
+    g.add_argument("--continuous", action="store_true",
+                   help="also decide each feature's continuous box exactly")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +93,7 @@ def _region(args: argparse.Namespace) -> int:
     from bastion.suites.progress import NoProgress
     from bastion.verify.region import verify_region
 
-    if args.eps is None:
+    if args.eps is None and args.region == "linf":
         raise ConfigError("give the region's radius with --eps (e.g. --eps 0.02)")
     model, data, _ = load_model_and_data(args, NoProgress())
     if args.image is not None:
@@ -87,15 +103,19 @@ def _region(args: argparse.Namespace) -> int:
             raise ConfigError(f"--index {args.index} is outside the data (0..{len(data) - 1})")
         x, name = data.x[args.index], f"{args.data or 'digits'}[{args.index}]"
     x = x.to(device(args.device))
-    verdict = verify_region(
-        model,
-        x,
-        eps=args.eps,
-        label=args.label,
-        engine=args.engine,
-        timeout=args.timeout or 60.0,
-        seed=args.seed,
-    )
+    if args.region == "dlv":
+        verdict, region = _dlv(args, model, x)
+    else:
+        verdict = verify_region(
+            model,
+            x,
+            eps=args.eps,
+            label=args.label,
+            engine=args.engine,
+            timeout=args.timeout or 60.0,
+            seed=args.seed,
+        )
+        region = f"eps={args.eps:g}"
     if args.out is not None:
         _write_region(Path(args.out), verdict, x.cpu())
     if args.json:
@@ -103,7 +123,7 @@ def _region(args: argparse.Namespace) -> int:
         return EXIT_OK
     d = verdict.details
     rest = verdict.summary()[len(verdict.status) + 1 :]
-    print(f"{verdict.status} {name} label={d['label']} eps={args.eps:g} {rest}")
+    print(f"{verdict.status} {name} label={d['label']} {region} {rest}")
     for s in verdict.layers:
         print(
             f"  layer {s['index']} {s['kind']}: {s['unstable']}/{s['neurons']} unstable "
@@ -111,11 +131,31 @@ def _region(args: argparse.Namespace) -> int:
         )
     if verdict.guarantee:
         print(f"  {verdict.guarantee}")
+    if "continuous" in d:
+        c = d["continuous"]
+        print(f"  continuous boxes: {c['status']} in {c['seconds']:.2f}s {c['reason']}".rstrip())
+        if c["guarantee"]:
+            print(f"  {c['guarantee']}")
     if verdict.counterexample is not None:
         pred = int(torch.as_tensor(verdict.output).argmax())
         print(f"  counterexample classified {pred}; L∞ distance "
               f"{float((verdict.counterexample - x.cpu()).abs().max()):.4g}")  # fmt: skip
     return EXIT_OK
+
+
+def _dlv(args: argparse.Namespace, model: Any, x: Any) -> tuple[Any, str]:
+    from bastion.verify.dlv import verify_dlv
+
+    verdict = verify_dlv(
+        model, x, label=args.label, features=args.features, feature_dims=args.feature_dims,
+        span=args.span, num_span=args.num_span, enumeration=args.enumeration,
+        heuristic=args.heuristic, layer=args.dlv_layer, timeout=args.timeout or 60.0,
+        continuous=args.continuous, seed=args.seed,
+    )  # fmt: skip
+    d = verdict.details
+    region = (f"dlv features={d['features_examined']}/{args.features} span={args.span:g} "
+              f"numSpan={args.num_span} points={d['points']}")  # fmt: skip
+    return verdict, region
 
 
 def _read_image(path: Path, shape: Any) -> Any:
