@@ -110,8 +110,8 @@ def run_attack(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(res.attack).save(out)
     metrics = {"out": str(out), "target_resized": resized, **res.metrics()}
-    if args.json:
-        print(json.dumps(metrics))
+    if args.json:  # an exact hit has PSNR inf, which JSON cannot hold: null
+        print(json.dumps({k: None if v == float("inf") else v for k, v in metrics.items()}))
     else:
         shown = {k: v for k, v in metrics.items() if k != "out" and v is not None}
         text = " ".join(
