@@ -77,6 +77,8 @@ def _checks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "criterion": check.get("criterion"),
                 "passed": check.get("passed"),
                 "seconds": check.get("seconds"),
+                "kind": check.get("kind", "attack"),
+                "intervals": [_dict(r) for r in check.get("intervals") or []],
                 "results": results,
                 "points": _series_points(results),
                 "color": PALETTE[i % len(PALETTE)],

@@ -68,6 +68,20 @@ class Report:
             raise ConfigError(f"eps {eps:g} was not evaluated; evaluated eps: {have}")
         return float(min(match))
 
+    def verified_accuracy(self, check: str = "verify", eps: float | None = None) -> float:
+        """Verified accuracy of a `verify` check (by id) at `eps` (its largest when None)."""
+        entry = next((c for c in self.data["checks"] if c["id"] == check), None)
+        if entry is None or entry.get("kind") != "verify":
+            names = ", ".join(c["id"] for c in self.data["checks"] if c.get("kind") == "verify")
+            raise ConfigError(f"no verify check {check!r} in this report; verify checks: {names}")
+        rows = entry["results"]
+        eps = max(r["eps"] for r in rows) if eps is None else eps
+        match = [r for r in rows if math.isclose(r["eps"], eps, rel_tol=1e-6)]
+        if not match:
+            raise ConfigError(f"eps {eps:g} was not verified; verified eps: "
+                              + ", ".join(f"{r['eps']:g}" for r in rows))  # fmt: skip
+        return float(match[0]["verified_accuracy"])
+
     def to_json(self) -> str:
         return json.dumps(self.data, indent=2, allow_nan=False)
 
@@ -145,6 +159,10 @@ def _check_results(
 def _check_entry(
     check: Check, state: RunState, items: list[dict[str, Any]], total: int
 ) -> dict[str, Any]:
+    if check.kind == "verify":
+        from bastion.suites.verify_report import verify_entry
+
+        return verify_entry(check, state, items, total)
     n = min(check.n or total, total)
     mine = [r for r in items if r.get("kind") == "attack" and r["check"] == check.id]
     results = _check_results(check, state, items, n)
@@ -156,7 +174,7 @@ def _check_entry(
         "forward": sum(r["forward"] for r in mine),
         "backward": sum(r["backward"] for r in mine),
     }
-    if not check.spec.bounded:
+    if not check.bounded:
         rows = [
             (s, l2)
             for r in mine

@@ -245,6 +245,11 @@ class _Run:
         return logits
 
     def run_check(self, check: Check) -> None:
+        if check.kind == "verify":
+            from bastion.suites.verify_check import run_verify_check
+
+            run_verify_check(self, check)
+            return
         n = min(check.n or len(self.data), len(self.data))
         batches = _batches(n, self.batch_size)
         eps_list: list[float | None] = [*sorted(check.eps)] if check.spec.bounded else [None]
@@ -327,6 +332,13 @@ class _Run:
         out: list[GalleryItem] = []
         items = list(self.log.items.values())
         for check in suite.checks:
+            if check.kind == "verify":  # counterexamples found in this run, smallest eps
+                found = sorted((k for k in self.shots if k[0] == check.id), key=lambda k: k[1])
+                if found:
+                    eps0 = found[0][1]
+                    picks = [k[2] for k in found if k[1] == eps0][: self.keep]
+                    out += self._gallery_items(check, eps0, picks)
+                continue
             recs = sorted(
                 (r for r in items if r.get("check") == check.id),
                 key=lambda r: (r["eps"] is None, r["eps"] or 0.0),
@@ -343,7 +355,7 @@ class _Run:
         self, check: Check, eps: float | None, picks: list[int]
     ) -> list[GalleryItem]:
         missing = [i for i in picks if (check.id, eps, i) not in self.shots]
-        if missing:
+        if missing and check.kind == "attack":
             idx = torch.tensor(missing)
             attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=self.seed)
             result = attack(

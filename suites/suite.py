@@ -15,6 +15,18 @@ Suites load from TOML:
     params = { steps = 40 }
     cascade = true
     criterion = "robust_accuracy >= 0.4"   # optional; `criterion_eps = 0.1` to read one eps
+
+A `kind = "verify"` check runs the verifier (bastion.verify) instead of an attack: per
+image and L∞ eps SAFE / UNSAFE / UNKNOWN, verified accuracy, and with `interval = true`
+the robustness interval of each image (the largest eps proved SAFE, by bisection, and
+the smallest adversarial distance found by the verifier or the suite's attacks):
+
+    [[check]]
+    id = "verified"
+    kind = "verify"
+    eps = [0.01, 0.03]
+    n = 20
+    params = { timeout = 10, engine = "auto", interval = true }
 """
 
 from __future__ import annotations
@@ -37,7 +49,9 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
-_METRICS = ("robust_accuracy", "success_rate", "mean_l2", "median_l2")
+_METRICS = ("robust_accuracy", "success_rate", "mean_l2", "median_l2", "verified_accuracy")
+KINDS = ("attack", "verify")
+VERIFY_PARAMS = {"timeout": 10.0, "engine": "auto", "interval": False, "interval_steps": 6}
 _CRITERION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*$")
 
 
@@ -136,14 +150,21 @@ class Check:
     n: int | None = None
     cascade: bool = False
     criterion: Criterion | None = None
+    kind: str = "attack"
 
     @property
     def spec(self) -> AttackSpec:
         return ATTACKS[self.attack]
 
+    @property
+    def bounded(self) -> bool:
+        """Run once per eps (eps-bounded attacks and the verifier)."""
+        return self.kind == "verify" or self.spec.bounded
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "kind": self.kind,
             "attack": self.attack,
             "norm": self.norm,
             "eps": list(self.eps),
@@ -165,7 +186,7 @@ class Suite:
     def with_eps(self, eps: tuple[float, ...]) -> Suite:
         """The suite with the eps sweep of its L∞ eps-bounded checks replaced."""
         checks = tuple(
-            replace(c, eps=eps) if c.spec.bounded and c.norm == "linf" else c for c in self.checks
+            replace(c, eps=eps) if c.bounded and c.norm == "linf" else c for c in self.checks
         )
         for c in checks:
             validate_check(c)
@@ -173,10 +194,13 @@ class Suite:
 
 
 def validate_check(check: Check) -> None:
-    if check.norm not in NORMS or check.norm not in check.spec.norms:
+    if check.kind not in KINDS:
+        raise ConfigError(f"check {check.id!r}: unknown kind {check.kind!r}; use attack or verify")
+    norms = ("linf",) if check.kind == "verify" else check.spec.norms
+    if check.norm not in NORMS or check.norm not in norms:
         raise ConfigError(
             f"check {check.id!r}: {check.attack} does not support norm "
-            f"{check.norm!r}; use one of {', '.join(check.spec.norms)}"
+            f"{check.norm!r}; use one of {', '.join(norms)}"
         )
     if not check.eps:
         raise ConfigError(f"check {check.id!r} needs at least one eps")
@@ -196,21 +220,49 @@ def validate_check(check: Check) -> None:
         raise ConfigError(
             f"check {check.id!r}: criterion_eps {check.criterion.eps} is not in its eps list"
         )
+    if check.kind == "verify":
+        _validate_verify_params(check)
+        return
     # build once so bad parameters fail before any work is done
     check.spec.build(eps=check.eps[0], norm=check.norm, params=check.params, seed=0)
 
 
+def _validate_verify_params(check: Check) -> None:
+    from bastion.verify.verifier import ENGINES
+
+    unknown = set(check.params) - set(VERIFY_PARAMS)
+    if unknown:
+        raise ConfigError(
+            f"check {check.id!r}: unknown verify parameter(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(VERIFY_PARAMS)}"
+        )
+    p = {**VERIFY_PARAMS, **check.params}
+    if not float(p["timeout"]) > 0:
+        raise ConfigError(f"check {check.id!r}: timeout must be > 0 seconds")
+    if p["engine"] not in ENGINES:
+        raise ConfigError(f"check {check.id!r}: engine must be one of {', '.join(ENGINES)}")
+    if not 1 <= int(p["interval_steps"]) <= 30:
+        raise ConfigError(f"check {check.id!r}: interval_steps must be in 1..30")
+
+
 def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
-    known = {"id", "attack", "eps", "norm", "params", "n", "cascade", "criterion", "criterion_eps"}
+    known = {
+        "id", "kind", "attack", "eps", "norm", "params", "n", "cascade", "criterion",
+        "criterion_eps",
+    }  # fmt: skip
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
             f"allowed: {', '.join(sorted(known))}"
         )
-    if "attack" not in raw:
-        raise ConfigError(f"{where}: every check needs an 'attack'")
-    attack = attack_name(str(raw["attack"]))
+    kind = str(raw.get("kind", "attack"))
+    if kind == "verify":
+        attack = "Verifier"
+    elif "attack" not in raw:
+        raise ConfigError(f"{where}: every attack check needs an 'attack'")
+    else:
+        attack = attack_name(str(raw["attack"]))
     eps = raw.get("eps", [])
     eps = tuple(float(e) for e in (eps if isinstance(eps, list) else [eps]))
     crit = raw.get("criterion")
@@ -219,11 +271,12 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
         id=str(raw.get("id", attack.lower())),
         attack=attack,
         eps=eps,
-        norm=str(raw.get("norm", ATTACKS[attack].norms[0])),
+        norm=str(raw.get("norm", "linf" if kind == "verify" else ATTACKS[attack].norms[0])),
         params=dict(raw.get("params", {})),
         n=raw.get("n"),
         cascade=bool(raw.get("cascade", False)),
         criterion=criterion,
+        kind=kind,
     )
     validate_check(check)
     return check

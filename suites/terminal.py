@@ -19,6 +19,15 @@ _COLUMNS = (
 )
 
 
+_VERIFY_COLUMNS = (
+    ("eps", "eps", "g"),
+    ("verified acc", "verified_accuracy", ".3f"),
+    ("robust acc ≤", "robust_accuracy", ".3f"),
+    ("unsafe", "unsafe", "d"),
+    ("unknown", "unknown", "d"),
+)
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -37,6 +46,15 @@ def _check_notes(check: dict[str, Any]) -> list[str]:
             f"{_fmt(mn['success_rate'], '.3f')} mean_l2 {_fmt(mn['mean_l2'], '.3f')} "
             f"median_l2 {_fmt(mn['median_l2'], '.3f')} attacked {mn['attacked']} "
             f"seconds {check['seconds']:.1f}"
+        )
+    intervals = [r for r in check.get("intervals", []) if r["safe_up_to"] is not None]
+    if intervals:
+        safe = sorted(r["safe_up_to"] for r in intervals)
+        adv = sorted(r["adversarial_at"] for r in intervals if r["adversarial_at"] is not None)
+        notes.append(
+            f"{check['id']} robustness intervals over {len(intervals)} images: median proved "
+            f"safe up to {safe[len(safe) // 2]:.4g}, median adversarial at "
+            f"{_fmt(adv[len(adv) // 2] if adv else None, '.4g')} (L∞)"
         )
     if check.get("passed") is not None:
         notes.append(
@@ -70,16 +88,17 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
         highlight=False,
     )
     for check in report["checks"]:
+        columns = _VERIFY_COLUMNS if check.get("kind") == "verify" else _COLUMNS
         if console.is_terminal:
             table = Table(title=_title(check), title_justify="left")
-            for header, _, _ in _COLUMNS:
+            for header, _, _ in columns:
                 table.add_column(header, justify="right")
             for r in check["results"]:
-                table.add_row(*(_fmt(r[key], spec) for _, key, spec in _COLUMNS))
+                table.add_row(*(_fmt(r.get(key), spec) for _, key, spec in columns))
             console.print(table)
         else:
             for r in check["results"]:
-                figures = " ".join(f"{key}={_fmt(r[key], spec)}" for _, key, spec in _COLUMNS)
+                figures = " ".join(f"{key}={_fmt(r.get(key), spec)}" for _, key, spec in columns)
                 console.print(
                     f"{check['id']} {check['attack']} {check['norm']} {figures}", highlight=False
                 )

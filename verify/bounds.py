@@ -252,7 +252,7 @@ def compute_bounds(
         if isinstance(layer, ReLU | MaxPool2d):
             ibp_unstable = int(((lo[i] < 0) & (hi[i] > 0)).sum())
             if method == "crown" and i > 0:
-                lo[i], hi[i] = _tighten(network, lo, hi, i, relu=isinstance(layer, ReLU))
+                lo[i], hi[i] = _tighten(network, lo, hi, i)
             if i in splits:
                 lo[i], hi[i] = _apply_split(lo[i], hi[i], splits[i])
             if bool((lo[i] > hi[i]).any()):
@@ -290,18 +290,39 @@ def _unstable_count(layer: Layer, lo: torch.Tensor, hi: torch.Tensor) -> int:
     return int(((lo < 0) & (hi > 0)).sum())
 
 
+def _undecided_members(layer: MaxPool2d, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Flat mask of the max-pool inputs that belong to a window no input dominates."""
+    c, h, w = lo.shape
+    kk = layer.kernel[0] * layer.kernel[1]
+    win = _windows(layer, lo, hi)
+    pos = (
+        F.unfold(
+            torch.arange(h * w, dtype=lo.dtype).view(1, 1, h, w), layer.kernel, stride=layer.stride
+        )
+        .view(kk, -1)
+        .long()
+    )  # kk × windows: the input positions of each window
+    members = torch.zeros(c, h * w, dtype=torch.bool)
+    for ch in range(c):
+        open_windows = ~win.dominated[ch]
+        members[ch, pos[:, open_windows].flatten()] = True
+    return members.flatten()
+
+
 def _tighten(
     network: Network,
     lo: list[torch.Tensor],
     hi: list[torch.Tensor],
     i: int,
-    *,
-    relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN bounds for the neurons entering layer i that intervals leave unstable."""
     shape = lo[i].shape
     flat_lo, flat_hi = lo[i].flatten().clone(), hi[i].flatten().clone()
-    todo = ((flat_lo < 0) & (flat_hi > 0)) if relu else torch.ones_like(flat_lo, dtype=torch.bool)
+    layer = network.layers[i]
+    if isinstance(layer, MaxPool2d):  # only the inputs of windows no input dominates yet
+        todo = _undecided_members(layer, lo[i], hi[i])
+    else:
+        todo = (flat_lo < 0) & (flat_hi > 0)
     rows = todo.nonzero().flatten()
     if len(rows) == 0:
         return lo[i], hi[i]
