@@ -178,7 +178,8 @@ def main() -> None:
         ba = det_out[name]["black-box"]["ensemble_any"]
         print(
             f"{name:15s} ensemble accuracy white {w['accuracy']:.3f} black {bb['accuracy']:.3f} "
-            f"(fpr {bb['fpr']:.3f}; any: fpr {ba['fpr']:.3f}) built-in {bi['accuracy']:.3f} (fpr {bi['fpr']:.3f}) | median: "
+            f"(fpr {bb['fpr']:.3f}; any: fpr {ba['fpr']:.3f}) built-in {bi['accuracy']:.3f} "
+            f"(fpr {bi['fpr']:.3f}) | median: "
             f"success {d['success_before']:.2f} -> {d['success_after_median']:.2f}, benign PSNR "
             f"{d['benign_psnr_image']:.1f} / scaled {d['benign_psnr_scaled']:.1f}"
         )
