@@ -25,7 +25,7 @@ from bastion.defenses.decamouflage import (
     DETECTORS,
     SCORES,
     Decamouflage,
-    _benchmark_photos,
+    bundled_photos,
     csp_count,
     filter_scores,
     rescale_scores,
@@ -94,7 +94,7 @@ def rates(det: Decamouflage, benign: list, attacks: list) -> dict[str, dict[str,
 def main() -> None:
     cv2.setNumThreads(1)  # the machine is shared: one thread, as OMP_NUM_THREADS=1
     t0 = time.time()
-    photos = _benchmark_photos()
+    photos = bundled_photos()
     images, photo_of = [], []
     for p, photo in enumerate(photos):
         for v in variants(photo):

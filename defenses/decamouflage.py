@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import cv2
@@ -109,7 +109,7 @@ def _best_threshold(benign: np.ndarray, attacks: np.ndarray, low: bool) -> float
     return float(cuts[int(np.argmax(correct))])
 
 
-def _benchmark_photos() -> list[np.ndarray]:
+def bundled_photos() -> list[np.ndarray]:
     """RGB photos shipped with scikit-image and scikit-learn (no download)."""
     from skimage import data
     from sklearn.datasets import load_sample_images
@@ -126,7 +126,7 @@ def builtin_thresholds(scaler: str, size: Size, percentile: float = 99.0) -> dic
     """Black-box thresholds from bundled photos (flipped, cropped) resized to 4× `size`."""
     big = (4 * size[0], 4 * size[1])
     benign = []
-    for p in _benchmark_photos():
+    for p in bundled_photos():
         h, w = p.shape[:2]
         for img in (p, p[:, ::-1], p[: h * 3 // 4, w // 4 :]):
             benign.append(
@@ -174,9 +174,17 @@ class Decamouflage:
             self._thresholds = dict(builtin_thresholds(self.scaler, self.size))
         return self._thresholds
 
-    def score(self, images: Sequence[np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+    def score(
+        self,
+        images: Sequence[np.ndarray] | np.ndarray,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Each score for every image: name → array of N floats."""
-        rows = [image_scores(img, self.scaler, self.size) for img in images]
+        rows = []
+        for i, img in enumerate(images):
+            rows.append(image_scores(img, self.scaler, self.size))
+            if progress is not None:
+                progress(i + 1, len(images))
         return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in SCORES}
 
     def decide(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
