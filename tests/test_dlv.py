@@ -191,7 +191,7 @@ def test_hidden_layer_analysis_finds_planted_example_through_z3() -> None:
     assert v.details["z3_queries"] >= 1
     assert v.counterexample is not None and int(model(v.counterexample[None]).argmax()) == 1
     safe = verify_dlv(_planted(robust=True), X, layer=2, **PLANTED_ARGS)
-    assert safe.status == SAFE and "covering/refinement" in safe.guarantee
+    assert safe.status == SAFE and "covering/refinement assumption" in safe.guarantee
 
 
 def test_sift_features_partition_the_coordinates(demo: nn.Module, digits) -> None:  # type: ignore[no-untyped-def]

@@ -1,6 +1,7 @@
 """bastion.verify: network extraction, bounds, SMT encoding, DLV search, specs."""
 
 from .bounds import Bounds, compute_bounds
+from .dlv import verify_dlv
 from .extract import UnsupportedLayerError, check_network, extract, load_network
 from .instances import Instance, read_instances
 from .network import Network
@@ -30,6 +31,7 @@ __all__ = [
     "robustness_property",
     "verify",
     "verify_region",
+    "verify_dlv",
     "Instance",
     "UnsupportedLayerError",
     "VnnlibError",

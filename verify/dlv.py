@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from bastion.verify.dlv_regions import (
     Region,
     analysable,
     back_propagate,
+    grid_size,
     grid_values,
     input_features,
     synthesise,
@@ -59,17 +61,21 @@ _WHICH = {
 
 def guarantee(enumeration: str, layer: int) -> str:
     """What a SAFE from DLV mode proves, in words."""
+    grid = (
+        "{x + Σ c_p·span·e_p : |c_p| ≤ numSpan} ∩ [0,1] (other pixels fixed)"
+        if layer == 0
+        else f"of layer {layer}, {{α_{layer} + Σ c_p·s_p·e_p : |c_p| ≤ numSpan}} (other "
+        "neurons fixed)"
+    )
     text = (
-        f"DLV: complete for the discretised region under the minimality assumption: "
-        f"{_WHICH[enumeration]} each examined feature's grid {{x + Σ c_p·span·e_p : |c_p| ≤ "
-        f"numSpan}} ∩ [0,1] (other pixels fixed) keeps the class, and minimality (no class "
-        f"change between neighbouring grid points) is assumed, not checked; nothing is "
-        f"proved for the continuous region"
+        "DLV: complete for the discretised region under the minimality assumption: "
+        f"{_WHICH[enumeration]} each examined feature's grid {grid} keeps the class; "
+        "minimality (no class change between neighbouring grid points) is assumed, not "
+        "checked; nothing is proved for the continuous region"
     )
     if layer > 0:
         text += (
-            f"; the grid is layer {layer}'s, and carrying it to the input needs DLV's "
-            "covering/refinement assumption (not checked)"
+            "; carrying it to the input needs DLV's covering/refinement assumption (not checked)"
         )
     return text
 
@@ -114,7 +120,12 @@ def verify_dlv(
         )
     check_images(x[None])
     x = x.detach().cpu()
-    net = network if network is not None else extract(model, tuple(x.shape))
+    if network is not None:
+        net = network
+    elif isinstance(model, torch.nn.Module):
+        net = extract(model, tuple(x.shape))
+    else:
+        raise ConfigError("a plain callable model needs its extracted network: pass network=")
     if not analysable(net, layer):
         raise ConfigError(
             f"layer {layer} is not the input (0) or the output of a dense or convolutional "
@@ -187,6 +198,19 @@ def _best_other(y: torch.Tensor, label: int) -> torch.Tensor:
     return others.max(1).values - y[:, label].double()
 
 
+@dataclass
+class _Stats:
+    """What the search did: grid points classified, features searched in full (up to the
+    adversarial one), layer-k points that changed the class, z3 queries, back-propagation
+    outcomes by status."""
+
+    points: int = 0
+    features_examined: int = 0
+    hidden_flips: int = 0
+    z3_queries: int = 0
+    backprop: dict[str, int] = field(default_factory=dict)
+
+
 class _Search:
     """The per-feature loop of DLV over one image."""
 
@@ -204,10 +228,8 @@ class _Search:
         self.net, self.forward, self.x, self.label = net, forward, x, label
         self.enumeration, self.layer = enumeration, layer
         self.batch_size, self.query_timeout = batch_size, query_timeout
-        self.base = x.double().flatten().numpy()
         self.acts = [a[0].flatten().numpy() for a in net.activations(x.double()[None])]
-        self.stats = {"points": 0, "features_examined": 0, "hidden_flips": 0,
-                      "z3_queries": 0, "backprop": {}}  # fmt: skip
+        self.stats = _Stats()
 
     def run(
         self,
@@ -225,10 +247,12 @@ class _Search:
             if self.layer > 0:
                 regions = synthesise(self.net, first, self.layer, feature_dims)
             clip = (0.0, 1.0) if self.layer == 0 else None
-            values, coeffs = grid_values(regions[-1], self.acts[self.layer], self.enumeration, clip)
-            if self.stats["points"] + len(values) > max_points:
+            base = self.acts[self.layer]
+            size = grid_size(regions[-1], base, self.enumeration, clip)
+            if self.stats.points + size > max_points:
                 return self._verdict(UNKNOWN, reason=f"grid-point budget ({max_points}) spent "
                                      f"after {f} of {len(feats)} features")  # fmt: skip
+            values, coeffs = grid_values(regions[-1], base, self.enumeration, clip)
             for lo in range(0, len(values), self.batch_size):
                 if time.perf_counter() >= deadline:
                     return self._verdict(UNKNOWN, reason=f"deadline reached in feature {f}")
@@ -236,19 +260,19 @@ class _Search:
                 found = self._batch(regions, values[batch], coeffs[batch], f, deadline)
                 if found is not None:
                     return found
-            self.stats["features_examined"] = f + 1
+            self.stats.features_examined = f + 1
             if progress is not None:
                 progress(f + 1, len(feats))
-        if self.stats["hidden_flips"]:
+        if self.stats.hidden_flips:
             return self._verdict(
                 UNKNOWN,
-                reason=f"{self.stats['hidden_flips']} layer-{self.layer} grid points change the "
+                reason=f"{self.stats.hidden_flips} layer-{self.layer} grid points change the "
                 "class but no input realising them does",
             )
         return self._verdict(SAFE, guarantee=guarantee(self.enumeration, self.layer))
 
     def _verdict(self, status: str, **kw: Any) -> Verdict:
-        return Verdict(status, "dlv", 0.0, details=dict(self.stats), **kw)
+        return Verdict(status, "dlv", 0.0, details=asdict(self.stats), **kw)
 
     def _batch(
         self,
@@ -259,7 +283,7 @@ class _Search:
         deadline: float,
     ) -> Verdict | None:
         region = regions[-1]
-        self.stats["points"] += len(values)
+        self.stats.points += len(values)
         points = np.repeat(self.acts[self.layer][None], len(values), axis=0)
         points[:, region.dims] = values
         if self.layer == 0:
@@ -274,12 +298,11 @@ class _Search:
             acts = apply_layer(lay, acts)
         gap = _best_other(acts.flatten(1), self.label)
         for i in torch.nonzero(gap > 0).flatten().tolist():
-            self.stats["hidden_flips"] += 1
+            self.stats.hidden_flips += 1
             back = back_propagate(self.net, self.x, regions, values[i], deadline=deadline,
                                   query_timeout=self.query_timeout)  # fmt: skip
-            self.stats["z3_queries"] += back.queries
-            counts = self.stats["backprop"]
-            counts[back.status] = counts.get(back.status, 0) + 1
+            self.stats.z3_queries += back.queries
+            self.stats.backprop[back.status] = self.stats.backprop.get(back.status, 0) + 1
             if back.input is None:
                 continue
             image = torch.from_numpy(back.input).to(torch.float32).view(self.x.shape)
@@ -294,7 +317,7 @@ class _Search:
     ) -> Verdict:
         y = self.forward(image[None])
         margin = float(_best_other(y, self.label)[0])
-        self.stats["features_examined"] = feature + 1
+        self.stats.features_examined = feature + 1
         verdict = self._verdict(UNSAFE, counterexample=image, output=y[0], margin=margin)
         verdict.details.update(
             feature=feature, dims=region.dims.tolist(), coefficients=coeffs.tolist(),

@@ -122,14 +122,17 @@ def grid_values(
     return values, c
 
 
-def grid_size(region: Region, base: np.ndarray, enumeration: str, clip: tuple[float, float]) -> int:
+def grid_size(
+    region: Region, base: np.ndarray, enumeration: str, clip: tuple[float, float] | None
+) -> int:
     """Π_p (distinct clipped values of dim p): (2m+1)^d for "line", 2^d for "convex" inside."""
     if enumeration == "point":
         return 1
     m = region.num_span
     steps = np.array([-m, m]) if enumeration == "convex" else np.arange(-m, m + 1)
+    lo, hi = clip if clip is not None else (-np.inf, np.inf)
     sizes = [
-        len(np.unique(np.clip(base[p] + steps * s, *clip)))
+        len(np.unique(np.clip(base[p] + steps * s, lo, hi)))
         for p, s in zip(region.dims, region.span, strict=True)
     ]
     return int(np.prod(sizes))
