@@ -7,10 +7,11 @@ pass criterion the user asked for fails, 2 on bad input (one line on stderr, no 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
-from bastion.commands.common import EXIT_BAD_INPUT, Parser
+from bastion.commands.common import EXIT_BAD_INPUT, EXIT_OK, Parser
 from bastion.errors import BastionError
 
 # Each module has `register(subparsers)`, which adds its subcommands with a `handler`.
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BastionError as exc:
         print(f"bastion: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `bastion … | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print(
             "bastion: interrupted; rerun the same command with --resume to continue",

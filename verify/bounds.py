@@ -250,7 +250,7 @@ def compute_bounds(
     infeasible = False
     for i, layer in enumerate(network.layers):
         if isinstance(layer, ReLU | MaxPool2d):
-            ibp_unstable = int(((lo[i] < 0) & (hi[i] > 0)).sum())
+            ibp_unstable = _unstable_count(layer, lo[i], hi[i])
             if method == "crown" and i > 0:
                 lo[i], hi[i] = _tighten(network, lo, hi, i)
             if i in splits:
@@ -262,7 +262,7 @@ def compute_bounds(
                 LayerStats(
                     index=i,
                     kind="relu" if isinstance(layer, ReLU) else "maxpool",
-                    neurons=lo[i].numel(),
+                    neurons=_units(layer, lo[i]),
                     unstable=_unstable_count(layer, lo[i], hi[i]),
                     unstable_ibp=ibp_unstable,
                     mean_width=float(width.mean()) if width.numel() else 0.0,
@@ -281,6 +281,13 @@ def compute_bounds(
         lo[n] = torch.maximum(lo[n], low.view(network.shapes[n]))
         hi[n] = torch.minimum(hi[n], high.view(network.shapes[n]))
     return Bounds(lo, hi, stats, infeasible)
+
+
+def _units(layer: Layer, lo: torch.Tensor) -> int:
+    """Neurons of a ReLU layer, windows of a max-pool."""
+    if isinstance(layer, MaxPool2d):
+        return int(F.max_pool2d(lo[None], layer.kernel, layer.stride).numel())
+    return lo.numel()
 
 
 def _unstable_count(layer: Layer, lo: torch.Tensor, hi: torch.Tensor) -> int:

@@ -38,7 +38,9 @@ def register(sub: Any) -> None:
     p.add_argument("--index", type=int, default=0, help="sample of --data to verify (default 0)")
     p.add_argument("--image", default=None, help="verify this image file instead of --data")
     p.add_argument("--label", type=int, default=None, help="class to prove (default: predicted)")
-    p.add_argument("--eps", type=float, default=None, help="L∞ radius of the region")
+    p.add_argument(
+        "--eps", type=float, default=0.01, help="L∞ radius of the region (default 0.01)"
+    )
     p.add_argument("--vnnlib", default=None, help="VNN-LIB 1.0 property for MODEL (ONNX)")
     p.add_argument("--instances", default=None, help="VNN-COMP instances.csv to run in batch")
     p.add_argument("--engine", default="auto", choices=_ENGINES)
@@ -93,8 +95,8 @@ def _region(args: argparse.Namespace) -> int:
     from bastion.suites.progress import NoProgress
     from bastion.verify.region import verify_region
 
-    if args.eps is None and args.region == "linf":
-        raise ConfigError("give the region's radius with --eps (e.g. --eps 0.02)")
+    if args.region == "linf" and not 0 <= args.eps <= 1:
+        raise ConfigError(f"--eps must lie in [0, 1] on the [0, 1] pixel scale, got {args.eps}")
     model, data, _ = load_model_and_data(args, NoProgress())
     if args.image is not None:
         x, name = _read_image(Path(args.image), data.x.shape[1:]), args.image
@@ -126,7 +128,8 @@ def _region(args: argparse.Namespace) -> int:
     print(f"{verdict.status} {name} label={d['label']} {region} {rest}")
     for s in verdict.layers:
         print(
-            f"  layer {s['index']} {s['kind']}: {s['unstable']}/{s['neurons']} unstable "
+            f"  layer {s['index']} {s['kind']}: {s['unstable']}/{s['neurons']} "
+            f"{'unstable' if s['kind'] == 'relu' else 'undecided windows'} "
             f"(intervals: {s['unstable_ibp']}), mean width {s['mean_width']:.4g}"
         )
     if verdict.guarantee:
