@@ -22,17 +22,28 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from bastion.errors import ConfigError
 from bastion.verify.linear_maps import layer_matrix
-from bastion.verify.network import Conv2d, Dense, Elementwise, Flatten, MaxPool2d, Network, ReLU
+from bastion.verify.network import (
+    Conv2d,
+    Dense,
+    Elementwise,
+    Flatten,
+    Layer,
+    MaxPool2d,
+    Network,
+    ReLU,
+)
 
 HEURISTICS = ("sift", "derivative", "activation")
 ENUMERATIONS = ("convex", "line", "point")
@@ -159,7 +170,7 @@ def synthesise(network: Network, first: Region, layer: int, feature_dims: int) -
         elif isinstance(lay, MaxPool2d):
             regions.append(_pool_region(lay, shape, network.shapes[j + 1], prev, j + 1))
         else:
-            matrix, _ = layer_matrix(lay, shape)
+            matrix, _ = _matrix(lay, shape)
             sub = abs(matrix[:, prev.dims]) @ (prev.span * prev.num_span)
             sub = np.asarray(sub).ravel()
             top = np.lexsort((np.arange(len(sub)), -sub))[:feature_dims]
@@ -171,6 +182,13 @@ def synthesise(network: Network, first: Region, layer: int, feature_dims: int) -
                 )
             regions.append(Region(j + 1, top, sub[top] / prev.num_span, prev.num_span))
     return regions
+
+
+@functools.lru_cache(maxsize=32)
+def _matrix(layer: Layer, shape: tuple[int, ...]) -> tuple[sp.csr_matrix, np.ndarray]:
+    """`layer_matrix`, kept: every feature of a search needs the same layers (layers hash
+    by identity)."""
+    return layer_matrix(layer, shape)
 
 
 def _pool_region(
@@ -331,7 +349,7 @@ def _solve_layer(
         terms[int(p)] = enc.real(float(a), float(b))
         free.append((int(p), terms[int(p)]))
     rows = sorted(targets)
-    matrix, bias = layer_matrix(network.layers[j], network.shapes[j])
+    matrix, bias = _matrix(network.layers[j], network.shapes[j])
     outs = enc.affine(matrix[rows], [_q(bias[r]) for r in rows], terms)
     for r, y in zip(rows, outs, strict=True):
         t_lo, t_hi = targets[r]
