@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bastion.errors import ConfigError
 from bastion.suites.results_log import item_key
 from bastion.suites.suite import VERIFY_PARAMS, Check
 
@@ -41,6 +42,11 @@ def run_verify_check(run: _Run, check: Check) -> None:
         rec = run.log.get(key)
         if rec is None:
             if network is None:
+                if not isinstance(run.model, torch.nn.Module):
+                    raise ConfigError(
+                        f"check {check.id!r}: the verifier needs the model as an nn.Module "
+                        "(or a TorchScript/torch.export/ONNX file), not a plain callable"
+                    )
                 network = extract(run.model, tuple(run.data.x.shape[1:]))
             rec = run.log.put(key, _item(run, check, params, idx, network))
         for i, at in zip(rec["rows"]["index"], rec["rows"]["adversarial_at"], strict=True):
@@ -61,9 +67,12 @@ def _item(
         k: [] for k in ("index", "status", "engine", "seconds", "safe_up_to", "adversarial_at")
     }
 
+    model = run.model
+    assert isinstance(model, torch.nn.Module)  # run_verify_check refused anything else
+
     def ask(x: torch.Tensor, label: int, eps: float) -> Any:
         return verify_region(
-            run.model, x, eps=eps, label=label, engine=params["engine"],
+            model, x, eps=eps, label=label, engine=params["engine"],
             timeout=float(params["timeout"]), seed=run.seed, network=network,
         )  # fmt: skip
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from bastion.errors import InvalidInputError
@@ -17,7 +15,7 @@ from bastion.verify.verifier import verify
 
 
 def verify_region(
-    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    model: torch.nn.Module,
     x: torch.Tensor,
     *,
     eps: float,

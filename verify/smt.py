@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,7 +27,7 @@ from bastion.verify.linear_maps import layer_matrix
 from bastion.verify.network import AvgPool2d, MaxPool2d, Network, ReLU
 from bastion.verify.spec import Halfspaces, Property
 
-Term = z3.ArithRef | Fraction
+Term: TypeAlias = "z3.ArithRef | Fraction"  # a z3 expression, or an exact constant
 
 
 @dataclass
@@ -129,7 +130,8 @@ def solve_smt(
             terms = enc.affine(matrix, [_q(b) for b in bias], terms)
     a, b = disjunct.a.double().numpy(), disjunct.b.double().numpy()
     for r in range(len(b)):
-        const, parts = Fraction(0), []
+        const = Fraction(0)
+        parts: list[z3.ArithRef] = []
         for c, t in zip(a[r], terms, strict=True):
             if not c:
                 continue
