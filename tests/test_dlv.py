@@ -165,6 +165,16 @@ def test_backprop_of_unreachable_target_is_never_realised() -> None:
     assert back.status in ("unsat", "unknown") and back.input is None
 
 
+def test_backprop_past_its_deadline_is_unknown_not_unsat() -> None:
+    """DLV's code reports a z3 timeout as unsatisfiable; ours must say unknown."""
+    net = extract(_random_net((16, 6, 2), 0), (1, 4, 4))
+    regions = synthesise(net, Region(0, np.array([0, 5, 6, 10, 11]), np.full(5, 0.1), 2), 2, 5)
+    x = torch.full((1, 4, 4), 0.5)
+    target = _target_of(net, x, regions, x)
+    back = back_propagate(net, x, regions, target, deadline=time.perf_counter() - 1.0)
+    assert back.status == "unknown" and back.input is None and back.queries == 1
+
+
 def test_backprop_through_conv_band_on_demo(demo: nn.Module) -> None:
     net = extract(demo, (1, 8, 8))
     x = torch.full((1, 8, 8), 0.3)
