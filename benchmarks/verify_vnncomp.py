@@ -304,7 +304,7 @@ def profile(args: argparse.Namespace) -> None:
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     stages = {
         "bounds (compute_bounds, CROWN)": ("bounds.py", "compute_bounds"),
-        "bounds in branch and bound (_tighten)": ("bounds.py", "_tighten"),
+        "of which CROWN back-substitution (_tighten)": ("bounds.py", "_tighten"),
         "PGD (falsify)": ("falsify.py", "falsify"),
         "MILP encode": ("milp.py", "encode"),
         "HiGHS solve (scipy milp)": ("_milp.py", "milp"),
