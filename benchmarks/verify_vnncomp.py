@@ -341,7 +341,10 @@ def profile(args: argparse.Namespace) -> None:
 def table(doc: dict[str, Any]) -> str:
     lines = ["| tool | instances | solved | unsat | sat | wrong | median s (solved) |"]
     lines.append("|---|---|---|---|---|---|---|")
-    named = {**{f"{k} (this machine)": v for k, v in doc["summary"].items()}}
+    named = {
+        "bastion (this run)": doc["summary"]["bastion"],
+        f"marabou ({doc['marabou_source']})": doc["summary"]["marabou"],
+    }
     named.update({f"{k} (VNN-COMP 2021, AWS)": v for k, v in doc["published_2021"].items()})
     for name, s in named.items():
         if s["instances"]:
