@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 
 from bastion.fileio import write_atomic
 from bastion.suites.charts import PALETTE, _charts, _series_points
@@ -58,8 +59,13 @@ def _param(key: str, value: Any) -> str:
     return fmt_num(value)
 
 
-def _checks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _checks(
+    report: Mapping[str, Any], figures: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     checks = []
+    figures = figures or {}
+    classes = _dict(report.get("data")).get("classes")
+    names = [str(c) for c in classes] if isinstance(classes, list) else []
     raw = report.get("checks")
     for i, check in enumerate(raw if isinstance(raw, list) else []):
         check = _dict(check)
@@ -79,12 +85,74 @@ def _checks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "seconds": check.get("seconds"),
                 "kind": check.get("kind", "attack"),
                 "intervals": [_dict(r) for r in check.get("intervals") or []],
+                "fooling": _fooling(check, figures.get(str(check.get("id"))), names),
+                "scaling": _scaling(check, figures.get(str(check.get("id"))), names),
                 "results": results,
                 "points": _series_points(results),
                 "color": PALETTE[i % len(PALETTE)],
             }
         )
     return checks
+
+
+def _fooling(check: Mapping[str, Any], images: Any, names: list[str]) -> dict[str, Any] | None:
+    """A fooling check's figures and its per-class tiles (with images when the run kept them)."""
+    fooling = check.get("fooling")
+    if not isinstance(fooling, Mapping):
+        return None
+    rows = [_dict(r) for r in fooling.get("classes") or [] if isinstance(r, Mapping)]
+    tiles = []
+    for k, row in enumerate(rows):
+        predicted = _number(row.get("predicted"))
+        image = images[k] if isinstance(images, list) and k < len(images) else None
+        tiles.append(
+            {
+                **row,
+                "predicted_name": _class_name(names, predicted),
+                "fooled": (_number(row.get("confidence")) or 0.0) >= 0.99
+                and predicted == _number(row.get("class")),
+                "uri": png_data_uri(image) if image is not None else None,
+                "size": png_size(image) if image is not None else None,
+            }
+        )
+    return {**fooling, "tiles": tiles}
+
+
+def _scaling(check: Mapping[str, Any], examples: Any, names: list[str]) -> dict[str, Any] | None:
+    """A scaling check's rows, each with its example triptych when the run kept one."""
+    rows = check.get("scaling")
+    if not isinstance(rows, list):
+        return None
+    examples = examples if isinstance(examples, Mapping) else {}
+    view = []
+    for row in (_dict(r) for r in rows):
+        ex = examples.get(row.get("scaler"))
+        pictures = None
+        if isinstance(ex, Mapping):
+            arrays = {
+                k: np.asarray(ex[k], dtype=np.float64) / 255.0 for k in ("source", "attack", "seen")
+            }
+            big = arrays["source"].shape
+            # what the model sees, drawn at the source's size: the resize made visible
+            scale = display_scale(big[0], big[1]) * max(1, big[0] // arrays["seen"].shape[0])
+            pictures = {
+                "source_uri": png_data_uri(arrays["source"]),
+                "attack_uri": png_data_uri(arrays["attack"]),
+                "seen_uri": png_data_uri(arrays["seen"], scale=scale),
+                "size": png_size(arrays["source"]),
+                "source_name": _class_name(names, _number(ex.get("source_class"))),
+                "target_name": _class_name(names, _number(ex.get("target_class"))),
+                "predicted_name": _class_name(names, _number(ex.get("predicted_class"))),
+                "success": ex.get("success"),
+            }
+        view.append({**row, "example": pictures})
+    return {"rows": view, "vulnerable": check.get("vulnerable")}
+
+
+def _class_name(names: list[str], k: float | None) -> str:
+    if k is None:
+        return "–"
+    return names[int(k)] if 0 <= k < len(names) else str(int(k))
 
 
 def _flags(report: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -129,6 +197,12 @@ def png_size(image: Any) -> tuple[int, int]:
     return w * s, h * s
 
 
+def _defense(model: Mapping[str, Any]) -> str | None:
+    if not model.get("defense"):
+        return None
+    return f"{model['defense']}{' (adaptive: + BPDA)' if model.get('adaptive') else ''}"
+
+
 def _passes(passes: Mapping[str, Any]) -> str | None:
     if not passes:
         return None
@@ -136,11 +210,15 @@ def _passes(passes: Mapping[str, Any]) -> str | None:
     return f"{forward} forward · {backward} backward"
 
 
-def _context(report: Mapping[str, Any], gallery: Sequence[GalleryItem]) -> dict[str, Any]:
+def _context(
+    report: Mapping[str, Any],
+    gallery: Sequence[GalleryItem],
+    figures: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     model, data = _dict(report.get("model")), _dict(report.get("data"))
     env, suite = _dict(report.get("environment")), _dict(report.get("suite"))
     timings, passes = _dict(report.get("timings")), _dict(report.get("passes"))
-    checks = _checks(report)
+    checks = _checks(report, figures)
     flags = _flags(report)
     sha = str(model.get("sha256") or "")
     classes = data.get("classes")
@@ -150,6 +228,7 @@ def _context(report: Mapping[str, Any], gallery: Sequence[GalleryItem]) -> dict[
             ("Source", model.get("source")),
             ("Format", model.get("format")),
             ("SHA-256", sha[:16] + "…" if len(sha) > 16 else sha or None),
+            ("Defense", _defense(model)),
             ("Classes", model.get("num_classes")),
             ("Input", "×".join(str(s) for s in shape) if isinstance(shape, list) else shape),
         ),
@@ -223,16 +302,25 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_html(report: Mapping[str, Any], gallery: Sequence[GalleryItem] = ()) -> str:
-    """The report page as one self-contained HTML string (see the module docstring)."""
-    return _environment().get_template("report.html").render(**_context(report, gallery))
+def render_html(
+    report: Mapping[str, Any],
+    gallery: Sequence[GalleryItem] = (),
+    figures: Mapping[str, Any] | None = None,
+) -> str:
+    """The report page as one self-contained HTML string (see the module docstring).
+    `figures` holds the images of fooling and scaling checks by check id (`Report.figures`)."""
+    context = _context(report, gallery, figures)
+    return _environment().get_template("report.html").render(**context)
 
 
 def write_html(
-    report: Mapping[str, Any], gallery: Sequence[GalleryItem], path: str | os.PathLike[str]
+    report: Mapping[str, Any],
+    gallery: Sequence[GalleryItem],
+    path: str | os.PathLike[str],
+    figures: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the page to `path` atomically (a temporary file beside it, then a rename).
 
     A reader never sees a half-written report, and an existing file is replaced whole.
     """
-    write_atomic(path, render_html(report, gallery))
+    write_atomic(path, render_html(report, gallery, figures))

@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Report:
-    """A finished run: `data` is the JSON record; `gallery` the images for the HTML page."""
+    """A finished run: `data` is the JSON record; `gallery` the images for the HTML page;
+    `figures` the images of fooling and scaling checks by check id (HTML only)."""
 
     data: dict[str, Any]
     gallery: list[Any] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def clean_accuracy(self) -> float:
@@ -55,6 +57,7 @@ class Report:
                 c
                 for c in self.data["checks"]
                 if attack.lower() in (c["id"].lower(), c["attack"].lower())
+                and c.get("kind", "attack") in ("attack", "verify")
             ]
             if not checks:
                 names = ", ".join(c["id"] for c in self.data["checks"])
@@ -95,7 +98,7 @@ class Report:
         out_dir = Path(out)
         paths = {"json": out_dir / "report.json", "html": out_dir / "report.html"}
         write_atomic(paths["json"], self.to_json())
-        write_html(self.data, self.gallery, paths["html"])
+        write_html(self.data, self.gallery, paths["html"], figures=self.figures)
         if junit is not None:
             paths["junit"] = Path(junit)
             write_junit(self.data, paths["junit"])
@@ -163,6 +166,15 @@ def _check_entry(
         from bastion.suites.verify_report import verify_entry
 
         return verify_entry(check, state, items, total)
+    if check.kind == "fooling":
+        from bastion.suites.fooling_report import fooling_entry
+
+        return fooling_entry(check, items)
+    if check.kind == "scaling":
+        from bastion.suites.scaling_report import scaling_entry
+        from bastion.suites.suite import SCALING_N
+
+        return scaling_entry(check, items, min(check.n or SCALING_N, total))
     n = min(check.n or total, total)
     mine = [r for r in items if r.get("kind") == "attack" and r["check"] == check.id]
     results = _check_results(check, state, items, n)
@@ -224,7 +236,7 @@ def build_report(
     correct = state.correct
     checks = [_check_entry(c, state, items, n) for c in suite.checks]
     # each figure is taken over the samples its checks evaluated (checks may use a subset)
-    sizes = {c.id: min(c.n or n, n) for c in suite.checks}
+    sizes = {c.id: min(c.n or n, n) for c in suite.checks if c.robustness}
     by_norm: dict[str, list[dict[str, float]]] = {}
     worst = correct.clone()
     for norm, broken in state.broken_at.items():

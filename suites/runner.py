@@ -3,7 +3,9 @@
 The unit of work is one (check, eps, batch) item, seeded by (seed, dataset index) through
 the attacks, written to results.jsonl as it finishes; a run is the merge of its items, which
 is what makes `resume` exact. Points the model already misclassifies are never attacked;
-`cascade` checks attack only points still robust (AutoAttack's scheme).
+`cascade` checks attack only points still robust (AutoAttack's scheme). With a defense
+(`defense="raw_isp"` or the suite's `defense` key) every check runs against the defended
+model; an adaptive suite's `ID-bpda` twins attack it with BPDA gradients.
 """
 
 from __future__ import annotations
@@ -75,15 +77,24 @@ def run_suite(
     gallery: int = 8,
     fail_under: float | None = None,
     junit: str | Path | None = None,
+    defense: str | None = None,
+    adaptive: bool | None = None,
 ) -> Report:
     """Run `suite` (a built-in name, a TOML path or a Suite) on `data` and return the Report.
 
     With `out`, per-item results stream to `out/results.jsonl` (resumable with `resume`)
     and report.json, report.html (and `junit` XML) are written there at the end.
     `fail_under` makes the report fail when the worst-case robust accuracy is below it.
+    `defense="raw_isp"` runs the suite against `RawISP().wrap(model)` (overriding the
+    suite's `defense` key); `adaptive=True` adds a BPDA twin of every gradient attack
+    check (see `Suite.with_defense`).
     """
     started = time.perf_counter()
     suite_obj = load_suite(suite) if isinstance(suite, str) else suite
+    if defense is not None or adaptive is not None:
+        suite_obj = suite_obj.with_defense(
+            defense or suite_obj.defense, suite_obj.adaptive if adaptive is None else adaptive
+        )
     if eps:
         suite_obj = suite_obj.with_eps(tuple(float(e) for e in eps))
     for name, value in (("batch_size", batch_size), ("n", n if n is not None else 1)):
@@ -100,6 +111,11 @@ def run_suite(
     check_labels(data.y, len(data))
     info = dict(model_info or {})
     info.setdefault("sha256", _fingerprint(model))
+    bpda_model = None
+    if suite_obj.defense is not None:
+        defense_name = suite_obj.defense
+        model, bpda_model = _defended(model, defense_name), _defended(model, defense_name, True)
+        info.update(defense=suite_obj.defense, adaptive=suite_obj.adaptive)
     header = {
         "model_sha256": info["sha256"],
         "data": data.spec,
@@ -118,6 +134,7 @@ def run_suite(
         progress or NoProgress(),
         ResultsLog(Path(out) if out is not None else None, header, resume),
         keep=math.ceil(gallery / len(suite_obj.checks)),
+        bpda_model=bpda_model,
     )
     try:
         with eval_mode(model):
@@ -141,6 +158,7 @@ def run_suite(
         started,
     )
     report.gallery = shown
+    report.figures = run.figures
     report.data["gallery"] = [
         {k: v for k, v in asdict(g).items() if k not in ("clean", "adv")} for g in shown
     ]
@@ -152,6 +170,16 @@ def run_suite(
     if out is not None:
         report.write(out, junit=junit)
     return report
+
+
+def _defended(model: Model, defense: str, bpda: bool = False) -> torch.nn.Module:
+    """`model` behind `defense` (only "raw_isp" so far, checked by the suite): exact
+    gradients through the torch ISP, or with `bpda` the same outputs with an identity
+    backward pass (Athalye et al. 2018)."""
+    from bastion.defenses.raw_isp import RawISP
+
+    assert defense == "raw_isp"
+    return RawISP(bpda=bpda).wrap(model)
 
 
 def _model_device(model: Model) -> torch.device:
@@ -189,8 +217,10 @@ class _Run:
     sink: ProgressSink
     log: ResultsLog
     keep: int  # adversarial images kept per item for the gallery
+    bpda_model: Model | None = None  # the defended model with BPDA gradients (adaptive twins)
     state: RunState = field(init=False)
     shots: dict[Shot, torch.Tensor] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # fooling / scaling images per check
 
     def __post_init__(self) -> None:
         self.state = RunState(len(self.data), self.data.y.clone().long())
@@ -244,11 +274,25 @@ class _Run:
             )
         return logits
 
+    def attacked_model(self, check: Check) -> Model:
+        """The model an attack check queries: the BPDA view for adaptive twins."""
+        return self.bpda_model if check.bpda and self.bpda_model is not None else self.model
+
     def run_check(self, check: Check) -> None:
         if check.kind == "verify":
             from bastion.suites.verify_check import run_verify_check
 
             run_verify_check(self, check)
+            return
+        if check.kind == "fooling":
+            from bastion.suites.fooling_check import run_fooling_check
+
+            run_fooling_check(self, check)
+            return
+        if check.kind == "scaling":
+            from bastion.suites.scaling_check import run_scaling_check
+
+            run_scaling_check(self, check)
             return
         n = min(check.n or len(self.data), len(self.data))
         batches = _batches(n, self.batch_size)
@@ -294,7 +338,7 @@ class _Run:
         forward = backward = 0
         if len(todo):
             result = attack(
-                self.model,
+                self.attacked_model(check),
                 self.data.x[todo].to(self.dev),
                 self.data.y[todo].to(self.dev),
                 indices=todo.to(self.dev),
@@ -332,8 +376,11 @@ class _Run:
         out: list[GalleryItem] = []
         items = list(self.log.items.values())
         for check in suite.checks:
+            if not check.robustness:  # fooling and scaling images have their own sections
+                continue
             if check.kind == "verify":  # counterexamples found in this run, smallest eps
-                found = sorted((k for k in self.shots if k[0] == check.id), key=lambda k: k[1])
+                mine = (k for k in self.shots if k[0] == check.id)
+                found = sorted(mine, key=lambda k: k[1] or 0.0)
                 if found:
                     eps0 = found[0][1]
                     picks = [k[2] for k in found if k[1] == eps0][: self.keep]
@@ -359,7 +406,7 @@ class _Run:
             idx = torch.tensor(missing)
             attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=self.seed)
             result = attack(
-                self.model,
+                self.attacked_model(check),
                 self.data.x[idx].to(self.dev),
                 self.data.y[idx].to(self.dev),
                 indices=idx.to(self.dev),

@@ -27,6 +27,27 @@ the smallest adversarial distance found by the verifier or the suite's attacks):
     eps = [0.01, 0.03]
     n = 20
     params = { timeout = 10, engine = "auto", interval = true }
+
+A `kind = "fooling"` check evolves one fooling image per class (`FoolingEvolution`, no
+source image) and reports the fraction of classes labelled with >= 99 % confidence; a
+`kind = "scaling"` check audits image-scaling attacks (`scaling_audit`) per resizer on its
+first n images (default 32; at least 4). Neither takes eps or norm:
+
+    [[check]]
+    id = "fooling"
+    kind = "fooling"
+    params = { encoding = "direct", generations = 100, population = 100 }
+    criterion = "fooled_fraction <= 0.5"
+
+    [[check]]
+    id = "scaling"
+    kind = "scaling"
+    n = 16
+    params = { scalers = ["cv2.linear", "cv2.area"], ratio = 4, pairs = 8 }
+
+A suite-level `defense = "raw_isp"` runs every check against `RawISP().wrap(model)`;
+with `adaptive = true` each gradient attack check also runs with BPDA gradients (a twin
+check `ID-bpda`), so the suite's worst case covers both.
 """
 
 from __future__ import annotations
@@ -49,9 +70,30 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
-_METRICS = ("robust_accuracy", "success_rate", "mean_l2", "median_l2", "verified_accuracy")
-KINDS = ("attack", "verify")
+_METRICS = (
+    "robust_accuracy", "success_rate", "mean_l2", "median_l2", "verified_accuracy",
+    "fooled_fraction", "detection_rate",
+)  # fmt: skip
+KINDS = ("attack", "verify", "fooling", "scaling")
+# the metrics a criterion of each kind may name (the rest belong to the other kinds)
+_KIND_METRICS = {
+    "attack": _METRICS[:4],
+    "verify": ("verified_accuracy", "robust_accuracy"),
+    "fooling": ("fooled_fraction",),
+    "scaling": ("detection_rate",),
+}
 VERIFY_PARAMS = {"timeout": 10.0, "engine": "auto", "interval": False, "interval_steps": 6}
+FOOLING_PARAMS: dict[str, Any] = {"encoding": "direct", "generations": 100, "population": 100}
+# further FoolingEvolution keywords a suite may set (cppn_params, chunk and seed it may not)
+_FOOLING_EXTRA = (
+    "init_size", "mutation_rate", "halve_every", "eta_m", "crossover_rate", "eta_c",
+    "target_confidence", "time_budget",
+)  # fmt: skip
+SCALING_PARAMS: dict[str, Any] = {"scalers": ["cv2.linear", "cv2.area"], "ratio": 4, "pairs": 8}
+SCALING_N = 32  # images a scaling check audits when it sets no n
+DEFENSES = ("raw_isp",)
+# attacks that follow gradients: the ones an adaptive (BPDA) twin check is worth running for
+GRADIENT_ATTACKS = ("FGSM", "PGD", "BIM", "CarliniWagnerL2")
 _CRITERION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*$")
 
 
@@ -151,6 +193,7 @@ class Check:
     cascade: bool = False
     criterion: Criterion | None = None
     kind: str = "attack"
+    bpda: bool = False  # attack through the suite's defense with an identity backward pass
 
     @property
     def spec(self) -> AttackSpec:
@@ -159,29 +202,61 @@ class Check:
     @property
     def bounded(self) -> bool:
         """Run once per eps (eps-bounded attacks and the verifier)."""
-        return self.kind == "verify" or self.spec.bounded
+        return self.kind == "verify" or (self.kind == "attack" and self.spec.bounded)
+
+    @property
+    def robustness(self) -> bool:
+        """Counts towards robust accuracy (attack and verify checks; not fooling, scaling)."""
+        return self.kind in ("attack", "verify")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "kind": self.kind,
             "attack": self.attack,
-            "norm": self.norm,
+            "norm": self.norm or None,
             "eps": list(self.eps),
             "params": dict(self.params),
             "n": self.n,
             "cascade": self.cascade,
             "criterion": str(self.criterion) if self.criterion else None,
         }
+        if self.bpda:
+            out["bpda"] = True
+        return out
 
 
 @dataclass(frozen=True)
 class Suite:
     name: str
     checks: tuple[Check, ...]
+    defense: str | None = None
+    adaptive: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "checks": [c.to_dict() for c in self.checks]}
+        out: dict[str, Any] = {"name": self.name, "checks": [c.to_dict() for c in self.checks]}
+        if self.defense is not None:
+            out.update(defense=self.defense, adaptive=self.adaptive)
+        return out
+
+    def with_defense(self, defense: str | None, adaptive: bool = False) -> Suite:
+        """The suite run behind `defense`; `adaptive` adds a BPDA twin (`ID-bpda`) after each
+        gradient attack check, so the worst case covers exact and BPDA gradients."""
+        if defense is not None and defense not in DEFENSES:
+            raise ConfigError(f"unknown defense {defense!r}; use one of {', '.join(DEFENSES)}")
+        if defense is None and adaptive:
+            raise ConfigError('adaptive evaluation needs a defense; set defense = "raw_isp"')
+        if defense is not None and any(c.kind == "verify" for c in self.checks):
+            raise ConfigError(
+                "verify checks cannot see through a preprocessing defense; "
+                "drop the defense or the verify checks"
+            )
+        checks: list[Check] = []
+        for c in (c for c in self.checks if not c.bpda):  # twins are rebuilt, never doubled
+            checks.append(c)
+            if adaptive and c.kind == "attack" and c.attack in GRADIENT_ATTACKS:
+                checks.append(replace(c, id=f"{c.id}-bpda", bpda=True))
+        return replace(self, checks=tuple(checks), defense=defense, adaptive=adaptive)
 
     def with_eps(self, eps: tuple[float, ...]) -> Suite:
         """The suite with the eps sweep of its L∞ eps-bounded checks replaced."""
@@ -195,7 +270,17 @@ class Suite:
 
 def validate_check(check: Check) -> None:
     if check.kind not in KINDS:
-        raise ConfigError(f"check {check.id!r}: unknown kind {check.kind!r}; use attack or verify")
+        raise ConfigError(
+            f"check {check.id!r}: unknown kind {check.kind!r}; use one of {', '.join(KINDS)}"
+        )
+    if check.criterion is not None and check.criterion.metric not in _KIND_METRICS[check.kind]:
+        raise ConfigError(
+            f"check {check.id!r}: a {check.kind} check's criterion reads one of "
+            f"{', '.join(_KIND_METRICS[check.kind])}, not {check.criterion.metric}"
+        )
+    if check.kind in ("fooling", "scaling"):
+        _validate_generative(check)
+        return
     norms = ("linf",) if check.kind == "verify" else check.spec.norms
     if check.norm not in NORMS or check.norm not in norms:
         raise ConfigError(
@@ -225,6 +310,62 @@ def validate_check(check: Check) -> None:
         return
     # build once so bad parameters fail before any work is done
     check.spec.build(eps=check.eps[0], norm=check.norm, params=check.params, seed=0)
+
+
+def _validate_generative(check: Check) -> None:
+    """Fooling and scaling checks: no eps or norm, their own parameters."""
+    if check.eps or check.norm or check.cascade or check.bpda:
+        raise ConfigError(
+            f"check {check.id!r}: a {check.kind} check takes no eps, norm or cascade; remove them"
+        )
+    if check.criterion is not None and check.criterion.eps is not None:
+        raise ConfigError(f"check {check.id!r}: a {check.kind} check takes no criterion_eps")
+    if check.n is not None and check.n < (4 if check.kind == "scaling" else 1):
+        raise ConfigError(f"check {check.id!r}: a {check.kind} check needs n >= "
+                          f"{4 if check.kind == 'scaling' else 1}")  # fmt: skip
+    if check.kind == "fooling":
+        _validate_fooling_params(check)
+    else:
+        _validate_scaling_params(check)
+
+
+def _unknown_params(check: Check, allowed: tuple[str, ...]) -> None:
+    unknown = set(check.params) - set(allowed)
+    if unknown:
+        raise ConfigError(
+            f"check {check.id!r}: unknown {check.kind} parameter(s) "
+            f"{', '.join(sorted(unknown))}; allowed: {', '.join(allowed)}"
+        )
+
+
+def fooling_attack(check: Check, seed: int) -> Any:
+    """The check's `FoolingEvolution` (its parameters over `FOOLING_PARAMS`)."""
+    from bastion.attacks.fooling import FoolingEvolution
+
+    try:
+        return FoolingEvolution(**{**FOOLING_PARAMS, **check.params, "seed": seed})
+    except TypeError as exc:
+        raise ConfigError(f"check {check.id!r}: bad fooling parameters: {exc}") from None
+
+
+def _validate_fooling_params(check: Check) -> None:
+    _unknown_params(check, (*FOOLING_PARAMS, *_FOOLING_EXTRA))
+    fooling_attack(check, 0)  # raises ConfigError on bad values
+
+
+def _validate_scaling_params(check: Check) -> None:
+    from bastion.attacks.scalers import get_scaler
+
+    _unknown_params(check, tuple(SCALING_PARAMS))
+    p = {**SCALING_PARAMS, **check.params}
+    scalers = p["scalers"]
+    if not isinstance(scalers, list) or not scalers:
+        raise ConfigError(f"check {check.id!r}: scalers must be a non-empty list of names")
+    for name in scalers:
+        get_scaler(str(name))  # raises ConfigError naming the known scalers
+    for key, low in (("ratio", 2), ("pairs", 1)):
+        if not isinstance(p[key], int) or p[key] < low:
+            raise ConfigError(f"check {check.id!r}: {key} must be an integer >= {low}")
 
 
 def _validate_verify_params(check: Check) -> None:
@@ -257,8 +398,11 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
             f"allowed: {', '.join(sorted(known))}"
         )
     kind = str(raw.get("kind", "attack"))
+    generative = {"fooling": "FoolingEvolution", "scaling": "ScalingAttack"}
     if kind == "verify":
         attack = "Verifier"
+    elif kind in generative:
+        attack = generative[kind]
     elif "attack" not in raw:
         raise ConfigError(f"{where}: every attack check needs an 'attack'")
     else:
@@ -271,7 +415,7 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
         id=str(raw.get("id", attack.lower())),
         attack=attack,
         eps=eps,
-        norm=str(raw.get("norm", "linf" if kind == "verify" else ATTACKS[attack].norms[0])),
+        norm=str(raw.get("norm", _default_norm(kind, attack))),
         params=dict(raw.get("params", {})),
         n=raw.get("n"),
         cascade=bool(raw.get("cascade", False)),
@@ -280,6 +424,12 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
     )
     validate_check(check)
     return check
+
+
+def _default_norm(kind: str, attack: str) -> str:
+    if kind == "attack" and attack in ATTACKS:
+        return ATTACKS[attack].norms[0]
+    return "linf" if kind == "verify" else ""
 
 
 def suite_from_dict(raw: dict[str, Any], name: str) -> Suite:
@@ -292,11 +442,15 @@ def suite_from_dict(raw: dict[str, Any], name: str) -> Suite:
     ids = [c.id for c in built]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"suite {name!r} repeats a check id; give each check its own 'id'")
-    return Suite(name=str(raw.get("name", name)), checks=built)
+    suite = Suite(name=str(raw.get("name", name)), checks=built)
+    defense = raw.get("defense")
+    if defense is None and not raw.get("adaptive", False):
+        return suite
+    return suite.with_defense(None if defense is None else str(defense), bool(raw.get("adaptive")))
 
 
 BUILTIN_DIR = Path(__file__).parent
-BUILTIN = ("quick", "standard")
+BUILTIN = ("quick", "standard", "blackbox")
 
 
 def load_suite(name_or_path: str) -> Suite:

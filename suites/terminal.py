@@ -28,17 +28,64 @@ _VERIFY_COLUMNS = (
 )
 
 
-def _fmt(value: float | None, spec: str) -> str:
+_FOOLING_COLUMNS = (
+    ("class", "name", "s"),
+    ("confidence", "confidence", ".4f"),
+    ("predicted", "predicted", "d"),
+    ("generation", "generation", "d"),
+)
+
+_SCALING_COLUMNS = (
+    ("scaler", "scaler", "s"),
+    ("vulnerable", "vulnerable", "s"),
+    ("attack success", "attack_success_rate", ".3f"),
+    ("PSNR", "psnr_source", ".2f"),
+    ("after median", "success_after_median", ".3f"),
+    ("detection", "detection_rate", ".3f"),
+    ("false pos.", "false_positive_rate", ".3f"),
+)
+
+
+def _fmt(value: float | str | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
 def _title(check: dict[str, Any]) -> str:
+    if check.get("kind") == "fooling":
+        f = check["fooling"]
+        return (
+            f"{check['id']}: {check['attack']} (fooled at 0.99: "
+            f"{_fmt(f['fooled_fraction'], '.3f')}, {f['generations']} generations)"
+        )
+    if check.get("kind") == "scaling":
+        return f"{check['id']}: {check['attack']} (image-scaling audit, n={check['n']})"
     cascade = ", cascade" if check["cascade"] else ""
     return f"{check['id']}: {check['attack']} ({check['norm']}{cascade}, n={check['n']})"
 
 
+def _rows(check: dict[str, Any]) -> tuple[tuple[tuple[str, str, str], ...], list[dict[str, Any]]]:
+    """The columns and rows of a check's table: per eps, per class or per scaler."""
+    kind = check.get("kind")
+    if kind == "fooling":
+        return _FOOLING_COLUMNS, list(check["fooling"]["classes"])
+    if kind == "scaling":
+        rows = [{**r, "vulnerable": "yes" if r["vulnerable"] else "no"} for r in check["scaling"]]
+        return _SCALING_COLUMNS, rows
+    return (_VERIFY_COLUMNS if kind == "verify" else _COLUMNS), list(check["results"])
+
+
 def _check_notes(check: dict[str, Any]) -> list[str]:
     notes = []
+    if check.get("kind") == "fooling":
+        f = check["fooling"]
+        notes.append(
+            f"{check['id']} {check['attack']}: fooled_fraction {_fmt(f['fooled_fraction'], '.3f')} "
+            f"(at 0.9999: {_fmt(f['fooled_fraction_0.9999'], '.3f')}) median_confidence "
+            f"{_fmt(f['median_confidence'], '.4f')} queries {f['queries']} "
+            f"seconds {check['seconds']:.1f}"
+        )
+    for r in check.get("scaling", []):
+        notes.append(f"{check['id']} {r['scaler']}: {r['advice']}")
     if check.get("minimum_norm"):
         mn = check["minimum_norm"]
         notes.append(
@@ -79,29 +126,29 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     terminal, plain `check attack norm key=value …` lines otherwise."""
     console = console or Console()
     model, data = report["model"], report["data"]
+    defense = f" behind {model['defense']}" if model.get("defense") else ""
     console.print(
         escape(
             f"Bastion report · model {model.get('source', '?')} "
-            f"({model.get('format', '?')}) · data {data['spec']} ({data['n']} "
+            f"({model.get('format', '?')}){defense} · data {data['spec']} ({data['n']} "
             f"samples) · suite {report['suite']['name']} · seed {report['seed']}"
         ),
         highlight=False,
     )
     for check in report["checks"]:
-        columns = _VERIFY_COLUMNS if check.get("kind") == "verify" else _COLUMNS
+        columns, rows = _rows(check)
         if console.is_terminal:
             table = Table(title=_title(check), title_justify="left")
             for header, _, _ in columns:
                 table.add_column(header, justify="right")
-            for r in check["results"]:
+            for r in rows:
                 table.add_row(*(_fmt(r.get(key), spec) for _, key, spec in columns))
             console.print(table)
         else:
-            for r in check["results"]:
+            for r in rows:
                 figures = " ".join(f"{key}={_fmt(r.get(key), spec)}" for _, key, spec in columns)
-                console.print(
-                    f"{check['id']} {check['attack']} {check['norm']} {figures}", highlight=False
-                )
+                where = check["norm"] or check.get("kind")
+                console.print(f"{check['id']} {check['attack']} {where} {figures}", highlight=False)
         for note in _check_notes(check):
             console.print(escape(note), highlight=False)
     console.print(_headline(report), highlight=False)

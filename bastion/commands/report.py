@@ -30,8 +30,11 @@ def register(sub: Any) -> None:
     )
     add_model_and_data(rep)
     add_run_options(rep)
+    _add_defense(rep)
     rep.add_argument(
-        "--suite", default="quick", help="quick, standard, or a suite .toml file (default quick)"
+        "--suite",
+        default="quick",
+        help="quick, standard, blackbox, or a suite .toml file (default quick)",
     )
     rep.add_argument(
         "--eps",
@@ -51,6 +54,7 @@ def register(sub: Any) -> None:
     att.add_argument("attack", help="fgsm, pgd, bim, cw, mcts or safecv")
     add_model_and_data(att)
     add_run_options(att)
+    _add_defense(att)
     att.add_argument(
         "--eps",
         type=floats,
@@ -61,6 +65,23 @@ def register(sub: Any) -> None:
     )
     att.add_argument("--norm", default=None, help="linf or l2")
     att.set_defaults(handler=run)
+
+
+def _add_defense(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--defense",
+        choices=["raw_isp"],
+        default=None,
+        help="attack the model behind a preprocessing defense: raw_isp = RawISP().wrap(model), "
+        "the RAW camera-ISP round trip (gradients flow through it exactly)",
+    )
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        default=None,
+        help="with a defense: also run every gradient attack with BPDA gradients (identity "
+        "backward through the defense) as a check ID-bpda; the worst case covers both",
+    )
 
 
 # `bastion attack` defaults: the paper's CW budget (9 × 10,000) takes minutes per batch on
@@ -119,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             gallery=args.gallery,
             fail_under=args.fail_under,
             junit=args.junit,
+            defense=args.defense,
+            adaptive=args.adaptive,
         )
     if args.json:
         print(report.to_json())
