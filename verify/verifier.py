@@ -101,44 +101,73 @@ def verify(
     engines = (
         [engine] if engine != "auto" else (["z3", "milp"] if free <= _Z3_MAX_FREE else ["milp"])
     )
-    reasons = []
+    # most likely violated first (lowest bound); a fair share of the time each, then the
+    # undecided ones again with all that is left, so one hard disjunct cannot starve the rest
+    order = sorted(open_, key=lambda i: float(lows[i].max()))
+    reasons: dict[int, str] = {}
     domains = 0
     used: set[str] = set()
-    for i in open_:
-        for k, chosen in enumerate(engines):
-            last = k == len(engines) - 1
-            share = deadline if last else time.perf_counter() + (deadline - time.perf_counter()) / 3
-            outcome = _decide(network, prop, prop.unsafe[i], bounds, chosen, leaf_size, share)
-            used.add(chosen)
-            if outcome.status != "unknown" or last:
-                break
-        domains += outcome.domains
-        if outcome.status == "sat" and outcome.witness is not None:
-            x = torch.as_tensor(outcome.witness).view(network.input_shape)
-            verdict = _replay(done, forward, prop, x, chosen)
-            if verdict is not None:
-                return verdict
-            deeper = _decide(
-                network, prop, _tighter(prop.unsafe[i]), bounds, chosen, leaf_size, deadline
-            )
-            if deeper.status == "sat" and deeper.witness is not None:
-                x = torch.as_tensor(deeper.witness).view(network.input_shape)
-                verdict = _replay(done, forward, prop, x, chosen)
+    for attempt in range(2):
+        todo = order if attempt == 0 else [i for i in order if i in reasons]
+        for n_left, i in zip(range(len(todo), 0, -1), todo, strict=True):
+            if time.perf_counter() >= deadline:
+                reasons.setdefault(i, "deadline reached before this disjunct was tried")
+                continue
+            left = deadline - time.perf_counter()
+            slot = time.perf_counter() + (left / n_left if attempt == 0 else left)
+            reasons.pop(i, None)
+            outcome = Outcome("unknown", reason="no engine ran")
+            for k, chosen in enumerate(engines):
+                last = k == len(engines) - 1
+                share = slot if last else time.perf_counter() + (slot - time.perf_counter()) / 3
+                outcome = _decide(network, prop, prop.unsafe[i], bounds, chosen, leaf_size, share)
+                used.add(chosen)
+                if outcome.status != "unknown" or last:
+                    break
+            domains += outcome.domains
+            if outcome.status == "sat" and outcome.witness is not None:
+                verdict = _confirm(done, forward, network, prop, i, outcome, bounds, chosen,
+                                   leaf_size, slot)  # fmt: skip
                 if verdict is not None:
                     return verdict
-            reasons.append(
-                f"disjunct {i}: witnesses of the exact engine lie on the boundary and the "
-                "float32 model does not confirm them"
-            )
-        elif outcome.status == "unknown":
-            reasons.append(f"disjunct {i}: {outcome.reason}")
-        if time.perf_counter() >= deadline and i != open_[-1]:
-            reasons.append("deadline reached before every disjunct was decided")
+                reasons[i] = (
+                    "witnesses of the exact engine lie on the boundary and the float32 model "
+                    "does not confirm them"
+                )
+            elif outcome.status == "unknown":
+                reasons[i] = outcome.reason
+        if not reasons:
             break
     name = "+".join(e for e in engines if e in used)
     if reasons:
-        return done(UNKNOWN, name, reason="; ".join(reasons), details={"domains": domains})
+        why = "; ".join(f"disjunct {i}: {r}" for i, r in sorted(reasons.items()))
+        return done(UNKNOWN, name, reason=why, details={"domains": domains})
     return done(SAFE, name, details={"domains": domains})
+
+
+def _confirm(
+    done: Callable[..., Verdict],
+    forward: Forward,
+    network: Network,
+    prop: Property,
+    i: int,
+    outcome: Outcome,
+    bounds: Bounds,
+    engine: str,
+    leaf_size: int,
+    deadline: float,
+) -> Verdict | None:
+    """UNSAFE if the float32 model confirms the witness, or a deeper one (margin δ)."""
+    assert outcome.witness is not None
+    x = torch.as_tensor(outcome.witness).view(network.input_shape)
+    verdict = _replay(done, forward, prop, x, engine)
+    if verdict is not None:
+        return verdict
+    deeper = _decide(network, prop, _tighter(prop.unsafe[i]), bounds, engine, leaf_size, deadline)
+    if deeper.status == "sat" and deeper.witness is not None:
+        x = torch.as_tensor(deeper.witness).view(network.input_shape)
+        return _replay(done, forward, prop, x, engine)
+    return None
 
 
 def _float32(forward: Forward) -> Forward:
