@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,7 @@ def machine() -> dict[str, Any]:
 def update_json(path: Path, key: str, value: Any) -> None:
     """Set `key` of the JSON at `path`, atomically, under a lock (several writers at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"bastion-{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         doc = json.loads(path.read_text()) if path.exists() else {}
         doc[key] = value
