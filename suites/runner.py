@@ -133,7 +133,7 @@ def run_suite(
         batch_size,
         progress or NoProgress(),
         ResultsLog(Path(out) if out is not None else None, header, resume),
-        keep=math.ceil(gallery / len(suite_obj.checks)),
+        keep=math.ceil(gallery / max(1, sum(c.robustness for c in suite_obj.checks))),
         bpda_model=bpda_model,
     )
     try:

@@ -195,3 +195,13 @@ def test_adaptive_adds_bpda_twins_and_keeps_the_worst_case(tmp_path: Path) -> No
         fgsm["results"][-1]["robust_accuracy"], twin["results"][-1]["robust_accuracy"]
     )
     assert main(["report", "--n", "8", "--out", str(tmp_path / "x"), "--adaptive", "--quiet"]) == 2
+
+
+@pytest.mark.slow
+def test_blackbox_suite_runs_on_the_demo(demo, digits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    report = run_suite(demo, digits, "blackbox", n=16, out=tmp_path)
+    mcts, safecv, fooling, scaling = report.data["checks"]
+    assert mcts["minimum_norm"]["success_rate"] >= 0.5  # the demo CNN is not robust
+    assert fooling["fooling"]["fooled_fraction"] >= 0.9
+    assert scaling["scaling"][0]["vulnerable"] and not scaling["scaling"][1]["vulnerable"]
+    assert report.data["robust_accuracy_n"] == 16
