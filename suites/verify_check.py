@@ -64,7 +64,8 @@ def _item(
     start = time.perf_counter()
     eps_list = sorted(check.eps)
     rows: dict[str, list[Any]] = {
-        k: [] for k in ("index", "status", "engine", "seconds", "safe_up_to", "adversarial_at")
+        k: []
+        for k in ("index", "status", "engine", "seconds", "safe_up_to", "adversarial_at", "layers")
     }
 
     model = run.model
@@ -84,18 +85,21 @@ def _item(
             rows["seconds"].append(0.0)
             rows["safe_up_to"].append(None)
             rows["adversarial_at"].append(0.0)
+            rows["layers"].append([])
             continue
         t0 = time.perf_counter()
         x, label = run.data.x[i].to(run.dev), int(run.data.y[i])
         statuses: list[str] = []
         engines: list[str | None] = []
         safe, adv = 0.0, math.inf
+        layers: list[dict[str, Any]] = []
         for eps in eps_list:
             if adv <= eps:
                 statuses.append("UNSAFE")
                 engines.append("inclusion")
                 continue
             v = ask(x, label, eps)
+            layers = v.layers  # the bound statistics at the largest eps verified
             statuses.append(v.status)
             engines.append(v.engine)
             if v.status == "SAFE":
@@ -111,6 +115,7 @@ def _item(
         rows["seconds"].append(time.perf_counter() - t0)
         rows["safe_up_to"].append(safe)
         rows["adversarial_at"].append(adv if math.isfinite(adv) else None)
+        rows["layers"].append(layers)
     return {
         "kind": "verify",
         "check": check.id,

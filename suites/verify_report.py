@@ -15,7 +15,8 @@ def verify_entry(
 ) -> dict[str, Any]:
     """Per eps: verified accuracy (SAFE over all n images), the fractions UNSAFE and
     UNKNOWN, and `robust_accuracy` (an upper bound: not UNSAFE and correctly classified);
-    per image: the interval [safe_up_to, adversarial_at]."""
+    per image: the interval [safe_up_to, adversarial_at] and the per-layer bound statistics
+    (unstable neurons, widths) at the largest eps verified."""
     n = min(check.n or total, total)
     mine = [r for r in items if r.get("kind") == "verify" and r["check"] == check.id]
     eps_list = sorted(check.eps)
@@ -34,6 +35,7 @@ def verify_entry(
                     "safe_up_to": rows["safe_up_to"][k],
                     "adversarial_at": rows["adversarial_at"][k],
                     "seconds": rows["seconds"][k],
+                    "layers": rows.get("layers", [[]] * len(rows["index"]))[k],
                 }
             )
     results = []
