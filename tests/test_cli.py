@@ -478,3 +478,24 @@ def test_options_without_a_subcommand_mean_report(tmp_path: Path, suite_file: Pa
     code, _, err = run_cli(tiny(tmp_path / "out", suite_file))
     assert code == 0, err
     assert load_report(tmp_path / "out")["model"]["source"] == "demo"
+
+
+def test_attack_writes_each_adversarial_image_as_png(tmp_path, demo) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from bastion.data import load_data
+
+    out = tmp_path / "att"
+    assert main(["attack", "fgsm", "--eps", "0.3", "--n", "12", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    broken = (
+        report["checks"][0]["results"][0]["success_rate"]
+        * report["checks"][0]["results"][0]["attacked"]
+    )
+    pngs = sorted(out.glob("adv-*.png"))
+    assert len(pngs) == round(broken) > 0
+    data = load_data("digits", n=12)
+    for png in pngs:
+        i = int(png.stem.split("-")[1])
+        x = torch.from_numpy(np.asarray(Image.open(png), dtype=np.float32) / 255)[None, None]
+        assert float((x - data.x[i]).abs().max()) <= 0.3 + 1 / 255

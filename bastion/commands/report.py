@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=progress,
             model_info=info,
-            gallery=args.gallery,
+            # `bastion attack` keeps every adversarial image (of its smallest eps) as a PNG
+            gallery=max(args.gallery, args.n) if args.command == "attack" else args.gallery,
             fail_under=args.fail_under,
             junit=args.junit,
             defense=args.defense,
@@ -149,4 +150,21 @@ def run(args: argparse.Namespace) -> int:
         console = Console(soft_wrap=not sys.stdout.isatty())
         print_summary(report.data, console)
         console.print(f"report: {out / 'report.html'} · {out / 'report.json'}", highlight=False)
+    if args.command == "attack":
+        written = _write_images(report, out)
+        if not args.json:
+            print(f"adversarial images: {written} PNG files in {out} (adv-INDEX.png)")
     return EXIT_FAILED if report.passed is False else EXIT_OK
+
+
+def _write_images(report: Any, out: Path) -> int:
+    """The gallery's adversarial images as `adv-INDEX.png` (8-bit) directly in `out`."""
+    import numpy as np
+    from PIL import Image
+
+    for item in report.gallery:
+        img = (np.clip(item.adv, 0, 1) * 255).round().astype(np.uint8)
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+            out / f"adv-{item.index}.png"
+        )
+    return len(report.gallery)
