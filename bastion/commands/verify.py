@@ -38,9 +38,7 @@ def register(sub: Any) -> None:
     p.add_argument("--index", type=int, default=0, help="sample of --data to verify (default 0)")
     p.add_argument("--image", default=None, help="verify this image file instead of --data")
     p.add_argument("--label", type=int, default=None, help="class to prove (default: predicted)")
-    p.add_argument(
-        "--eps", type=float, default=0.01, help="L∞ radius of the region (default 0.01)"
-    )
+    p.add_argument("--eps", type=float, default=0.01, help="L∞ radius of the region (default 0.01)")
     p.add_argument("--vnnlib", default=None, help="VNN-LIB 1.0 property for MODEL (ONNX)")
     p.add_argument("--instances", default=None, help="VNN-COMP instances.csv to run in batch")
     p.add_argument("--engine", default="auto", choices=_ENGINES)
