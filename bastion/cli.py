@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `bastion` with `argv` (default: sys.argv) and return the exit code."""
     words = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if words[:2] == ["attack", "fooling"]:  # the generative attack has its own command
+        words = ["fool", *words[2:]]
     if not words or words[0] not in {*parser.commands, "-h", "--help", "--version"}:
         words = [_DEFAULT_COMMAND, *words]
     args = parser.parse_args(words)

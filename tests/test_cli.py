@@ -499,3 +499,9 @@ def test_attack_writes_each_adversarial_image_as_png(tmp_path, demo) -> None:  #
         i = int(png.stem.split("-")[1])
         x = torch.from_numpy(np.asarray(Image.open(png), dtype=np.float32) / 255)[None, None]
         assert float((x - data.x[i]).abs().max()) <= 0.3 + 1 / 255
+
+
+def test_attack_fooling_is_the_fool_command(tmp_path, demo, capsys) -> None:  # type: ignore[no-untyped-def]
+    args = ["attack", "fooling", "--generations", "3", "--population", "20", "--quiet"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "fooling.json").is_file() and list(tmp_path.glob("fooling-*.png"))

@@ -49,7 +49,7 @@ def register(sub: Any) -> None:
         description="Run one attack (fgsm, pgd, bim, cw, mcts, safecv) as a one-check "
         "suite and write its report into --out. mcts/safecv (black-box, SIFT-guided) "
         "spend at most 2,000 queries per image: about a minute for --n 10 on the demo "
-        "model on 2 cores.",
+        "model on 2 cores. `bastion attack fooling` is `bastion fool` (fooling images).",
     )
     att.add_argument("attack", help="fgsm, pgd, bim, cw, mcts or safecv")
     add_model_and_data(att)
