@@ -154,6 +154,7 @@ class BastionAdapter(Adapter):
 
         self.FGSM, self.PGD, self.CW = FGSM, PGD, CarliniWagnerL2
         self.last_counts: tuple[int, int] = (0, 0)
+        self.last_success: torch.Tensor | None = None
 
     def _attack(self, spec: AttackSpec, early_stop: bool = True) -> Any:
         if spec.kind == "fgsm":
@@ -187,6 +188,7 @@ class BastionAdapter(Adapter):
         def run(model: CountingModel, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec):
             result = self._attack(spec, early_stop)(model, x, y)
             self.last_counts = (int(result.queries.sum()), int(result.gradients.sum()))
+            self.last_success = result.success.cpu()
             return result.x_adv
 
         return run

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Task(Protocol):
@@ -30,10 +30,13 @@ class NoProgress:
 
 
 class RichProgress:
-    """Rich progress bars on stderr, one per task, with rate and time remaining."""
+    """Rich progress bars on stderr, one per task, with rate and time remaining, and an
+    optional note line under them (`note`, e.g. the best confidence per class)."""
 
-    def __init__(self) -> None:
-        from rich.console import Console
+    def __init__(self, enabled: bool = True) -> None:
+        from collections.abc import Iterable
+
+        from rich.console import Console, RenderableType
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -42,8 +45,17 @@ class RichProgress:
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
+        from rich.text import Text
 
-        self._progress = Progress(
+        class _WithNote(Progress):
+            note = ""
+
+            def get_renderables(self) -> Iterable[RenderableType]:
+                yield self.make_tasks_table(self.tasks)
+                if self.note:
+                    yield Text(self.note)
+
+        self._progress = _WithNote(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -51,7 +63,19 @@ class RichProgress:
             TimeRemainingColumn(),
             console=Console(stderr=True),
             transient=False,
+            disable=not enabled,
         )
+
+    def note(self, text: str) -> None:
+        """Show `text` under the bars (replacing the previous note)."""
+        self._progress.note = text  # type: ignore[attr-defined]
+
+    def add(self, label: str, total: float) -> Any:
+        """A raw task id, for callers that update it themselves with `update`."""
+        return self._progress.add_task(label, total=total)
+
+    def update(self, task_id: Any, completed: float) -> None:
+        self._progress.update(task_id, completed=completed)
 
     def __enter__(self) -> RichProgress:
         self._progress.start()

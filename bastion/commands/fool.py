@@ -7,12 +7,13 @@ import io
 import json
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bastion.commands.common import EXIT_OK, add_model_and_data, load_model_and_data
 from bastion.errors import ConfigError
+from bastion.suites.progress import RichProgress
 
 _JSON = "fooling.json"
 _DEFAULT_STEPS = {"evolution": 200, "ascent": 300}
@@ -78,62 +79,22 @@ def _classes(text: str | None) -> list[int] | None:
         raise ConfigError(f"--classes takes class indices like '0,3,7', got {text!r}") from None
 
 
-class _Bars:
-    """Rich bars on stderr (the demo model's training, then the generations) and, below
-    them, the best confidence per class in % (floored, so 100 means exactly 1)."""
+def _best_note(
+    bars: RichProgress, label: str, total: int, classes: list[str]
+) -> Callable[[int, int, Any], None]:
+    """A FoolingEvolution progress callback: the bar, and the best confidence per class in
+    % (floored, so 100 means exactly 1) as the note under it."""
+    task_id = bars.add(label, max(total, 1))
 
-    def __init__(self, enabled: bool) -> None:
-        from rich.console import Console, RenderableType
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
+    def update(done: int, _total: int, best: Any) -> None:
+        shown = "  ".join(
+            f"{name}:{math.floor(float(c) * 1e4) / 100:.2f}"
+            for name, c in zip(classes, best.tolist(), strict=False)
         )
-        from rich.text import Text
+        bars.note(f"best confidence per class (%)  {shown}")
+        bars.update(task_id, completed=done)
 
-        class _WithBest(Progress):
-            best = ""
-
-            def get_renderables(self) -> Iterable[RenderableType]:
-                yield self.make_tasks_table(self.tasks)
-                if self.best:
-                    yield Text(self.best)
-
-        self.progress = _WithBest(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
-
-    def task(self, label: str, total: float) -> Any:
-        progress, task_id = self.progress, self.progress.add_task(label, total=total)
-
-        class _Task:
-            def update(self, completed: float) -> None:
-                progress.update(task_id, completed=completed)
-
-            def close(self) -> None:
-                progress.update(task_id, completed=total)
-
-        return _Task()
-
-    def callback(self, label: str, total: int, classes: list[str]) -> Any:
-        task_id = self.progress.add_task(label, total=max(total, 1))
-
-        def update(done: int, _total: int, best: Any) -> None:
-            shown = "  ".join(
-                f"{name}:{math.floor(float(c) * 1e4) / 100:.2f}"
-                for name, c in zip(classes, best.tolist(), strict=False)
-            )
-            self.progress.best = f"best confidence per class (%)  {shown}"
-            self.progress.update(task_id, completed=done)
-
-        return update
+    return update
 
 
 def _png(image: Any) -> bytes:
@@ -161,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "ascent" and (args.target is not None or args.time_budget is not None):
         raise ConfigError("--target and --time-budget apply to --method evolution only")
     classes = _classes(args.classes)
-    bars = _Bars(sys.stderr.isatty() and not args.quiet)
-    with bars.progress:
+    bars = RichProgress(enabled=sys.stderr.isatty() and not args.quiet)
+    with bars:
         model, data, info = load_model_and_data(args, bars)
         shape = tuple(data.x.shape[1:])
         if shape[0] not in (1, 3):
@@ -186,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             input_shape=shape,
             classes=classes,
-            progress=bars.callback(label, steps, shown),
+            progress=_best_note(bars, label, steps, shown),
             **extra,
         )
     names = data.classes if len(data.classes) == result.num_classes else None
