@@ -197,6 +197,34 @@ def png_size(image: Any) -> tuple[int, int]:
     return w * s, h * s
 
 
+def _before_after(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows (check, eps, undefended, defended) when the run had a defense."""
+    before = _dict(report.get("undefended"))
+    if not before:
+        return []
+    rows = [
+        {
+            "check": "clean accuracy",
+            "eps": None,
+            "before": before.get("clean_accuracy"),
+            "after": report.get("clean_accuracy"),
+        }
+    ]
+    old_checks = _dict(before.get("checks"))
+    for check in report.get("checks") or []:
+        old = {r["eps"]: r.get("robust_accuracy") for r in old_checks.get(check["id"]) or []}
+        for r in check.get("results") or []:
+            rows.append(
+                {
+                    "check": check["id"],
+                    "eps": r.get("eps"),
+                    "before": old.get(r.get("eps")),
+                    "after": r.get("robust_accuracy"),
+                }
+            )
+    return rows
+
+
 def _defense(model: Mapping[str, Any]) -> str | None:
     if not model.get("defense"):
         return None
@@ -281,6 +309,7 @@ def _context(
         "criteria_met": sum(bool(p) for p in criteria),
         "criteria_total": len(criteria),
         "checks": checks,
+        "before_after": _before_after(report),
         "charts": _charts(report, checks),
         "gallery": _gallery(gallery, {c["id"]: c["norm"] for c in checks}),
         "norm_labels": NORM_LABELS,

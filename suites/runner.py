@@ -5,7 +5,9 @@ the attacks, written to results.jsonl as it finishes; a run is the merge of its 
 is what makes `resume` exact. Points the model already misclassifies are never attacked;
 `cascade` checks attack only points still robust (AutoAttack's scheme). With a defense
 (`defense="raw_isp"` or the suite's `defense` key) every check runs against the defended
-model; an adaptive suite's `ID-bpda` twins attack it with BPDA gradients.
+model; an adaptive suite's `ID-bpda` twins attack it with BPDA gradients. The same suite
+runs on the undefended model first (into `out/undefended`), for the report's before/after
+table.
 """
 
 from __future__ import annotations
@@ -112,7 +114,14 @@ def run_suite(
     info = dict(model_info or {})
     info.setdefault("sha256", _fingerprint(model))
     bpda_model = None
+    undefended = None
     if suite_obj.defense is not None:
+        # the same suite on the model alone first: the report's before/after table
+        undefended = run_suite(
+            model, data, suite_obj.with_defense(None), batch_size=batch_size, device=dev,
+            seed=seed, out=Path(out) / "undefended" if out is not None else None,
+            resume=resume, progress=progress, model_info=model_info, gallery=0,
+        )  # fmt: skip
         defense_name = suite_obj.defense
         model, bpda_model = _defended(model, defense_name), _defended(model, defense_name, True)
         info.update(defense=suite_obj.defense, adaptive=suite_obj.adaptive)
@@ -162,6 +171,8 @@ def run_suite(
     report.data["gallery"] = [
         {k: v for k, v in asdict(g).items() if k not in ("clean", "adv")} for g in shown
     ]
+    if undefended is not None:
+        report.data["undefended"] = _robustness_summary(undefended.data)
     if fail_under is not None:
         report.data["fail_under"] = fail_under
         report.data["passed"] = report.passed is not False and (
@@ -170,6 +181,20 @@ def run_suite(
     if out is not None:
         report.write(out, junit=junit)
     return report
+
+
+def _robustness_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Clean and robust accuracy of a report, per check and eps (the "before" column)."""
+    return {
+        "clean_accuracy": data["clean_accuracy"],
+        "robust_accuracy": data["robust_accuracy"],
+        "checks": {
+            c["id"]: [
+                {"eps": r["eps"], "robust_accuracy": r["robust_accuracy"]} for r in c["results"]
+            ]
+            for c in data["checks"]
+        },
+    }
 
 
 def _defended(model: Model, defense: str, bpda: bool = False) -> torch.nn.Module:

@@ -121,6 +121,31 @@ def _headline(report: dict[str, Any]) -> str:
     )
 
 
+def _before_after(report: dict[str, Any]) -> list[str]:
+    """`undefended → defended` robust accuracy per check and eps, when a defense ran."""
+    before = report.get("undefended")
+    if not before:
+        return []
+    name = report["model"].get("defense", "defense")
+    lines = [
+        f"{name}: clean accuracy {before['clean_accuracy']:.3f} → "
+        f"{report['clean_accuracy']:.3f}, robust accuracy (worst case) "
+        f"{before['robust_accuracy']:.3f} → {report['robust_accuracy']:.3f}"
+    ]
+    for check in report["checks"]:
+        for r in check["results"]:
+            old = next(
+                (b["robust_accuracy"] for b in before["checks"].get(check["id"], [])
+                 if b["eps"] == r["eps"]),
+                None,
+            )  # fmt: skip
+            lines.append(
+                f"{name} {check['id']} eps={r['eps']:g} robust_accuracy "
+                f"{_fmt(old, '.3f')} → {_fmt(r.get('robust_accuracy'), '.3f')}"
+            )
+    return lines
+
+
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """Print the per-check results, the headline accuracies and the flags: tables on a
     terminal, plain `check attack norm key=value …` lines otherwise."""
@@ -152,6 +177,8 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
         for note in _check_notes(check):
             console.print(escape(note), highlight=False)
     console.print(_headline(report), highlight=False)
+    for line in _before_after(report):
+        console.print(escape(line), highlight=False)
     for flag in report["flags"]:
         console.print(
             "[yellow]warning[/] " + escape(f"[{flag['name']}] {flag['message']}"), highlight=False

@@ -183,6 +183,14 @@ def test_defense_flag_attacks_the_defended_model(tmp_path: Path, demo, digits) -
     assert report["clean_accuracy"] == pytest.approx(float((pred == digits.y[:8]).double().mean()))
     with torch.no_grad():
         assert not torch.equal(defended(digits.x[:8]), demo(digits.x[:8]))
+    # before/after: the same suite on the undefended model, its own report beside
+    before = report["undefended"]
+    with torch.no_grad():
+        plain = demo(digits.x[:8]).argmax(1)
+    assert before["clean_accuracy"] == pytest.approx(float((plain == digits.y[:8]).double().mean()))
+    assert set(before["checks"]) == {c["id"] for c in report["checks"]}
+    assert (tmp_path / "out" / "undefended" / "report.json").is_file()
+    assert "Before and after the defense" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_adaptive_adds_bpda_twins_and_keeps_the_worst_case(tmp_path: Path) -> None:
