@@ -59,7 +59,8 @@ class _Encoder:
         return v
 
     def affine(self, matrix: sp.csr_matrix, bias: list[Fraction], terms: list[Term]) -> list[Term]:
-        """Rows of `matrix @ terms + bias`, constants folded, as fresh variables or constants."""
+        """Rows of `matrix @ terms + bias` as z3 sums (shared, not copied, by later layers),
+        or as exact constants where every term is constant."""
         out: list[Term] = []
         for r in range(matrix.shape[0]):
             start, end = matrix.indptr[r], matrix.indptr[r + 1]
@@ -176,12 +177,11 @@ def _relu(enc: _Encoder, terms: list[Term], bounds: Bounds, j: int, phase: objec
 def _maxpool(
     enc: _Encoder,
     terms: list[Term],
-    layer: object,
+    layer: MaxPool2d,
     bounds: Bounds,
     j: int,
     shape: tuple[int, ...],
 ) -> list[Term]:
-    assert isinstance(layer, MaxPool2d)
     c, h, w = shape
     (kh, kw), (sh, sw) = layer.kernel, layer.stride
     lo = bounds.lower[j].flatten().numpy()
