@@ -331,7 +331,7 @@ def _load_folder(arg: str, split: str, n: int | None, download: bool) -> Loaded:
             "subfolder"
         )
     files = files[:n]
-    arrays = [_read_image(path) for path, _ in files]
+    arrays = [read_image(path) for path, _ in files]
     first = arrays[0].shape[:2]
     for (path, _), a in zip(files, arrays, strict=True):
         if a.shape[:2] != first:
@@ -349,7 +349,7 @@ def _load_folder(arg: str, split: str, n: int | None, download: bool) -> Loaded:
     return x, y, classes, split
 
 
-def _read_image(path: Path) -> npt.NDArray[np.uint8]:
+def read_image(path: Path) -> npt.NDArray[np.uint8]:
     """An 8-bit image as H×W (greyscale) or H×W×3 (anything else, converted to RGB)."""
     from PIL import Image, UnidentifiedImageError
 

@@ -121,7 +121,7 @@ def _load_torchscript(path: Path) -> nn.Module:
     return module
 
 
-def _resolve_arch(arch: str) -> nn.Module:
+def resolve_arch(arch: str) -> nn.Module:
     module_name, sep, attr = arch.partition(":")
     if not sep or not module_name or not attr or ":" in attr:
         raise ModelLoadError(
@@ -298,7 +298,7 @@ def load_model(
         model = _load_onnx(p)
     elif fmt in ("safetensors", "torch-weights"):
         assert arch is not None
-        net = _resolve_arch(arch)
+        net = resolve_arch(arch)
         try:
             state = payload if payload is not None else _load_safetensors(p)
         except Exception as exc:  # noqa: BLE001

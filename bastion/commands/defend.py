@@ -123,10 +123,10 @@ def load_training_data(args: argparse.Namespace) -> Any:
 def architecture(args: argparse.Namespace, data: Any) -> Callable[[], Any]:
     """A factory for the model to train: --arch, or a `DistillationCNN` sized to the data."""
     from bastion.defenses.distillation import DistillationCNN
-    from bastion.model_io import _resolve_arch
+    from bastion.model_io import resolve_arch
 
     if args.arch is not None:
-        return lambda: _resolve_arch(args.arch)
+        return lambda: resolve_arch(args.arch)
     if Path(args.out).suffix == ".safetensors":
         raise ConfigError(
             "saving weights only (.safetensors) needs --arch to rebuild the model later; "

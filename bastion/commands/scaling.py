@@ -80,9 +80,9 @@ def register(sub: Any) -> None:
 
 
 def _read(path: str | Path) -> Any:
-    from bastion.data import _read_image
+    from bastion.data import read_image
 
-    return _read_image(Path(path))
+    return read_image(Path(path))
 
 
 def run_attack(args: argparse.Namespace) -> int:

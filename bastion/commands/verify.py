@@ -163,7 +163,7 @@ def _read_image(path: Path, shape: Any) -> Any:
     """An image file as C×H×W in [0, 1], checked against the model's input shape."""
     import torch
 
-    from bastion.data import _read_image as read
+    from bastion.data import read_image as read
 
     if not path.is_file():
         raise DataError(f"image {path} does not exist; check the path")
