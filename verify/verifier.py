@@ -104,6 +104,7 @@ def verify(
     # most likely violated first (lowest bound); a fair share of the time each, then the
     # undecided ones again with all that is left, so one hard disjunct cannot starve the rest
     order = sorted(open_, key=lambda i: float(lows[i].max()))
+    exact = _Exact(network, prop, bounds, leaf_size)
     reasons: dict[int, str] = {}
     domains = 0
     used: set[str] = set()
@@ -120,14 +121,13 @@ def verify(
             for k, chosen in enumerate(engines):
                 last = k == len(engines) - 1
                 share = slot if last else time.perf_counter() + (slot - time.perf_counter()) / 3
-                outcome = _decide(network, prop, prop.unsafe[i], bounds, chosen, leaf_size, share)
+                outcome = exact.decide(prop.unsafe[i], chosen, share)
                 used.add(chosen)
                 if outcome.status != "unknown" or last:
                     break
             domains += outcome.domains
             if outcome.status == "sat" and outcome.witness is not None:
-                verdict = _confirm(done, forward, network, prop, i, outcome, bounds, chosen,
-                                   leaf_size, slot)  # fmt: skip
+                verdict = _confirm(done, forward, exact, i, outcome, chosen, slot)
                 if verdict is not None:
                     return verdict
                 reasons[i] = (
@@ -148,25 +148,25 @@ def verify(
 def _confirm(
     done: Callable[..., Verdict],
     forward: Forward,
-    network: Network,
-    prop: Property,
+    exact: _Exact,
     i: int,
     outcome: Outcome,
-    bounds: Bounds,
     engine: str,
-    leaf_size: int,
     deadline: float,
 ) -> Verdict | None:
-    """UNSAFE if the float32 model confirms the witness, or a deeper one (margin δ)."""
+    """UNSAFE if the float32 model confirms the witness, or (z3) a deeper one (margin δ).
+
+    The MILP's witness already maximises the depth of the violation, so for it a search at
+    margin δ could only find a shallower point: it is not run again.
+    """
     assert outcome.witness is not None
-    x = torch.as_tensor(outcome.witness).view(network.input_shape)
-    verdict = _replay(done, forward, prop, x, engine)
-    if verdict is not None:
+    prop, shape = exact.prop, exact.network.input_shape
+    verdict = _replay(done, forward, prop, torch.as_tensor(outcome.witness).view(shape), engine)
+    if verdict is not None or engine == "milp":
         return verdict
-    deeper = _decide(network, prop, _tighter(prop.unsafe[i]), bounds, engine, leaf_size, deadline)
+    deeper = exact.decide(_tighter(prop.unsafe[i]), engine, deadline)
     if deeper.status == "sat" and deeper.witness is not None:
-        x = torch.as_tensor(deeper.witness).view(network.input_shape)
-        return _replay(done, forward, prop, x, engine)
+        return _replay(done, forward, prop, torch.as_tensor(deeper.witness).view(shape), engine)
     return None
 
 
@@ -210,35 +210,36 @@ def _unsafe(
     return done(UNSAFE, engine, counterexample=x32, output=y[0].detach(), margin=margin)
 
 
-def _decide(
-    network: Network,
-    prop: Property,
-    disjunct: Halfspaces,
-    root: Bounds,
-    engine: str,
-    leaf_size: int,
-    deadline: float,
-) -> Outcome:
-    if engine == "milp":
-        return _milp(network, prop, disjunct, root, deadline)
+class _Exact:
+    """The exact engines of one `verify` call; the MILP is encoded once, on first use."""
 
-    def leaf(sub: Property, splits: Splits, bounds: Bounds) -> Outcome:
-        from bastion.verify.smt import solve_smt
+    def __init__(self, network: Network, prop: Property, bounds: Bounds, leaf_size: int) -> None:
+        self.network, self.prop, self.bounds, self.leaf_size = network, prop, bounds, leaf_size
+        self._milp: Any = None
 
-        out = solve_smt(network, sub, disjunct, bounds, splits=splits, deadline=deadline)
-        return Outcome(out.status, out.witness, out.reason)
+    def decide(self, disjunct: Halfspaces, engine: str, deadline: float) -> Outcome:
+        """Can the box reach `disjunct`? Decided by `engine` ("z3" or "milp") by `deadline`."""
+        if engine == "milp":
+            return self._solve_milp(disjunct, deadline)
+        network = self.network
 
-    return branch_and_bound(
-        network, prop, disjunct, leaf=leaf, leaf_size=leaf_size, deadline=deadline, root=root
-    )
+        def leaf(sub: Property, splits: Splits, bounds: Bounds) -> Outcome:
+            from bastion.verify.smt import solve_smt
 
+            out = solve_smt(network, sub, disjunct, bounds, splits=splits, deadline=deadline)
+            return Outcome(out.status, out.witness, out.reason)
 
-def _milp(
-    network: Network, prop: Property, disjunct: Halfspaces, bounds: Bounds, deadline: float
-) -> Outcome:
-    from bastion.verify import milp
+        return branch_and_bound(
+            network, self.prop, disjunct, leaf=leaf, leaf_size=self.leaf_size,
+            deadline=deadline, root=self.bounds,
+        )  # fmt: skip
 
-    prog, inputs, outputs = milp.encode(network, prop, bounds)
-    out = milp.solve_disjunct(prog, outputs, disjunct, deadline=deadline)
-    witness = out.witness[inputs] if out.witness is not None else None
-    return Outcome(out.status, witness, out.reason, domains=1)
+    def _solve_milp(self, disjunct: Halfspaces, deadline: float) -> Outcome:
+        from bastion.verify import milp
+
+        if self._milp is None:
+            self._milp = milp.encode(self.network, self.prop, self.bounds)
+        prog, inputs, outputs = self._milp
+        out = milp.solve_disjunct(prog, outputs, disjunct, deadline=deadline)
+        witness = out.witness[inputs] if out.witness is not None else None
+        return Outcome(out.status, witness, out.reason, domains=1)
