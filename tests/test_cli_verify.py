@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -74,16 +75,8 @@ def test_instances_mode_runs_a_batch_and_resumes(capsys, tmp_path: Path) -> None
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, args, message) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(SystemExit) if "--engine" in args else _no_raise():
+    with pytest.raises(SystemExit) if "--engine" in args else contextlib.nullcontext():
         code = main(args)
         assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-class _no_raise:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
