@@ -169,8 +169,10 @@ def coefficient_error(scaler: str | Scaler, src: Size, dst: Size, seed: int = 0)
     return float(np.abs(model - s(img, dst)).max())
 
 
-def as_pixels(image: np.ndarray, what: str = "image") -> np.ndarray:
-    """`image` (uint8, or float in [0, 1]; H×W or H×W×C) as float64 H×W×C on 0–255."""
+def as_pixels(
+    image: np.ndarray, what: str = "image", dtype: type[np.floating] = np.float64
+) -> np.ndarray:
+    """`image` (uint8, or float in [0, 1]; H×W or H×W×C) as `dtype` H×W×C on 0–255."""
     if not isinstance(image, np.ndarray):
         raise InvalidInputError(
             f"{what} must be a numpy array, got {type(image).__name__}; convert it with np.asarray"
@@ -181,7 +183,7 @@ def as_pixels(image: np.ndarray, what: str = "image") -> np.ndarray:
         )
     img = image[..., None] if image.ndim == 2 else image
     if img.dtype == np.uint8:
-        return img.astype(np.float64)
+        return img.astype(dtype)
     if not np.issubdtype(img.dtype, np.floating):
         raise InvalidInputError(f"{what} must be uint8 or float in [0, 1], got dtype {img.dtype}")
     if not np.isfinite(img).all():
@@ -191,43 +193,10 @@ def as_pixels(image: np.ndarray, what: str = "image") -> np.ndarray:
             f"{what} pixel values span [{img.min():.4g}, {img.max():.4g}] but floats must lie "
             "in [0, 1]; divide 0–255 images by 255 or pass them as uint8"
         )
-    return img.astype(np.float64) * 255.0
+    return img.astype(dtype) * dtype(255.0)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of two images on the 0–255 scale (inf when equal)."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two H×W(×C) images on the 0–255 scale, averaged over channels.
-
-    Same definition as scikit-image's `structural_similarity(gaussian_weights=True,
-    sigma=1.5, data_range=255)` (as Decamouflage uses it), computed with OpenCV blurs in
-    float32, which is several times faster on large images.
-    """
-    x, y = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    radius, sigma = 5, 1.5  # skimage: int(3.5 * sigma + 0.5), an 11×11 window
-    cov_norm = 121 / 120  # skimage's sample covariance over the 11×11 window
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-
-    def blur(z: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(z, (2 * radius + 1,) * 2, sigma, borderType=cv2.BORDER_REFLECT)
-
-    # Blurring is linear: blur(x²) + blur(y²) = blur(x² + y²), one pass fewer; OpenCV's
-    # fused arithmetic (addWeighted: α·a + β·b + γ) keeps the memory-bound passes few.
-    ux, uy = blur(x), blur(y)
-    sq = blur(cv2.add(cv2.multiply(x, x), cv2.multiply(y, y)))
-    xy = blur(cv2.multiply(x, y))
-    uxy = cv2.multiply(ux, uy)
-    u2 = cv2.add(cv2.multiply(ux, ux), cv2.multiply(uy, uy))
-    num = cv2.multiply(
-        cv2.addWeighted(uxy, 2.0, uxy, 0.0, c1),
-        cv2.addWeighted(xy, 2 * cov_norm, uxy, -2 * cov_norm, c2),
-    )
-    den = cv2.multiply(
-        cv2.addWeighted(u2, 1.0, u2, 0.0, c1), cv2.addWeighted(sq, cov_norm, u2, -cov_norm, c2)
-    )
-    inner = cv2.divide(num, den)[radius:-radius, radius:-radius]
-    return float(inner.mean(dtype=np.float64))  # every channel has as many pixels

@@ -26,7 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from bastion.attacks.scalers import Scaler, as_pixels, coefficients, get_scaler, psnr, ssim
+from bastion.attacks.scalers import Scaler, as_pixels, coefficients, get_scaler, psnr
+from bastion.attacks.ssim import ssim
 from bastion.errors import ConfigError, InvalidInputError
 
 Progress = Callable[[int, int], None]

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image, ImageFilter
 from skimage import data
 
-from bastion.attacks.scalers import get_scaler, ssim
+from bastion.attacks.scalers import get_scaler
+from bastion.attacks.ssim import ssim
 from bastion.attacks.scaling import ScalingAttack
 from bastion.cli import main
 from bastion.defenses import Decamouflage

@@ -12,7 +12,6 @@ from bastion.attacks.scalers import (
     coefficients,
     get_scaler,
     psnr,
-    ssim,
 )
 from bastion.errors import ConfigError, InvalidInputError
 
@@ -70,16 +69,8 @@ def test_more_than_four_channels_resize_per_channel() -> None:
     np.testing.assert_allclose(out[..., 5], get_scaler("cv2.linear")(img[..., 5], (10, 10)))
 
 
-def test_ssim_matches_scikit_image() -> None:
-    from skimage.metrics import structural_similarity
-
-    rng = np.random.default_rng(0)
-    a = rng.uniform(0, 255, (60, 80, 3))
-    b = np.clip(a + rng.normal(0, 25, a.shape), 0, 255)
-    ref = structural_similarity(
-        a, b, channel_axis=2, gaussian_weights=True, sigma=1.5, data_range=255
-    )
-    assert ssim(a, b) == pytest.approx(ref, abs=1e-5)
+def test_psnr() -> None:
+    a = np.random.default_rng(0).uniform(0, 255, (60, 80, 3))
     assert psnr(a, a) == float("inf")
     assert psnr(a, a + 1) == pytest.approx(10 * np.log10(255**2))
 
