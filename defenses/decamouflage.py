@@ -36,7 +36,7 @@ import numpy as np
 import scipy.fft
 
 from bastion.attacks.scalers import Size, as_pixels, get_scaler
-from bastion.attacks.ssim import ssim
+from bastion.attacks.ssim import ssim, ssims
 from bastion.errors import ConfigError, DataError
 from bastion.fileio import write_atomic
 
@@ -72,39 +72,47 @@ def csp_count(image: np.ndarray) -> int:
     return len(contours)
 
 
+def _rescaled(a: np.ndarray, scaler: str, size: Size) -> np.ndarray:
+    s = get_scaler(scaler)
+    return s(s(a, size), a.shape[:2])
+
+
+def _min_filtered(a: np.ndarray) -> np.ndarray:
+    return cv2.erode(a, np.ones((3, 3), np.uint8)).reshape(a.shape)
+
+
 def rescale_scores(a: np.ndarray, scaler: str, size: Size) -> tuple[float, float]:
     """MSE and SSIM of A (H×W×C, 0–255) against A scaled to `size` and back."""
-    s = get_scaler(scaler)
-    back = s(s(a, size), a.shape[:2])
+    back = _rescaled(a, scaler, size)
     return _mse(a, back), ssim(a, back)
 
 
 def filter_scores(a: np.ndarray) -> tuple[float, float]:
     """MSE and SSIM of A (H×W×C, 0–255) against its 3×3 minimum filter."""
-    low = cv2.erode(a, np.ones((3, 3), np.uint8)).reshape(a.shape)
+    low = _min_filtered(a)
     return _mse(a, low), ssim(a, low)
 
 
 @functools.lru_cache(maxsize=1)
-def _detector_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(len(DETECTORS), thread_name_prefix="bastion-decamouflage")
+def _spectrum_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="bastion-decamouflage")
 
 
 def image_scores(image: np.ndarray, scaler: str, size: Size) -> dict[str, float]:
     """The five Decamouflage scores of one image (uint8 or float in [0, 1]).
 
-    The three detectors run in threads side by side (OpenCV and scipy's FFT release the GIL).
+    The steganalysis runs in a thread beside the two SSIMs, which share A's local means
+    (OpenCV and scipy's FFT release the GIL).
     """
     a = as_pixels(image, dtype=np.float32)
-    pool = _detector_pool()
-    rescale = pool.submit(rescale_scores, a, scaler, size)
-    low = pool.submit(filter_scores, a)
-    csp = pool.submit(csp_count, a)
+    csp = _spectrum_thread().submit(csp_count, a)
+    back, low = _rescaled(a, scaler, size), _min_filtered(a)
+    rescale_ssim, filter_ssim = ssims(a, [back, low])
     return {
-        "rescale_mse": rescale.result()[0],
-        "rescale_ssim": rescale.result()[1],
-        "filter_mse": low.result()[0],
-        "filter_ssim": low.result()[1],
+        "rescale_mse": _mse(a, back),
+        "rescale_ssim": rescale_ssim,
+        "filter_mse": _mse(a, low),
+        "filter_ssim": filter_ssim,
         "csp": float(csp.result()),
     }
 

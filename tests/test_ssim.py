@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from bastion.attacks.ssim import ssim
+from bastion.attacks.ssim import ssim, ssims
 from bastion.errors import InvalidInputError
 
 
@@ -17,9 +17,19 @@ def _pair(shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return a, np.clip(a + rng.normal(0, 25, a.shape), 0, 255)
 
 
-@pytest.mark.parametrize("shape", [(60, 80, 3), (203, 150, 3), (11, 40), (150, 97)])
-def test_ssim_matches_scikit_image(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("shape", "scale"),
+    [
+        ((60, 80, 3), 1.0),
+        ((203, 150, 3), 1.0),
+        ((11, 40), 1.0),
+        ((150, 97), 1.0),
+        ((90, 70, 3), 0.02),
+    ],
+)
+def test_ssim_matches_scikit_image(shape: tuple[int, ...], scale: float) -> None:
     a, b = _pair(shape)
+    a, b = a * scale, b * scale  # dark images: the stabilising constants C1, C2 dominate
     ref = structural_similarity(
         a,
         b,
@@ -45,9 +55,17 @@ def test_ssim_is_the_same_on_one_thread_and_many() -> None:
     assert ssim(a, a) == pytest.approx(1.0)
 
 
+def test_ssims_shares_the_reference_without_changing_the_values() -> None:
+    a, b = _pair((150, 90, 3), seed=2)
+    c = np.clip(a[::-1] * 0.5 + 40, 0, 255)
+    assert ssims(a, [b, c, a]) == [ssim(a, b), ssim(a, c), ssim(a, a)]
+
+
 def test_ssim_rejects_mismatched_or_tiny_images() -> None:
     a, b = _pair((40, 40, 3))
     with pytest.raises(InvalidInputError, match="one shape"):
         ssim(a, b[:, :30])
+    with pytest.raises(InvalidInputError, match="one shape"):
+        ssims(a, [b, b[:, :30]])
     with pytest.raises(InvalidInputError, match="at least 11×11"):
         ssim(a[:10], b[:10])
