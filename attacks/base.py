@@ -134,26 +134,37 @@ class Attack(ABC):
             self._check_model(clean)
             pred_clean = clean.argmax(1)
             todo = (~is_adversarial(pred_clean, y, target)).nonzero().flatten()
-            x_adv = x.clone()
             iterations = torch.zeros(n, dtype=torch.long, device=x.device)
-            pred_adv = pred_clean.clone()
-            if len(todo):
+            if not len(todo):
+                x_adv, pred_adv = x.clone(), pred_clean.clone()
+            else:
+                every = len(todo) == n  # then the batch is the call's tensors, uncopied
+
+                def pick(t: torch.Tensor) -> torch.Tensor:
+                    return t if every else t[todo]
+
                 batch = Batch(
                     queries,
-                    x[todo],
-                    y[todo],
-                    target[todo] if target is not None else None,
-                    indices[todo],
+                    pick(x),
+                    pick(y),
+                    pick(target) if target is not None else None,
+                    pick(indices),
                     todo,
                     progress,
-                    reusable[todo] if reusable is not None else None,
+                    pick(reusable) if reusable is not None else None,
                 )
                 cand = self._perturb(batch)
                 with torch.no_grad():
                     adv_logits = queries.logits(cand.x_adv, todo)
-                ok = batch.adversarial(adv_logits.argmax(1))
-                x_adv[todo[ok]] = cand.x_adv[ok]
-                pred_adv[todo] = torch.where(ok, adv_logits.argmax(1), pred_clean[todo])
+                pred = adv_logits.argmax(1)
+                ok = batch.adversarial(pred)
+                if every:
+                    x_adv = torch.where(ok.reshape(-1, *([1] * (x.dim() - 1))), cand.x_adv, x)
+                    pred_adv = torch.where(ok, pred, pred_clean)
+                else:
+                    x_adv, pred_adv = x.clone(), pred_clean.clone()
+                    x_adv[todo[ok]] = cand.x_adv[ok]
+                    pred_adv[todo[ok]] = pred[ok]
                 iterations[todo] = cand.iterations
         success = is_adversarial(pred_adv, y, target)
         return AttackResult(

@@ -36,13 +36,31 @@ def _direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     return grad / _flat_norm(grad).clamp_min(1e-12)
 
 
-def _project(moved: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """The point of the eps-ball around x nearest to `moved` (L∞ clamps against x ± eps
-    directly, so one FGSM step equals `x + eps·sign(g)` to the last bit)."""
+def _ball(
+    x: torch.Tensor, eps: torch.Tensor, norm: Norm, bounds: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What projecting onto (eps-ball around x) ∩ box needs, per sample: for L∞ the lower
+    and upper pixel limits (one clamp per step), for L2 the centre and the radius."""
     if norm == "linf":
-        return torch.minimum(torch.maximum(moved, x - eps), x + eps)
+        lo, hi = bounds
+        return (x - eps).clamp_(min=lo), (x + eps).clamp_(max=hi)
+    return x, eps
+
+
+def _project(
+    moved: torch.Tensor,
+    ball: tuple[torch.Tensor, torch.Tensor],
+    norm: Norm,
+    bounds: tuple[float, float],
+) -> torch.Tensor:
+    """The point of the ball ∩ box nearest to `moved`. For L∞ that is clamping into
+    [max(x − eps, lo), min(x + eps, hi)], so one FGSM step equals
+    `clip(x + eps·sign(g), lo, hi)` to the last bit; for L2 the radial projection, then the box."""
+    if norm == "linf":
+        return torch.clamp(moved, *ball)
+    x, eps = ball
     delta = moved - x
-    return x + delta * (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return (x + delta * (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)).clamp(*bounds)
 
 
 def _loss_gradient(
@@ -130,22 +148,25 @@ class GradientDescentAttack(Attack):
             if self.abs_stepsize is not None
             else eps * self.rel_stepsize
         )
-        lo, hi = self.bounds
-        x_adv = x.clone()
+        xa = x
         if self.random_start:
-            x_adv = (x + self._random_start(x, eps, batch.indices)).clamp(lo, hi)
-        sign = -1.0 if batch.target is not None else 1.0
+            xa = (x + self._random_start(x, eps, batch.indices)).clamp(*self.bounds)
+        step = -alpha if batch.target is not None else alpha
         model = batch.queries.model
         # the active samples' state, kept compact: samples that turn adversarial are written
         # out and dropped, and passes are counted in bulk when the active set changes
         passes = torch.zeros(len(x), dtype=torch.long, device=x.device)
         iterations = torch.zeros_like(passes)
         pos = torch.arange(len(x), device=x.device)
-        xa, x0, e, al, goal, y = x_adv[pos], x, eps, alpha, batch.goal, batch.y
-        target = batch.target
+        x_adv: torch.Tensor | None = None  # the output, allocated when a sample stops early
+        # the ball's limits, subset with the active samples; a first step of α ≤ ε from the
+        # clean image cannot leave the ball, so FGSM and BIM skip it (only the box clamps)
+        inside = xa is x and bool((alpha <= eps).all())
+        b0, b1 = (x, eps) if inside else _ball(x, eps, self.norm, self.bounds)
+        goal, y, target = batch.goal, batch.y, batch.target
         since_pass = since_step = 0
-        for step in range(self.steps):
-            if step == 0 and batch.reusable is not None:
+        for it in range(self.steps):
+            if it == 0 and batch.reusable is not None:
                 grad = batch.reusable  # taken at x by the clean pass, where none is adversarial
             else:
                 logits, grad = _loss_gradient(model, xa, goal)
@@ -155,20 +176,30 @@ class GradientDescentAttack(Attack):
                     passes[pos] += since_pass
                     iterations[pos] += since_step
                     since_pass = since_step = 0
+                    if x_adv is None:
+                        x_adv = torch.empty_like(x)
                     x_adv[pos[done]] = xa[done]
                     keep = ~done
-                    pos, xa, x0, e, al, goal, y, grad = (
-                        t[keep] for t in (pos, xa, x0, e, al, goal, y, grad)
+                    pos, xa, b0, b1, step, goal, y, grad = (
+                        t[keep] for t in (pos, xa, b0, b1, step, goal, y, grad)
                     )
                     target = target[keep] if target is not None else None
                     if not len(pos):
                         break
-            xa = _project(xa + sign * al * _direction(grad, self.norm), x0, e, self.norm)
-            xa = xa.clamp(lo, hi)
+            moved = torch.addcmul(xa, step, _direction(grad, self.norm))
+            if inside:
+                xa, inside = moved.clamp(*self.bounds), False
+                if it + 1 < self.steps:
+                    b0, b1 = _ball(b0, b1, self.norm, self.bounds)
+            else:
+                xa = _project(moved, (b0, b1), self.norm, self.bounds)
             since_step += 1
             if batch.progress is not None:
-                batch.progress(step + 1, self.steps)
-        x_adv[pos] = xa
+                batch.progress(it + 1, self.steps)
+        if x_adv is None:
+            x_adv = xa  # no sample stopped early: every row is still active, in order
+        else:
+            x_adv[pos] = xa
         passes[pos] += since_pass
         iterations[pos] += since_step
         batch.queries.count(batch.rows, forward=passes, backward=passes)

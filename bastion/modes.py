@@ -16,10 +16,13 @@ def eval_mode(model: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> Iter
     if not isinstance(model, nn.Module):
         yield
         return
-    flags = [(m, m.training) for m in model.modules()]
+    training = [m for m in model.modules() if m.training]
+    if not training:  # in eval mode throughout already: nothing to set or restore
+        yield
+        return
     model.eval()
     try:
         yield
     finally:
-        for m, training in flags:
-            m.training = training
+        for m in training:
+            m.training = True

@@ -22,12 +22,15 @@ class ThreatModel:
 
 def distances(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample L0 (changed pixel values), L1, L2 and L∞ distances between two batches."""
-    d = (x_adv - x).flatten(1).double()
+    d = (x_adv - x).flatten(1)  # float32 differences, summed in float64
+    if not d.shape[1]:
+        return {k: d.new_zeros(d.shape[0], dtype=torch.float64) for k in ("l0", "l1", "l2", "linf")}
+    size = d.abs()
     return {
         "l0": (d != 0).sum(1).double(),
-        "l1": d.abs().sum(1),
-        "l2": d.norm(p=2, dim=1),
-        "linf": d.abs().amax(1) if d.shape[1] else d.new_zeros(d.shape[0]),
+        "l1": size.sum(1, dtype=torch.float64),
+        "l2": torch.linalg.vector_norm(d, dim=1, dtype=torch.float64),
+        "linf": size.amax(1).double(),
     }
 
 

@@ -24,18 +24,21 @@ def check_images(x: torch.Tensor, bounds: tuple[float, float] = (0.0, 1.0)) -> N
             f"images must have shape N×C×H×W, got {tuple(x.shape)}; "
             "add the missing batch or channel axis"
         )
+    if not x.numel():
+        return
+    lo, hi = bounds
+    low, high = (float(v) for v in torch.aminmax(x))  # one pass; NaN propagates into both
+    if lo <= low and high <= hi:
+        return
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise InvalidInputError(
             f"{bad} image(s) contain NaN or infinite pixels; clean or drop them before evaluating"
         )
-    lo, hi = bounds
-    if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
-        raise InvalidInputError(
-            f"pixel values span [{float(x.min()):.4g}, {float(x.max()):.4g}] "
-            f"but must lie in [{lo:g}, {hi:g}]; put normalisation inside "
-            "the model with bastion.Normalized instead of normalising the data"
-        )
+    raise InvalidInputError(
+        f"pixel values span [{low:.4g}, {high:.4g}] but must lie in [{lo:g}, {hi:g}]; put "
+        "normalisation inside the model with bastion.Normalized instead of normalising the data"
+    )
 
 
 def check_labels(y: torch.Tensor, n: int, num_classes: int | None = None) -> None:
