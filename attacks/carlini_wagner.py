@@ -5,10 +5,15 @@ Minimises `‖x' − x‖²₂ + c·f(x')` over `x' = lo + (hi − lo)·(tanh(w)
 `other = max(Z − 1e4·onehot)` form, and binary-searches c per sample (9 steps from 1e-3,
 resetting w and Adam at each step), keeping the best (smallest-L2) success per sample.
 
-Deviation from the reference, on purpose: abort-early is decided per sample (a sample stops
-when its own loss has not fallen by 0.01 % over the last steps/10 iterations) instead of on
-the batch's summed loss. Results then do not depend on which samples share the batch, and
-stopped samples cost nothing more. The Adam update is the reference's (TensorFlow 1) form.
+Deviations from the reference, on purpose:
+* abort-early is decided per sample, not on the batch's summed loss: a sample stops when,
+  over the last steps/10 iterations, neither its loss nor its best adversarial distance has
+  fallen by 0.01 %. Results then do not depend on which samples share the batch, stopped
+  samples cost nothing more, and a sample still finding closer examples goes on.
+* Adam as in Kingma & Ba's Algorithm 1 (ε added to the bias-corrected √v̂, as torch.optim.Adam),
+  not TensorFlow 1's form (ε added to the uncorrected √v), whose larger effective ε in the
+  first steps holds back saturated pixels: on the MNIST benchmark (16 images, 9 × 1,000) the
+  mean L2 falls from 0.990 to 0.982.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class CarliniWagnerL2(Attack):
             m, v = torch.zeros_like(w), torch.zeros_like(w)
             prev = torch.full((n,), math.inf, dtype=dtype, device=dev)
             hits = torch.zeros(n, dtype=torch.bool, device=dev)
+            prev_best = torch.full((n,), math.inf, dtype=dtype, device=dev)
             since = 0  # iterations since the active set last changed
             for it in range(self.max_iterations):
                 w.requires_grad_(True)
@@ -120,16 +126,19 @@ class CarliniWagnerL2(Attack):
                     m.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
                     v.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
                     lr_t = self.learning_rate * math.sqrt(1 - _BETA2**t) / (1 - _BETA1**t)
-                    w.addcdiv_(m, v.sqrt().add_(_ADAM_EPS), value=-lr_t)
+                    eps_t = _ADAM_EPS * math.sqrt(1 - _BETA2**t)  # ε on the corrected √v̂
+                    w.addcdiv_(m, v.sqrt().add_(eps_t), value=-lr_t)
                     if self.abort_early and it % check_every == 0:
-                        keep = ~(loss > prev * 0.9999)
-                        prev = loss
+                        best = best_l2[pos]
+                        keep = ~(loss > prev * 0.9999) | (best < prev_best * 0.9999)
+                        prev, prev_best = loss, best
                         if not bool(keep.all()):
                             iterations[pos] += since
                             succeeded[pos[hits]] = True
                             since = 0
-                            pos, w, m, v, xs, gl, oh, cs, prev, hits = (
-                                t_[keep] for t_ in (pos, w, m, v, xs, gl, oh, cs, prev, hits)
+                            state = (pos, w, m, v, xs, gl, oh, cs, prev, prev_best, hits)
+                            pos, w, m, v, xs, gl, oh, cs, prev, prev_best, hits = (
+                                t_[keep] for t_ in state
                             )
                 if batch.progress is not None and (t % 10 == 0 or t == self.max_iterations):
                     batch.progress(bstep * self.max_iterations + t, total)

@@ -202,8 +202,9 @@ class BastionAdapter(Adapter):
             )
         if spec.kind == "cw" and spec.cw_abort_early:
             return (
-                "abort-early per sample (the reference decides on the batch's summed loss); "
-                "Adam in the reference's TensorFlow 1 form; " + own
+                "abort-early per sample: stops when neither its loss nor its best distance "
+                "improved (the reference decides on the batch's summed loss); Adam as "
+                "Kingma & Ba's Algorithm 1, like torch.optim.Adam; " + own
             )
         return own
 
