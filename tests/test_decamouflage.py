@@ -13,8 +13,8 @@ from PIL import Image, ImageFilter
 from skimage import data
 
 from bastion.attacks.scalers import get_scaler
-from bastion.attacks.ssim import ssim
 from bastion.attacks.scaling import ScalingAttack
+from bastion.attacks.ssim import ssim
 from bastion.cli import main
 from bastion.defenses import Decamouflage
 from bastion.defenses.decamouflage import SCORES, csp_count, image_scores
