@@ -5,7 +5,7 @@ sigma=1.5, data_range=255, channel_axis=-1)` (as Decamouflage uses it): 11×11 G
 local statistics with the sample covariance, the map averaged over every channel with the
 5-pixel border cropped. Computed with OpenCV in float32, in bands of rows small enough to
 stay in cache, spread over `cv2.getNumThreads()` threads (OpenCV releases the GIL): an
-896×896 RGB pair takes ~25 ms on 2 cores where scikit-image takes ~1 s.
+896×896 RGB pair takes 25–40 ms on 2 cores (docs/scaling.md).
 """
 
 from __future__ import annotations
