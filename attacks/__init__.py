@@ -9,7 +9,7 @@ from bastion.attacks.feature_guided import FeatureGameMCTS, SafeCV
 from bastion.attacks.fgsm import FGSM
 from bastion.attacks.fooling import FoolingEvolution, FoolingResult
 from bastion.attacks.fooling_ascent import FoolingGradientAscent
-from bastion.attacks.gradient_descent import GradientDescentAttack
+from bastion.attacks.gradient_descent import GradientDescentAttack, Loss
 from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.scaling import PenaltyScalingAttack, ScalingAttack, ScalingAttackResult
 
@@ -23,6 +23,7 @@ __all__ = [
     "FoolingGradientAscent",
     "FoolingResult",
     "GradientDescentAttack",
+    "Loss",
     "PGD",
     "PenaltyScalingAttack",
     "SafeCV",

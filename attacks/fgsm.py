@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bastion.attacks.gradient_descent import GradientDescentAttack
+from bastion.attacks.gradient_descent import GradientDescentAttack, Loss
 from bastion.results import Norm
 
 
@@ -13,7 +13,7 @@ class FGSM(GradientDescentAttack):
     normalised gradient for `norm="l2"` (the fast gradient method).
 
     `x_adv = clip(x + eps·sign(∇x CE(Z(x), y)), 0, 1)`; targeted: minus the gradient of
-    the loss towards the target class.
+    the loss towards the target class. `loss` (a `Loss`) replaces the cross-entropy.
     """
 
     def __init__(
@@ -22,6 +22,7 @@ class FGSM(GradientDescentAttack):
         *,
         norm: Norm = "linf",
         bounds: tuple[float, float] = (0.0, 1.0),
+        loss: Loss | None = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -31,4 +32,5 @@ class FGSM(GradientDescentAttack):
             random_start=False,
             early_stop=False,
             bounds=bounds,
+            loss=loss,
         )

@@ -1,12 +1,19 @@
 """The one gradient loop behind FGSM, BIM and PGD, in L∞ and L2.
 
-Each step moves along the gradient of the cross-entropy on the logits (sign of it for L∞,
-its direction for L2), then projects back onto the eps-ball around the clean image and the
+Each step moves along the gradient of a loss on the logits (sign of it for L∞, its
+direction for L2), then projects back onto the eps-ball around the clean image and the
 pixel box. FGSM is one step of size eps from the clean image; BIM is several smaller steps;
 PGD (Madry et al., ICLR 2018) adds a uniform random start inside the ball.
+
+The loss is the cross-entropy unless the caller passes its own `Loss` (as Foolbox's
+`get_loss_fn`): a callable `(logits, y, target) -> per-sample loss` that the loop ascends,
+so other code can reuse the loop with another objective (DLR, a margin, a property's
+violation) instead of writing its own sign-step loop.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +31,10 @@ from bastion.attacks.base import (
 )
 from bastion.errors import ConfigError, InvalidInputError
 from bastion.results import Norm
+
+Loss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""`loss(logits, y, target) -> per-sample loss` (shape N) that an attack ascends; `target`
+is None for an untargeted attack. A targeted loss must rise as the target gets closer."""
 
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
@@ -64,21 +75,32 @@ def _project(
 
 
 def _loss_gradient(
-    model: Model, x: torch.Tensor, goal: torch.Tensor
+    model: Model,
+    x: torch.Tensor,
+    goal: torch.Tensor,
+    loss: Loss | None = None,
+    y: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at x and the gradient of the summed cross-entropy towards `goal` (the true
-    class, to be raised; or the target, to be lowered), in one forward-backward pass."""
+    """Logits at x and a loss gradient, in one forward-backward pass. Without `loss`: the
+    summed cross-entropy towards `goal` (the true class, to be raised; or the target, to be
+    lowered: the caller steps against it). With `loss`: its sum, to be ascended."""
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(xg)
-        loss = F.cross_entropy(logits, goal, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, xg)
+        if loss is None:
+            total = F.cross_entropy(logits, goal, reduction="sum")
+        else:
+            total = loss(logits, goal if y is None else y, target).sum()
+        (grad,) = torch.autograd.grad(total, xg)
     return logits.detach(), grad
 
 
 class GradientDescentAttack(Attack):
-    """Projected gradient steps on the cross-entropy loss (the shared loop).
+    """Projected gradient steps on a loss, by default the cross-entropy (the shared loop).
 
+    `loss` (default None: cross-entropy, descended towards a target) is a `Loss` the loop
+    ascends instead, for untargeted and targeted calls alike.
     `rel_stepsize` is the step as a fraction of eps; `abs_stepsize` overrides it. With
     `early_stop` a sample stops as soon as an iterate is adversarial, which saves its
     remaining gradient passes without changing whether the attack succeeds on it.
@@ -96,6 +118,7 @@ class GradientDescentAttack(Attack):
         early_stop: bool = True,
         seed: int = 0,
         bounds: tuple[float, float] = (0.0, 1.0),
+        loss: Loss | None = None,
     ) -> None:
         if norm not in ("linf", "l2"):
             raise ConfigError(f"{type(self).__name__} supports norm 'linf' or 'l2', got {norm!r}")
@@ -111,6 +134,7 @@ class GradientDescentAttack(Attack):
         self.early_stop = early_stop
         self.seed = seed
         self.bounds = bounds
+        self.loss = loss
 
     def _random_start(
         self, x: torch.Tensor, eps: torch.Tensor, indices: torch.Tensor
@@ -131,6 +155,10 @@ class GradientDescentAttack(Attack):
         if self.random_start:  # the first gradient is taken elsewhere than at x
             return super()._clean_pass(queries, x, goal)
         rows = torch.arange(len(x), device=x.device)
+        # `goal` is the target when there is one; a custom loss is told which it is in
+        # `_perturb`, so it gets no reusable gradient (one extra pass, same result)
+        if self.loss is not None:
+            return super()._clean_pass(queries, x, goal)
         logits, grad = _loss_gradient(lambda t: queries.logits(t, rows), x, goal)
         queries.count_backward(rows)
         return logits, grad
@@ -151,7 +179,7 @@ class GradientDescentAttack(Attack):
         xa = x
         if self.random_start:
             xa = (x + self._random_start(x, eps, batch.indices)).clamp(*self.bounds)
-        step = -alpha if batch.target is not None else alpha
+        step = -alpha if batch.target is not None and self.loss is None else alpha
         model = batch.queries.model
         # the active samples' state, kept compact: samples that turn adversarial are written
         # out and dropped, and passes are counted in bulk when the active set changes
@@ -169,7 +197,7 @@ class GradientDescentAttack(Attack):
             if it == 0 and batch.reusable is not None:
                 grad = batch.reusable  # taken at x by the clean pass, where none is adversarial
             else:
-                logits, grad = _loss_gradient(model, xa, goal)
+                logits, grad = _loss_gradient(model, xa, goal, self.loss, y, target)
                 since_pass += 1
                 done = is_adversarial(logits.argmax(1), y, target) if self.early_stop else None
                 if done is not None and bool(done.any()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bastion.attacks.gradient_descent import GradientDescentAttack
+from bastion.attacks.gradient_descent import GradientDescentAttack, Loss
 from bastion.results import Norm
 
 
@@ -14,7 +14,8 @@ class PGD(GradientDescentAttack):
     Defaults follow Madry et al.: 40 steps of 2.5·eps/steps (so the iterate can cross the
     ball), random start on. `early_stop` (on) stops each sample at its first adversarial
     iterate: the same success, fewer passes. Deterministic: the random start of a sample
-    depends only on (seed, sample index).
+    depends only on (seed, sample index). `loss` (a `Loss`, default cross-entropy) is
+    the objective ascended, e.g. `bastion.attacks.losses.dlr`.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class PGD(GradientDescentAttack):
         early_stop: bool = True,
         seed: int = 0,
         bounds: tuple[float, float] = (0.0, 1.0),
+        loss: Loss | None = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -40,6 +42,7 @@ class PGD(GradientDescentAttack):
             early_stop=early_stop,
             seed=seed,
             bounds=bounds,
+            loss=loss,
         )
 
 
@@ -56,6 +59,7 @@ class BIM(PGD):
         abs_stepsize: float | None = None,
         early_stop: bool = True,
         bounds: tuple[float, float] = (0.0, 1.0),
+        loss: Loss | None = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -66,4 +70,5 @@ class BIM(PGD):
             random_start=False,
             early_stop=early_stop,
             bounds=bounds,
+            loss=loss,
         )
