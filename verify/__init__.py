@@ -5,6 +5,7 @@ from .dlv import verify_dlv
 from .extract import UnsupportedLayerError, check_network, extract, load_network
 from .instances import Instance, read_instances
 from .network import Network
+from .outcome import Answer, Outcome, Status
 from .onnx_graph import read_onnx
 from .region import verify_region
 from .spec import Halfspaces, Property, robustness_property
@@ -19,6 +20,9 @@ from .vnnlib import (
 )
 
 __all__ = [
+    "Answer",
+    "Outcome",
+    "Status",
     "SAFE",
     "UNKNOWN",
     "UNSAFE",

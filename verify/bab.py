@@ -15,24 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
 from bastion.verify.bounds import Bounds, Splits, compute_bounds, property_lower_bounds
 from bastion.verify.network import Dense, Network, ReLU
+from bastion.verify.outcome import Answer, Outcome
 from bastion.verify.spec import Halfspaces, Property
-
-
-@dataclass
-class Outcome:
-    """An engine's answer for one disjunct: "unsat", "sat" (with the input) or "unknown"."""
-
-    status: str
-    witness: np.ndarray | None = None
-    reason: str = ""
-    domains: int = 0
 
 
 Leaf = Callable[[Property, Splits, Bounds], Outcome]
@@ -107,7 +95,7 @@ def branch_and_bound(
     while stack:
         if time.perf_counter() >= deadline:
             reason = "deadline reached in branch and bound"
-            return Outcome("unknown", reason=reason, domains=domains)
+            return Outcome(Answer.UNKNOWN, reason=reason, domains=domains)
         sub, splits = stack.pop()
         domains += 1
         bounds = (
@@ -122,14 +110,14 @@ def branch_and_bound(
         if by_input:  # the sub-box's centre is a cheap witness candidate
             centre = ((sub.lower + sub.upper) / 2)[None]
             if float(sub.violation(network.forward(centre))[0]) > 0:
-                return Outcome("sat", centre[0].flatten().numpy(), domains=domains)
+                return Outcome(Answer.SAT, centre[0].flatten().numpy(), domains=domains)
         unstable = _unstable(network, bounds, splits)
         if sum(int(m.sum()) for _, m in unstable) + _open_windows(bounds) <= leaf_size:
             out = leaf(sub, splits, bounds)
-            if out.status == "sat":
+            if out.status == Answer.SAT:
                 out.domains = domains
                 return out
-            if out.status == "unknown":
+            if out.status == Answer.UNKNOWN:
                 unknown = out.reason or "the exact engine gave up on a sub-problem"
             continue
         if by_input:
@@ -142,5 +130,5 @@ def branch_and_bound(
             child[j][k] = phase
             stack.append((sub, child))
     if unknown:
-        return Outcome("unknown", reason=unknown, domains=domains)
-    return Outcome("unsat", domains=domains)
+        return Outcome(Answer.UNKNOWN, reason=unknown, domains=domains)
+    return Outcome(Answer.UNSAT, domains=domains)

@@ -26,6 +26,7 @@ from scipy.optimize import LinearConstraint, milp
 from bastion.verify.bounds import Bounds
 from bastion.verify.linear_maps import affine_blocks
 from bastion.verify.network import MaxPool2d, Network
+from bastion.verify.outcome import Answer, Outcome
 from bastion.verify.spec import Halfspaces, Property
 
 
@@ -85,16 +86,6 @@ class _Program:
 
 def _diag(v: np.ndarray) -> sp.spmatrix:
     return sp.diags(np.asarray(v, dtype=float), format="csr")
-
-
-@dataclass
-class MilpOutcome:
-    """`status` is "unsat" (disjunct unreachable), "sat" (witness) or "unknown"."""
-
-    status: str
-    witness: np.ndarray | None
-    seconds: float
-    reason: str = ""
 
 
 def encode(
@@ -186,7 +177,7 @@ def solve_disjunct(
     disjunct: Halfspaces,
     *,
     deadline: float,
-) -> MilpOutcome:
+) -> Outcome:
     """Can the program reach `A y ≤ b`? Maximises the depth t ≥ 0 of the violation.
 
     Returns the full variable vector as the witness (the caller reads the inputs from it).
@@ -205,8 +196,8 @@ def solve_disjunct(
     res = prog.solve(objective, deadline - time.perf_counter())
     seconds = time.perf_counter() - start
     if res.status == 2:  # type: ignore[attr-defined]
-        return MilpOutcome("unsat", None, seconds)
+        return Outcome(Answer.UNSAT, None, seconds)
     if getattr(res, "x", None) is not None:
-        return MilpOutcome("sat", np.asarray(res.x), seconds)  # type: ignore[attr-defined]
+        return Outcome(Answer.SAT, np.asarray(res.x), seconds)  # type: ignore[attr-defined]
     reason = "time limit" if res.status == 1 else str(res.message)  # type: ignore[attr-defined]
-    return MilpOutcome("unknown", None, seconds, reason)
+    return Outcome(Answer.UNKNOWN, None, seconds, reason)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import TypeAlias
 
@@ -25,19 +24,12 @@ import z3
 from bastion.verify.bounds import Bounds, Splits
 from bastion.verify.linear_maps import layer_matrix
 from bastion.verify.network import AvgPool2d, MaxPool2d, Network, ReLU
+from bastion.verify.outcome import Answer, Outcome
 from bastion.verify.spec import Halfspaces, Property
 
 Term: TypeAlias = "z3.ArithRef | Fraction"  # a z3 expression, or an exact constant
 
-
-@dataclass
-class SmtOutcome:
-    """`status` is "unsat", "sat" (with the input as float64) or "unknown" (with why)."""
-
-    status: str
-    witness: np.ndarray | None
-    seconds: float
-    reason: str = ""
+SmtOutcome = Outcome  # the former name, kept for the DLV back-propagation's imports
 
 
 def _q(value: float | Fraction) -> Fraction:
@@ -98,7 +90,7 @@ def solve_smt(
     splits: Splits | None = None,
     delta: float = 0.0,
     deadline: float,
-) -> SmtOutcome:
+) -> Outcome:
     """Is there an input of the box whose output satisfies `A y ≤ b − delta`?"""
     start = time.perf_counter()
     splits = splits or {}
@@ -211,10 +203,10 @@ def _check(
     base: np.ndarray,
     start: float,
     deadline: float,
-) -> SmtOutcome:
+) -> Outcome:
     left = deadline - time.perf_counter()
     if left <= 0:
-        return SmtOutcome("unknown", None, time.perf_counter() - start, "deadline reached")
+        return Outcome(Answer.UNKNOWN, None, time.perf_counter() - start, "deadline reached")
     enc.solver.set("timeout", max(1, int(left * 1000)))
     watchdog = threading.Timer(left + 1.0, enc.ctx.interrupt)  # z3's timeout is not always kept
     watchdog.start()
@@ -224,12 +216,12 @@ def _check(
         watchdog.cancel()
     seconds = time.perf_counter() - start
     if result == z3.unsat:
-        return SmtOutcome("unsat", None, seconds)
+        return Outcome(Answer.UNSAT, None, seconds)
     if result == z3.sat:
         model = enc.solver.model()
         x = base.copy()
         for i, v in free:
             value = model.eval(v, model_completion=True)
             x[i] = float(Fraction(value.numerator_as_long(), value.denominator_as_long()))
-        return SmtOutcome("sat", x, seconds)
-    return SmtOutcome("unknown", None, seconds, enc.solver.reason_unknown() or "timeout")
+        return Outcome(Answer.SAT, x, seconds)
+    return Outcome(Answer.UNKNOWN, None, seconds, enc.solver.reason_unknown() or "timeout")

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-SAFE, UNSAFE, UNKNOWN = "SAFE", "UNSAFE", "UNKNOWN"
+from bastion.verify.outcome import Status
+
+SAFE, UNSAFE, UNKNOWN = Status.SAFE, Status.UNSAFE, Status.UNKNOWN
 
 EXACTNESS = (
     "SAFE is proved for the network over the rationals, with its float32 weights taken "
@@ -26,7 +28,7 @@ class Verdict:
     means here.
     """
 
-    status: str
+    status: Status
     engine: str
     seconds: float
     layers: list[dict[str, Any]] = field(default_factory=list)
@@ -37,15 +39,20 @@ class Verdict:
     guarantee: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)
+        if not self.engine:
+            raise ValueError("a verdict names the engine that decided it (or 'none')")
+
     @property
     def vnncomp(self) -> str:
         """The word VNN-COMP prints: unsat (holds), sat (violated) or unknown."""
-        return {SAFE: "unsat", UNSAFE: "sat"}.get(self.status, "unknown")
+        return self.status.vnncomp
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: tensors as nested lists."""
         out: dict[str, Any] = {
-            "status": self.status,
+            "status": str(self.status),
             "engine": self.engine,
             "seconds": round(self.seconds, 4),
             "reason": self.reason,

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from bastion.errors import ConfigError
-from bastion.verify.bab import Outcome, branch_and_bound
+from bastion.verify.bab import branch_and_bound
 from bastion.verify.bounds import Bounds, Splits, compute_bounds, property_lower_bounds
 from bastion.verify.falsify import falsify
 from bastion.verify.network import Network
+from bastion.verify.outcome import Answer, Outcome
 from bastion.verify.spec import Halfspaces, Property
 from bastion.verify.verdict import EXACTNESS, SAFE, UNKNOWN, UNSAFE, Verdict
 
@@ -117,16 +118,16 @@ def verify(
             left = deadline - time.perf_counter()
             slot = time.perf_counter() + (left / n_left if attempt == 0 else left)
             reasons.pop(i, None)
-            outcome = Outcome("unknown", reason="no engine ran")
+            outcome = Outcome(Answer.UNKNOWN, reason="no engine ran")
             for k, chosen in enumerate(engines):
                 last = k == len(engines) - 1
                 share = slot if last else time.perf_counter() + (slot - time.perf_counter()) / 3
                 outcome = exact.decide(prop.unsafe[i], chosen, share)
                 used.add(chosen)
-                if outcome.status != "unknown" or last:
+                if outcome.status != Answer.UNKNOWN or last:
                     break
             domains += outcome.domains
-            if outcome.status == "sat" and outcome.witness is not None:
+            if outcome.status == Answer.SAT and outcome.witness is not None:
                 verdict = _confirm(done, forward, exact, i, outcome, chosen, slot)
                 if verdict is not None:
                     return verdict
@@ -134,7 +135,7 @@ def verify(
                     "witnesses of the exact engine lie on the boundary and the float32 model "
                     "does not confirm them"
                 )
-            elif outcome.status == "unknown":
+            elif outcome.status == Answer.UNKNOWN:
                 reasons[i] = outcome.reason
         if not reasons:
             break
@@ -165,7 +166,7 @@ def _confirm(
     if verdict is not None or engine == "milp":
         return verdict
     deeper = exact.decide(_tighter(prop.unsafe[i]), engine, deadline)
-    if deeper.status == "sat" and deeper.witness is not None:
+    if deeper.status == Answer.SAT and deeper.witness is not None:
         return _replay(done, forward, prop, torch.as_tensor(deeper.witness).view(shape), engine)
     return None
 
@@ -226,8 +227,7 @@ class _Exact:
         def leaf(sub: Property, splits: Splits, bounds: Bounds) -> Outcome:
             from bastion.verify.smt import solve_smt
 
-            out = solve_smt(network, sub, disjunct, bounds, splits=splits, deadline=deadline)
-            return Outcome(out.status, out.witness, out.reason)
+            return solve_smt(network, sub, disjunct, bounds, splits=splits, deadline=deadline)
 
         return branch_and_bound(
             network, self.prop, disjunct, leaf=leaf, leaf_size=self.leaf_size,
@@ -241,5 +241,7 @@ class _Exact:
             self._milp = milp.encode(self.network, self.prop, self.bounds)
         prog, inputs, outputs = self._milp
         out = milp.solve_disjunct(prog, outputs, disjunct, deadline=deadline)
-        witness = out.witness[inputs] if out.witness is not None else None
-        return Outcome(out.status, witness, out.reason, domains=1)
+        if out.witness is not None:
+            out.witness = out.witness[inputs]
+        out.domains = 1
+        return out
