@@ -5,8 +5,8 @@ from .dlv import verify_dlv
 from .extract import UnsupportedLayerError, check_network, extract, load_network
 from .instances import Instance, read_instances
 from .network import Network
-from .outcome import Answer, Outcome, Status
 from .onnx_graph import read_onnx
+from .outcome import Answer, Outcome, Status
 from .region import verify_region
 from .spec import Halfspaces, Property, robustness_property
 from .verdict import SAFE, UNKNOWN, UNSAFE, Verdict

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
 import torch
 
 from bastion.verify.bounds import Bounds, Splits, compute_bounds, property_lower_bounds
 from bastion.verify.network import Dense, Network, ReLU
 from bastion.verify.outcome import Answer, Outcome
 from bastion.verify.spec import Halfspaces, Property
-
 
 Leaf = Callable[[Property, Splits, Bounds], Outcome]
 
