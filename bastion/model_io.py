@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import os
 import sys
 import warnings
@@ -42,10 +43,15 @@ __all__ = [
     "file_sha256",
     "load_model",
     "module_fingerprint",
+    "read_metadata",
     "save_model",
 ]
 
 SAVE_FORMATS = ("export", "torchscript", "safetensors")
+METADATA_ATTR = "bastion_metadata"
+"""A module's attribute holding string metadata (a dict) that `save_model` writes beside the
+weights and `load_model` puts back on a loaded .pt2 program (e.g. a distillation temperature)."""
+_METADATA_FILE = "bastion.json"  # the extra file of .pt2 and TorchScript archives
 _ONNX_HINT = 'install the optional ONNX support with pip install "bastion[onnx]"'
 
 
@@ -71,10 +77,14 @@ class _ExportedModule(nn.Module):
     size runs other batch sizes in chunks of that size, padding the last chunk with zeros.
     """
 
-    def __init__(self, program: nn.Module, static_batch: int | None) -> None:
+    def __init__(
+        self, program: nn.Module, static_batch: int | None, metadata: dict[str, str] | None = None
+    ) -> None:
         super().__init__()
         self.program = program
         self.static_batch = static_batch
+        if metadata:
+            setattr(self, METADATA_ATTR, metadata)
 
     def train(self, mode: bool = True) -> _ExportedModule:
         self.training = mode
@@ -110,9 +120,10 @@ def _static_batch(program: torch.export.ExportedProgram) -> int | None:
 
 def _load_export(path: Path) -> nn.Module:
     # an open file, not the path: torch.export.load logs a warning for names not ending .pt2
+    extra = {_METADATA_FILE: ""}
     with path.open("rb") as f:
-        program = torch.export.load(f)
-    return _ExportedModule(program.module(), _static_batch(program))
+        program = torch.export.load(f, extra_files=extra)
+    return _ExportedModule(program.module(), _static_batch(program), _parse_metadata(extra))
 
 
 def _load_torchscript(path: Path) -> nn.Module:
@@ -221,23 +232,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_onnx(path: Path) -> nn.Module:
-    try:
-        import onnx
-        from onnx2torch import convert
-    except ImportError:
-        raise ModelLoadError(f"{path} is an ONNX model; {_ONNX_HINT}") from None
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise _corrupt(path, "onnx", exc) from None
-    try:
-        module: nn.Module = convert(proto)
-        return module
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(
-            f"onnx2torch cannot convert the ONNX model {path} ({_reason(exc)}); "
-            "export the network with torch.export instead"
-        ) from None
+    from bastion.onnx_io import load_onnx
+
+    return load_onnx(path)
 
 
 def _load_pickle(path: Path) -> nn.Module:
@@ -336,13 +333,16 @@ def save_model(
     example_input: torch.Tensor,
     *,
     format: str = "export",
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Save `model` so that `load_model` reads it back; the model is captured in eval mode.
 
     "export" (the recommended `.pt2`) writes a torch.export program with a dynamic batch
     dimension; "torchscript" traces the model on `example_input`; "safetensors" writes only
-    the state dict (load it back with `arch=`). Errors raised by torch while exporting or
-    tracing (unsupported Python in the model) are not caught.
+    the state dict (load it back with `arch=`). `metadata` (default: the model's
+    `bastion_metadata` attribute, if any) is stored beside the weights as strings and read
+    back by `read_metadata`. Errors raised by torch while exporting or tracing (unsupported
+    Python in the model) are not caught.
     """
     if format not in SAVE_FORMATS:
         raise ConfigError(
@@ -351,18 +351,22 @@ def save_model(
     if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0:
         raise InvalidInputError("example_input must be a batched tensor, e.g. N×C×H×W images")
     out = str(Path(path).expanduser())
+    meta = {
+        str(k): str(v) for k, v in (metadata or getattr(model, METADATA_ATTR, None) or {}).items()
+    }
+    extra = {_METADATA_FILE: json.dumps(meta)} if meta else None
     if format == "safetensors":
         from safetensors.torch import save_file
 
         # clone: safetensors refuses tensors that share storage (tied or sliced weights)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, out)
+        save_file(state, out, metadata=meta or None)
         return
     with eval_mode(model), torch.no_grad():
         if format == "torchscript":
             with _quiet_jit():
                 traced = torch.jit.trace(model, example_input)  # type: ignore[no-untyped-call]
-                torch.jit.save(traced, out)
+                torch.jit.save(traced, out, _extra_files=extra)  # type: ignore[no-untyped-call]
             return
         example = example_input
         if example.shape[0] < 2:
@@ -372,7 +376,40 @@ def save_model(
         batch = dim.DYNAMIC if hasattr(dim, "DYNAMIC") else dim("batch")
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         with open(out, "wb") as f:  # a file, so any name works (a path must end in .pt2)
-            torch.export.save(program, f)
+            torch.export.save(program, f, extra_files=extra)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata `save_model` stored in a .pt2, TorchScript or safetensors file
+    ({} when there is none or the format holds none)."""
+    import zipfile
+
+    p = _existing_file(path)
+    fmt = detect_format(p)
+    try:
+        if fmt == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                return dict(f.metadata() or {})
+        if fmt in ("export", "torchscript"):
+            with zipfile.ZipFile(p) as z:
+                names = [n for n in z.namelist() if n.endswith(f"/extra/{_METADATA_FILE}")]
+                return _parse_metadata({_METADATA_FILE: z.read(names[0]).decode()}) if names else {}
+    except Exception as exc:  # noqa: BLE001 - a damaged archive is a corrupt file
+        raise _corrupt(p, fmt, exc) from None
+    return {}
+
+
+def _parse_metadata(extra: Mapping[str, Any]) -> dict[str, str]:
+    text = extra.get(_METADATA_FILE) or ""
+    if isinstance(text, bytes):
+        text = text.decode()
+    try:
+        parsed = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in parsed.items()} if isinstance(parsed, dict) else {}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
