@@ -3,6 +3,7 @@
 `attack(model, x, y, *, target=None) -> AttackResult`; see `bastion.attacks.base`.
 """
 
+from bastion.attacks.apgd import APGD, APGDT
 from bastion.attacks.base import Attack
 from bastion.attacks.carlini_wagner import CarliniWagnerL2
 from bastion.attacks.feature_guided import FeatureGameMCTS, SafeCV
@@ -14,6 +15,8 @@ from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.scaling import PenaltyScalingAttack, ScalingAttack, ScalingAttackResult
 
 __all__ = [
+    "APGD",
+    "APGDT",
     "Attack",
     "BIM",
     "CarliniWagnerL2",
