@@ -52,7 +52,6 @@ METADATA_ATTR = "bastion_metadata"
 """A module's attribute holding string metadata (a dict) that `save_model` writes beside the
 weights and `load_model` puts back on a loaded .pt2 program (e.g. a distillation temperature)."""
 _METADATA_FILE = "bastion.json"  # the extra file of .pt2 and TorchScript archives
-_ONNX_HINT = 'install the optional ONNX support with pip install "bastion[onnx]"'
 
 
 @contextlib.contextmanager

@@ -7,7 +7,11 @@ The graph is read node by node into the same `Chain` as the torch readers: Gemm 
 alpha/beta/transB), MatMul by a constant (with the following Add folded into its bias),
 Add/Sub/Mul/Div by constants, Flatten, Reshape to a flat vector (also from the
 Shape-Gather-Unsqueeze-Concat pattern PyTorch exports for `x.view(x.size(0), -1)`), Relu,
-Conv, BatchNormalization, AveragePool, MaxPool, Identity, Dropout and Constant.
+Conv, BatchNormalization (its own layer, as `Chain` keeps it), AveragePool, MaxPool,
+Identity, Dropout and Constant. Constants and Identity nodes on them (as the legacy
+exporter shares equal parameters) are folded first (`bastion.onnx_io.fold_constants`), so
+the exports of `torch.onnx.export`, legacy and dynamo, opsets 13–20, read as written.
+Residual graphs (an Add of two activations) are refused with one line naming the node.
 Old-opset files (ACAS Xu) list their weights among the graph inputs; those are skipped. The
 network's input shape is the ONNX input's shape without its batch axis, so VNN-LIB's `X_i`
 is the i-th value of that input in row-major order. The result is checked against
@@ -19,12 +23,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from bastion.errors import ModelLoadError
+from bastion.onnx_io import ONNX_HINT, fold_constants, runtime
 
-from .chain import BATCH, Chain, Data
+from .chain import BATCH, Chain, Data, UnsupportedLayerError
 from .extract import check_network
 from .network import Network
 
@@ -37,10 +41,7 @@ def _onnx() -> Any:
     try:
         import onnx
     except ImportError:
-        raise ModelLoadError(
-            "reading ONNX models needs the onnx package; install it with "
-            "pip install 'bastion[onnx]'"
-        ) from None
+        raise ModelLoadError(f"reading ONNX models needs the onnx package; {ONNX_HINT}") from None
     return onnx
 
 
@@ -60,7 +61,7 @@ def read_onnx(
             raise ModelLoadError(
                 f"{model} is not a readable ONNX file ({exc}); check the path"
             ) from None
-    graph = model.graph
+    graph = fold_constants(model).graph
     consts: dict[str, Any] = {
         t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in graph.initializer
     }
@@ -76,6 +77,7 @@ def read_onnx(
             f"the ONNX input has shape {dims}; the verifier needs a batch axis followed by "
             "fixed dimensions"
         )
+    _refuse_branches(graph, inputs[0].name)
     chain = Chain(tuple(d for d in dims[1:] if d is not None), batch=dims[0])
     env: dict[str, Any] = {**consts, inputs[0].name: chain.current}
     for k, node in enumerate(graph.node):
@@ -88,8 +90,24 @@ def read_onnx(
     chain.expect_current(env.get(graph.output[0].name), "the ONNX graph's output")
     network = chain.network()
     if check:
-        check_network(network, _reference(model, inputs[0].name, dims[0]), tol=tol)
+        check_network(network, runtime(model), tol=tol)
     return network
+
+
+def _refuse_branches(graph: Any, input_name: str) -> None:
+    """Raise `UnsupportedLayerError` naming the first node that joins two activations
+    (a residual Add, a Concat of branches): the verifier reads a single chain of layers."""
+    data = {input_name}  # tensors computed from the input (not from its shape)
+    for k, node in enumerate(graph.node):
+        joined = [name for name in node.input if name in data]
+        if len(set(joined)) > 1:
+            where = node.name or f"{node.op_type} node {k}"
+            raise UnsupportedLayerError(
+                f"unsupported residual connection: {node.op_type} node '{where}' joins two "
+                "branches of activations; the verifier reads only a single chain of layers"
+            )
+        if joined and node.op_type != "Shape":
+            data.update(node.output)
 
 
 def _dims(value_info: Any) -> Any:
@@ -188,31 +206,3 @@ def _shape_arith(chain: Chain, op: str, args: list[Any], attrs: dict[str, Any], 
     if op == "Cast":
         return args[0]
     raise chain.unsupported(f"{op} on constants", where)
-
-
-def _reference(model: Any, input_name: str, batch: int | None) -> Any:
-    """A function running the ONNX model itself on a batch, one sample at a time."""
-    try:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        session = ort.InferenceSession(model.SerializeToString(), options)
-
-        def run_one(x: np.ndarray) -> np.ndarray:
-            out: Any = session.run(None, {input_name: x})
-            return out[0]  # type: ignore[no-any-return]
-    except ImportError:
-        from onnx.reference import ReferenceEvaluator
-
-        evaluator = ReferenceEvaluator(model)
-
-        def run_one(x: np.ndarray) -> np.ndarray:
-            out: Any = evaluator.run(None, {input_name: x})
-            return out[0]  # type: ignore[no-any-return]
-
-    def reference(x: torch.Tensor) -> torch.Tensor:
-        outs = [run_one(x[i : i + 1].numpy()) for i in range(len(x))]
-        return torch.from_numpy(np.concatenate([o.reshape(1, -1) for o in outs]))
-
-    return reference
