@@ -13,6 +13,7 @@ from bastion.attacks.fooling_ascent import FoolingGradientAscent
 from bastion.attacks.gradient_descent import GradientDescentAttack, Loss
 from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.scaling import PenaltyScalingAttack, ScalingAttack, ScalingAttackResult
+from bastion.attacks.square import Square
 
 __all__ = [
     "APGD",
@@ -30,6 +31,7 @@ __all__ = [
     "PGD",
     "PenaltyScalingAttack",
     "SafeCV",
+    "Square",
     "ScalingAttack",
     "ScalingAttackResult",
 ]
