@@ -21,7 +21,7 @@ _EXPORTS = {
     "DataError": "bastion.errors",
     "ConfigError": "bastion.errors",
     "AttackResult": "bastion.results",
-    "ThreatModel": "bastion.results",
+    "ThreatModel": "bastion.threats",
     "Normalized": "bastion.normalized",
     "load_model": "bastion.model_io",
     "save_model": "bastion.model_io",
@@ -46,9 +46,10 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from bastion.model_io import load_model, save_model
     from bastion.normalized import Normalized
-    from bastion.results import AttackResult, ThreatModel
+    from bastion.results import AttackResult
     from bastion.suites.report import Report
     from bastion.suites.runner import run_suite
+    from bastion.threats import ThreatModel
 
 __all__ = [
     "AttackResult",

@@ -1,4 +1,4 @@
-"""The threat model and the one result type every attack returns."""
+"""The one result type every attack returns, and the distances it reports."""
 
 from __future__ import annotations
 
@@ -9,15 +9,6 @@ import torch
 
 Norm = Literal["linf", "l2", "l1", "l0"]
 NORMS: tuple[Norm, ...] = ("linf", "l2", "l1", "l0")
-
-
-@dataclass(frozen=True)
-class ThreatModel:
-    """What the adversary may do: move each image at most `eps` in `norm`, staying in `bounds`."""
-
-    norm: Norm
-    eps: float
-    bounds: tuple[float, float] = (0.0, 1.0)
 
 
 def distances(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -259,6 +259,7 @@ def _context(
             ("Defense", _defense(model)),
             ("Classes", model.get("num_classes")),
             ("Input", "×".join(str(s) for s in shape) if isinstance(shape, list) else shape),
+            ("Normalization", _normalization(report)),
         ),
         "Data": _pairs(
             ("Spec", data.get("spec")),
@@ -268,6 +269,7 @@ def _context(
         ),
         "Run": _pairs(
             ("Suite", suite.get("name")),
+            ("Threat models", ", ".join(t["threat"] for t in _threats(report)) or None),
             ("Seed", report.get("seed")),
             ("Created", report.get("created")),
             (
@@ -301,6 +303,7 @@ def _context(
         "clean": clean,
         "robust": robust,
         "drop": clean - robust if clean is not None and robust is not None else None,
+        "threats": _threats(report),
         "flags": flags,
         "severity_counts": {
             s: sum(f["severity"] == s for f in flags) for s in ("error", "warning", "info")
@@ -314,6 +317,34 @@ def _context(
         "gallery": _gallery(gallery, {c["id"]: c["norm"] for c in checks}),
         "norm_labels": NORM_LABELS,
     }
+
+
+def _normalization(report: Mapping[str, Any]) -> str | None:
+    norm = report.get("normalization")
+    if "normalization" not in report:
+        return None
+    if not isinstance(norm, Mapping):
+        return "none ([0, 1] pixels)"
+    return f"mean {norm.get('mean')} · std {norm.get('std')}"
+
+
+def _threats(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The headline cards: one per threat model."""
+    out = []
+    for t in report.get("threat_models") or []:
+        if not isinstance(t, Mapping) or "threat" not in t:
+            continue
+        out.append(
+            {
+                "threat": str(t["threat"]),
+                "robust": _number(t.get("robust_accuracy")),
+                "n": _number(t.get("n")),
+                "attacks": len(t.get("attacks") or {}),
+                "passed": t.get("passed"),
+                "fail_under": _number(t.get("fail_under")),
+            }
+        )
+    return out
 
 
 @functools.lru_cache(maxsize=1)

@@ -44,7 +44,9 @@ from bastion.suites.thresholds import RobustnessFailure, SanityFlagWarning, robu
 
 DataLike = str | Dataset | tuple[torch.Tensor, torch.Tensor]
 EpsLike = float | Sequence[float]
-MARKER_OPTIONS = ("suite", "min_accuracy", "eps", "attack", "data", "n", "seed", "norm", "params")
+MARKER_OPTIONS = (
+    "suite", "min_accuracy", "eps", "attack", "data", "n", "seed", "norm", "params", "threats",
+)  # fmt: skip
 
 
 def _fail(message: str) -> NoReturn:
@@ -100,13 +102,16 @@ class BastionFixture:
         suite: str | Path | Suite = "quick",
         *,
         eps: EpsLike | None = None,
+        threats: Sequence[str] | None = None,
         n: int | None = None,
         seed: int | None = None,
         device: str | None = None,
         batch_size: int = 128,
     ) -> CheckReport:
         """Run `suite` on `model` and `data` (a spec such as "digits", a Dataset, or `(x, y)`)
-        and return its Report. `eps` replaces the L∞ eps sweep; `n` keeps the first n
+        and return its Report. `threats` (`["linf:8/255"]`) are the threat models the report
+        is about (default: the data set's; `report.robust_accuracy("linf:8/255")` reads one);
+        `eps` replaces the L∞ eps sweep (curves); `n` keeps the first n
         samples; `seed` and `device` default to --bastion-seed and --bastion-device. An
         identical check done before (this session, or in --bastion-cache) is reused. Fails
         the test only when the suite's own pass criteria fail."""
@@ -116,7 +121,11 @@ class BastionFixture:
             if eps is not None:
                 eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)
                 suite_obj = suite_obj.with_eps(tuple(float(e) for e in eps_list))
-            report = self._run_suite(model, data, suite_obj, n, seed, device, batch_size)
+            if isinstance(threats, str):
+                threats = [threats]
+            report = self._run_suite(
+                model, data, suite_obj, n, seed, device, batch_size, tuple(threats or ())
+            )
         except BastionError as exc:
             surface(exc)
         if report.passed is False:
@@ -216,9 +225,16 @@ class BastionFixture:
         common = {k: options[k] for k in ("n", "seed") if options.get(k) is not None}
         min_accuracy = options.get("min_accuracy")
         eps = options.get("eps")
-        if options.get("suite") is not None:
-            report = self.check(result, data, options["suite"], eps=eps, **common)
-            if min_accuracy is not None:
+        threats = options.get("threats")
+        if isinstance(threats, str):
+            threats = [threats]
+        if options.get("suite") is not None or threats:
+            suite = options.get("suite") or "quick"
+            report = self.check(result, data, suite, eps=eps, threats=threats, **common)
+            if min_accuracy is not None and threats:
+                for threat in threats:
+                    report.require(min_accuracy, threat)
+            elif min_accuracy is not None:
                 at = float(eps) if isinstance(eps, (int, float)) else None
                 report.require(min_accuracy, options.get("attack"), at)
             return
@@ -295,6 +311,7 @@ class BastionFixture:
         seed: int | None,
         device: str | None,
         batch_size: int,
+        threats: tuple[str, ...] = (),
     ) -> CheckReport:
         settings = self._session.settings
         self._share_cores()
@@ -319,6 +336,7 @@ class BastionFixture:
                 "seed": seed,
                 "device": str(dev),
                 "batch_size": batch_size,
+                "threats": list(threats),
             },
         )
         digest = key_digest(key) if key is not None else None
@@ -331,8 +349,9 @@ class BastionFixture:
             if fingerprint is not None:
                 info["sha256"] = fingerprint
             report = runner.run_suite(
-                model, dataset, suite, seed=seed, device=dev, batch_size=batch_size, model_info=info
-            )
+                model, dataset, suite, seed=seed, device=dev, batch_size=batch_size,
+                model_info=info, threats=threats or None,
+            )  # fmt: skip
             report.data["profile"] = settings.profile
             if digest is not None and key is not None:
                 self._cache().put(digest, key, report)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from bastion.data import Dataset
     from bastion.suites.runner import RunState
     from bastion.suites.suite import Check, Suite
+    from bastion.threats import FailUnder, ThreatModel
 
 
 @dataclass
@@ -45,9 +46,23 @@ class Report:
     def flags(self) -> list[dict[str, str]]:
         return list(self.data.get("flags", []))
 
-    def robust_accuracy(self, attack: str | None = None, eps: float | None = None) -> float:
-        """Worst case over the suite, or for one check (by id or attack class name) at `eps`
-        (its largest eps when None)."""
+    @property
+    def threat_models(self) -> list[dict[str, Any]]:
+        """The headline entries: `{threat, norm, eps, robust_accuracy, n, attacks, …}`."""
+        return list(self.data.get("threat_models", []))
+
+    def robust_accuracy(self, attack: str | None = None, eps: float | str | None = None) -> float:
+        """Robust accuracy at a threat model (`"linf:8/255"`: worst case over the suite's
+        attacks), the first threat model's (no arguments), or one check's (by id or attack
+        class name) at `eps` (its largest eps when None)."""
+        from bastion.suites.threat_report import find_threat
+        from bastion.threats import parse_eps
+
+        if attack is not None and ":" in attack:
+            if eps is not None:
+                raise ConfigError(f"give the radius inside the threat model ({attack}), not eps")
+            return float(find_threat(self.threat_models, attack)["robust_accuracy"])
+        eps = None if eps is None else parse_eps(eps)
         if attack is None:
             if eps is None:
                 return float(self.data["robust_accuracy"])
@@ -231,10 +246,21 @@ def build_report(
     seed: int,
     dev: torch.device,
     started: float,
+    threats: tuple[ThreatModel, ...] = (),
+    fail_under: tuple[FailUnder, ...] = (),
+    normalization: dict[str, list[float]] | None = None,
 ) -> Report:
+    from bastion.suites.evaluation_flags import evaluation_flags
+    from bastion.suites.threat_report import threat_entries
+
     n = state.n
     correct = state.correct
     checks = [_check_entry(c, state, items, n) for c in suite.checks]
+    threat_models = threat_entries(suite, state, checks, threats, fail_under)
+    flags = [
+        *flags,
+        *evaluation_flags(suite, state, items, checks, threat_models, len(data.classes)),
+    ]
     # each figure is taken over the samples its checks evaluated (checks may use a subset)
     sizes = {c.id: min(c.n or n, n) for c in suite.checks if c.robustness}
     by_norm: dict[str, list[dict[str, float]]] = {}
@@ -254,7 +280,7 @@ def build_report(
         worst &= broken > max(eps_values)
     common = min(sizes.values(), default=n)
     clean_items = [r for r in items if r.get("kind") == "clean"]
-    criteria = [c["passed"] for c in checks if c["passed"] is not None]
+    criteria = [c["passed"] for c in checks + threat_models if c["passed"] is not None]
     forward = sum(r["forward"] for r in items) + sanity.get("forward", 0)
     backward = sum(r["backward"] for r in items) + sanity.get("backward", 0)
     data_dict = {
@@ -271,9 +297,17 @@ def build_report(
         },
         "suite": suite.to_dict(),
         "seed": seed,
+        "normalization": normalization,
         "clean_accuracy": float(correct.double().mean()) if n else 0.0,
-        "robust_accuracy": float(worst[:common].double().mean()) if common else 0.0,
-        "robust_accuracy_n": common,
+        "threat_models": threat_models,
+        "robust_accuracy": (
+            threat_models[0]["robust_accuracy"]
+            if threat_models
+            else float(worst[:common].double().mean())
+            if common
+            else 0.0
+        ),
+        "robust_accuracy_n": threat_models[0]["n"] if threat_models else common,
         "robust_accuracy_by_norm": by_norm,
         "checks": checks,
         "flags": flags,

@@ -32,6 +32,8 @@ from bastion.suites.report import Report, build_report
 from bastion.suites.results_log import ResultsLog, item_key
 from bastion.suites.sanity import run_sanity_checks
 from bastion.suites.suite import Check, Suite, load_suite
+from bastion.suites.threat_report import check_fail_under, resolve_threats
+from bastion.threats import FailUnder, ThreatModel, default_threats, parse_fail_under, parse_threats
 from bastion.validation import check_images, check_labels, check_logits
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -77,16 +79,21 @@ def run_suite(
     progress: ProgressSink | None = None,
     model_info: dict[str, Any] | None = None,
     gallery: int = 8,
-    fail_under: float | None = None,
+    fail_under: float | str | FailUnder | list[float | str | FailUnder] | None = None,
     junit: str | Path | None = None,
     defense: str | None = None,
     adaptive: bool | None = None,
+    threats: list[str | ThreatModel] | tuple[str | ThreatModel, ...] | None = None,
 ) -> Report:
     """Run `suite` (a built-in name, a TOML path or a Suite) on `data` and return the Report.
 
+    The headline is robust accuracy per threat model (`threats`, e.g. `["linf:8/255",
+    "l2:0.5"]`; else the suite's own, else the data set's defaults), worst case over every
+    attack of the suite. `eps` replaces the L∞ sweeps (curves) of the suite's checks.
     With `out`, per-item results stream to `out/results.jsonl` (resumable with `resume`)
     and report.json, report.html (and `junit` XML) are written there at the end.
-    `fail_under` makes the report fail when the worst-case robust accuracy is below it.
+    `fail_under` (`0.4`: every threat model; `"linf:8/255=0.4"`: one; or a list) makes the
+    report fail when robust accuracy is below it.
     `defense="raw_isp"` runs the suite against `RawISP().wrap(model)` (overriding the
     suite's `defense` key); `adaptive=True` adds a BPDA twin of every gradient attack
     check (see `Suite.with_defense`).
@@ -99,6 +106,14 @@ def run_suite(
         )
     if eps:
         suite_obj = suite_obj.with_eps(tuple(float(e) for e in eps))
+    asked = parse_threats(list(threats)) if threats else suite_obj.threats
+    suite_obj = suite_obj.at_threats(asked or default_threats(data.spec, tuple(data.x.shape[1:])))
+    threat_models = resolve_threats(
+        suite_obj, asked, default_threats(data.spec, tuple(data.x.shape[1:]))
+    )
+    criteria = _fail_under(fail_under) or suite_obj.fail_under
+    check_fail_under(criteria, threat_models)
+    norm_info = normalization(model)
     for name, value in (("batch_size", batch_size), ("n", n if n is not None else 1)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -121,6 +136,7 @@ def run_suite(
             model, data, suite_obj.with_defense(None), batch_size=batch_size, device=dev,
             seed=seed, out=Path(out) / "undefended" if out is not None else None,
             resume=resume, progress=progress, model_info=model_info, gallery=0,
+            threats=threat_models,
         )  # fmt: skip
         defense_name = suite_obj.defense
         model, bpda_model = _defended(model, defense_name), _defended(model, defense_name, True)
@@ -133,6 +149,8 @@ def run_suite(
         "suite": suite_obj.to_dict(),
         "seed": seed,
         "batch_size": batch_size,
+        "threats": [str(t) for t in threat_models],
+        "normalization": norm_info,
     }
     run = _Run(
         model,
@@ -165,6 +183,9 @@ def run_suite(
         seed,
         dev,
         started,
+        threats=threat_models,
+        fail_under=criteria,
+        normalization=norm_info,
     )
     report.gallery = shown
     report.figures = run.figures
@@ -173,14 +194,32 @@ def run_suite(
     ]
     if undefended is not None:
         report.data["undefended"] = _robustness_summary(undefended.data)
-    if fail_under is not None:
-        report.data["fail_under"] = fail_under
-        report.data["passed"] = report.passed is not False and (
-            report.robust_accuracy() >= fail_under
-        )
+    if criteria:
+        report.data["fail_under"] = [str(f) for f in criteria]
     if out is not None:
         report.write(out, junit=junit)
     return report
+
+
+def _fail_under(
+    value: float | str | FailUnder | list[float | str | FailUnder] | None,
+) -> tuple[FailUnder, ...]:
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    return tuple(v if isinstance(v, FailUnder) else parse_fail_under(v) for v in values)
+
+
+def normalization(model: Model) -> dict[str, list[float]] | None:
+    """The mean/std of a `bastion.Normalized` model (what report.json records), else None."""
+    from bastion.normalized import Normalized
+
+    if isinstance(model, Normalized):
+        return {
+            "mean": model.mean.flatten().cpu().tolist(),
+            "std": model.std.flatten().cpu().tolist(),
+        }
+    return None
 
 
 def _robustness_summary(data: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +227,9 @@ def _robustness_summary(data: dict[str, Any]) -> dict[str, Any]:
     return {
         "clean_accuracy": data["clean_accuracy"],
         "robust_accuracy": data["robust_accuracy"],
+        "threat_models": [
+            {k: t[k] for k in ("threat", "robust_accuracy", "n")} for t in data["threat_models"]
+        ],
         "checks": {
             c["id"]: [
                 {"eps": r["eps"], "robust_accuracy": r["robust_accuracy"]} for r in c["results"]

@@ -45,6 +45,13 @@ first n images (default 32; at least 4). Neither takes eps or norm:
     n = 16
     params = { scalers = ["cv2.linear", "cv2.area"], ratio = 4, pairs = 8 }
 
+Threat models drive the headline. A check with `threats = true` also runs at every threat
+model of the run (`--threat linf:8/255`, the suite's `threats = [...]`, or the data set's
+defaults) in each norm its attack supports: its own `eps` sweep (a curve) gains the threat
+radii of its norm, and it gets a twin `ID-NORM` per further norm. A suite-level
+`fail_under = "linf:8/255=0.4"` (or a list, or a bare fraction for every threat model) is
+its pass criterion on the headline. Radii may be written as fractions (`"8/255"`).
+
 A suite-level `defense = "raw_isp"` runs every check against `RawISP().wrap(model)`;
 with `adaptive = true` each gradient attack check also runs with BPDA gradients (a twin
 check `ID-bpda`), so the suite's worst case covers both.
@@ -60,9 +67,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bastion.attacks import BIM, FGSM, PGD, Attack, CarliniWagnerL2, FeatureGameMCTS, SafeCV
+from bastion.attacks import (
+    APGD,
+    APGDT,
+    BIM,
+    FGSM,
+    PGD,
+    Attack,
+    CarliniWagnerL2,
+    FeatureGameMCTS,
+    SafeCV,
+)
 from bastion.errors import ConfigError
 from bastion.results import NORMS
+from bastion.threats import FailUnder, ThreatModel, parse_eps, parse_fail_under, parse_threats
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -93,7 +111,7 @@ SCALING_PARAMS: dict[str, Any] = {"scalers": ["cv2.linear", "cv2.area"], "ratio"
 SCALING_N = 32  # images a scaling check audits when it sets no n
 DEFENSES = ("raw_isp",)
 # attacks that follow gradients: the ones an adaptive (BPDA) twin check is worth running for
-GRADIENT_ATTACKS = ("FGSM", "PGD", "BIM", "CarliniWagnerL2")
+GRADIENT_ATTACKS = ("FGSM", "PGD", "BIM", "APGD", "APGDT", "FAB", "CarliniWagnerL2")
 _CRITERION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*$")
 
 
@@ -121,6 +139,8 @@ ATTACKS: dict[str, AttackSpec] = {
     "FGSM": AttackSpec(FGSM, True, ("linf", "l2")),
     "PGD": AttackSpec(PGD, True, ("linf", "l2")),
     "BIM": AttackSpec(BIM, True, ("linf", "l2")),
+    "APGD": AttackSpec(APGD, True, ("linf", "l2")),
+    "APGDT": AttackSpec(APGDT, True, ("linf", "l2")),
     "CarliniWagnerL2": AttackSpec(CarliniWagnerL2, False, ("l2",)),
     # black-box minimum-norm searches: robust accuracy is read at L2 radii, like CW's
     "FeatureGameMCTS": AttackSpec(FeatureGameMCTS, False, ("l2",)),
@@ -130,6 +150,10 @@ _ALIASES = {
     "fgsm": "FGSM",
     "pgd": "PGD",
     "bim": "BIM",
+    "apgd": "APGD",
+    "apgd-ce": "APGD",
+    "apgdt": "APGDT",
+    "apgd-t": "APGDT",
     "cw": "CarliniWagnerL2",
     "cw-l2": "CarliniWagnerL2",
     "carliniwagnerl2": "CarliniWagnerL2",
@@ -194,6 +218,8 @@ class Check:
     criterion: Criterion | None = None
     kind: str = "attack"
     bpda: bool = False  # attack through the suite's defense with an identity backward pass
+    threats: bool = False  # also run at the run's threat models (see `Suite.at_threats`)
+    threat_norms: tuple[str, ...] = ()  # only at threat models of these norms (all if empty)
 
     @property
     def spec(self) -> AttackSpec:
@@ -223,6 +249,27 @@ class Check:
         }
         if self.bpda:
             out["bpda"] = True
+        if self.threats:
+            out["threats"] = list(self.threat_norms) or True
+        return out
+
+    def at_threats(self, threats: tuple[ThreatModel, ...]) -> list[Check]:
+        """This check at the threat models: its own norm with the threat radii added to its
+        sweep, and a twin `ID-NORM` for each further norm its attack supports."""
+        if not self.threats or not self.robustness or self.kind == "verify":
+            return [self]
+        norms = [self.norm, *(n for n in self.spec.norms if n != self.norm)]
+        if self.threat_norms:
+            norms = [n for n in norms if n == self.norm or n in self.threat_norms]
+        out = []
+        for norm in norms:
+            radii = [t.eps for t in threats if t.norm == norm]
+            eps = (self.eps if norm == self.norm else ()) + tuple(radii)
+            if not eps:
+                continue
+            unique = tuple(sorted({round(e, 12): e for e in eps}.values()))
+            ident = self.id if norm == self.norm else f"{self.id}-{norm}"
+            out.append(replace(self, id=ident, norm=norm, eps=unique, threats=False))
         return out
 
 
@@ -232,12 +279,36 @@ class Suite:
     checks: tuple[Check, ...]
     defense: str | None = None
     adaptive: bool = False
+    threats: tuple[ThreatModel, ...] = ()  # the suite file's own threat models, if any
+    fail_under: tuple[FailUnder, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "checks": [c.to_dict() for c in self.checks]}
         if self.defense is not None:
             out.update(defense=self.defense, adaptive=self.adaptive)
+        if self.threats:
+            out["threats"] = [str(t) for t in self.threats]
+        if self.fail_under:
+            out["fail_under"] = [str(f) for f in self.fail_under]
         return out
+
+    def at_threats(self, threats: tuple[ThreatModel, ...]) -> Suite:
+        """The suite with every `threats = true` check expanded at `threats` (see Check)."""
+        checks = tuple(e for c in self.checks for e in c.at_threats(threats))
+        ids = [c.id for c in checks]
+        clash = sorted({i for i in ids if ids.count(i) > 1})
+        if clash:
+            raise ConfigError(
+                f"suite {self.name!r}: check id(s) {', '.join(clash)} clash with a threat-model "
+                "twin (ID-NORM); rename the check"
+            )
+        for c in checks:
+            validate_check(c)
+        return replace(self, checks=checks)
+
+    def norms(self) -> set[str]:
+        """The norms the suite's robustness checks attack in."""
+        return {c.norm for c in self.checks if c.robustness}
 
     def with_defense(self, defense: str | None, adaptive: bool = False) -> Suite:
         """The suite run behind `defense`; `adaptive` adds a BPDA twin (`ID-bpda`) after each
@@ -287,8 +358,11 @@ def validate_check(check: Check) -> None:
             f"check {check.id!r}: {check.attack} does not support norm "
             f"{check.norm!r}; use one of {', '.join(norms)}"
         )
-    if not check.eps:
-        raise ConfigError(f"check {check.id!r} needs at least one eps")
+    if not check.eps and not check.threats:
+        raise ConfigError(
+            f"check {check.id!r} needs at least one eps, or threats = true to run at the "
+            "run's threat models"
+        )
     for e in check.eps:
         if not (0 <= e < float("inf")) or (check.norm == "linf" and e > 1):
             raise ConfigError(
@@ -309,7 +383,7 @@ def validate_check(check: Check) -> None:
         _validate_verify_params(check)
         return
     # build once so bad parameters fail before any work is done
-    check.spec.build(eps=check.eps[0], norm=check.norm, params=check.params, seed=0)
+    check.spec.build(eps=(check.eps or (0.0,))[0], norm=check.norm, params=check.params, seed=0)
 
 
 def _validate_generative(check: Check) -> None:
@@ -389,7 +463,7 @@ def _validate_verify_params(check: Check) -> None:
 def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
     known = {
         "id", "kind", "attack", "eps", "norm", "params", "n", "cascade", "criterion",
-        "criterion_eps",
+        "criterion_eps", "threats",
     }  # fmt: skip
     unknown = set(raw) - known
     if unknown:
@@ -408,9 +482,12 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
     else:
         attack = attack_name(str(raw["attack"]))
     eps = raw.get("eps", [])
-    eps = tuple(float(e) for e in (eps if isinstance(eps, list) else [eps]))
+    eps = tuple(parse_eps(e) for e in (eps if isinstance(eps, list) else [eps]))
     crit = raw.get("criterion")
-    criterion = Criterion.parse(crit, raw.get("criterion_eps")) if crit else None
+    crit_eps = raw.get("criterion_eps")
+    criterion = (
+        Criterion.parse(crit, None if crit_eps is None else parse_eps(crit_eps)) if crit else None
+    )
     check = Check(
         id=str(raw.get("id", attack.lower())),
         attack=attack,
@@ -421,9 +498,21 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
         cascade=bool(raw.get("cascade", False)),
         criterion=criterion,
         kind=kind,
+        threats=bool(raw.get("threats", False)),
+        threat_norms=_threat_norms(raw.get("threats", False), where),
     )
     validate_check(check)
     return check
+
+
+def _threat_norms(value: Any, where: str) -> tuple[str, ...]:
+    """`threats = true` (every norm the attack supports) or a list of norms."""
+    if isinstance(value, bool):
+        return ()
+    norms = value if isinstance(value, list) else [value]
+    if not norms or any(n not in ("linf", "l2") for n in norms):
+        raise ConfigError(f"{where}: threats is true or a list of norms (linf, l2), got {value!r}")
+    return tuple(str(n) for n in norms)
 
 
 def _default_norm(kind: str, attack: str) -> str:
@@ -442,7 +531,19 @@ def suite_from_dict(raw: dict[str, Any], name: str) -> Suite:
     ids = [c.id for c in built]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"suite {name!r} repeats a check id; give each check its own 'id'")
-    suite = Suite(name=str(raw.get("name", name)), checks=built)
+    threats = raw.get("threats", [])
+    fail_under = raw.get("fail_under", [])
+    suite = Suite(
+        name=str(raw.get("name", name)),
+        checks=built,
+        threats=parse_threats(
+            [str(t) for t in (threats if isinstance(threats, list) else [threats])]
+        ),
+        fail_under=tuple(
+            parse_fail_under(str(f))
+            for f in (fail_under if isinstance(fail_under, list) else [fail_under])
+        ),
+    )
     defense = raw.get("defense")
     if defense is None and not raw.get("adaptive", False):
         return suite
@@ -450,11 +551,11 @@ def suite_from_dict(raw: dict[str, Any], name: str) -> Suite:
 
 
 BUILTIN_DIR = Path(__file__).parent
-BUILTIN = ("quick", "standard", "blackbox")
+BUILTIN = ("quick", "standard", "autoattack", "blackbox")
 
 
 def load_suite(name_or_path: str) -> Suite:
-    """A built-in suite (`quick`, `standard`) or a suite TOML file."""
+    """A built-in suite (`quick`, `standard`, `autoattack`, `blackbox`) or a suite TOML file."""
     if name_or_path in BUILTIN:
         path = BUILTIN_DIR / f"{name_or_path}.toml"
     else:

@@ -111,14 +111,23 @@ def _check_notes(check: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _headline(report: dict[str, Any]) -> str:
-    return (
-        f"clean accuracy {report['clean_accuracy']:.3f} · robust accuracy (worst case "
-        f"over the suite, {report.get('robust_accuracy_n', report['data']['n'])} samples) "
-        f"{report['robust_accuracy']:.3f} · {report['timings']['total_seconds']:.1f} s · "
-        f"{report['passes']['forward']} forward / {report['passes']['backward']} "
-        "backward passes"
-    )
+def _headline(report: dict[str, Any]) -> list[str]:
+    """The clean accuracy, then one line per threat model: the figures a team quotes."""
+    lines = [
+        f"clean accuracy {report['clean_accuracy']:.3f} (n = {report['data']['n']}) · "
+        f"{report['timings']['total_seconds']:.1f} s · {report['passes']['forward']} forward / "
+        f"{report['passes']['backward']} backward passes"
+    ]
+    for t in report.get("threat_models") or []:
+        verdict = ""
+        if t.get("passed") is not None:
+            verdict = f" · fail-under {t['fail_under']:g}: {'passed' if t['passed'] else 'FAILED'}"
+        lines.append(
+            f"robust accuracy {t['threat']}: {t['robust_accuracy']:.3f} (n = {t['n']}, worst "
+            f"case over {len(t['attacks'])} attack checks of suite {report['suite']['name']})"
+            + verdict
+        )
+    return lines
 
 
 def _before_after(report: dict[str, Any]) -> list[str]:
@@ -146,17 +155,28 @@ def _before_after(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _normalization(norm: dict[str, list[float]] | None) -> str:
+    if not norm:
+        return "none (the model takes [0, 1] pixels)"
+    return f"mean {norm['mean']} std {norm['std']}"
+
+
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """Print the per-check results, the headline accuracies and the flags: tables on a
     terminal, plain `check attack norm key=value …` lines otherwise."""
     console = console or Console()
+    for flag in report["flags"]:  # flags first: they say whether the numbers can be trusted
+        console.print(
+            "[yellow]warning[/] " + escape(f"[{flag['name']}] {flag['message']}"), highlight=False
+        )
     model, data = report["model"], report["data"]
     defense = f" behind {model['defense']}" if model.get("defense") else ""
     console.print(
         escape(
             f"Bastion report · model {model.get('source', '?')} "
             f"({model.get('format', '?')}){defense} · data {data['spec']} ({data['n']} "
-            f"samples) · suite {report['suite']['name']} · seed {report['seed']}"
+            f"samples) · suite {report['suite']['name']} · seed {report['seed']} · "
+            f"normalization {_normalization(report.get('normalization'))}"
         ),
         highlight=False,
     )
@@ -176,10 +196,7 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
                 console.print(f"{check['id']} {check['attack']} {where} {figures}", highlight=False)
         for note in _check_notes(check):
             console.print(escape(note), highlight=False)
-    console.print(_headline(report), highlight=False)
+    for line in _headline(report):
+        console.print(escape(line), highlight=False)
     for line in _before_after(report):
         console.print(escape(line), highlight=False)
-    for flag in report["flags"]:
-        console.print(
-            "[yellow]warning[/] " + escape(f"[{flag['name']}] {flag['message']}"), highlight=False
-        )

@@ -214,7 +214,8 @@ def test_fail_under_exits_1_and_still_writes_the_report(
     code, _, _ = run_cli(["report", "--out", str(tmp_path), *base_args, "--fail-under", "0.99"])
     assert code == 1
     report = load_report(tmp_path)
-    assert report["passed"] is False and report["fail_under"] == 0.99
+    assert report["passed"] is False and report["fail_under"] == ["0.99"]
+    assert all(t["passed"] is False for t in report["threat_models"])
     assert (tmp_path / "report.html").exists()
 
 

@@ -45,7 +45,10 @@ def test_report_records_clean_and_robust_accuracy(tiny_report) -> None:
     data = tiny_report.data
     assert data["clean_accuracy"] >= 0.95
     assert [c["attack"] for c in data["checks"]] == ["FGSM", "PGD", "CarliniWagnerL2"]
-    assert data["robust_accuracy_n"] == 24  # the samples every check evaluated
+    # the digits defaults; each threat model over every sample the run evaluated
+    assert [t["threat"] for t in data["threat_models"]] == ["linf:0.1", "l2:0.5"]
+    assert all(t["n"] == 96 for t in data["threat_models"])
+    assert data["robust_accuracy"] == data["threat_models"][0]["robust_accuracy"]
     assert 0 <= data["robust_accuracy"] <= data["clean_accuracy"]
     assert data["passes"]["forward"] > 0 and data["passes"]["backward"] > 0
     json.loads(tiny_report.to_json())  # strict JSON: no NaN or infinity

@@ -27,6 +27,36 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
 
 
+def eps_values(text: str) -> list[float]:
+    """argparse type: radii separated by commas or spaces, fractions allowed (`2/255,8/255`)."""
+    from bastion.threats import parse_eps_list
+
+    try:
+        return parse_eps_list(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def threat(text: str) -> Any:
+    """argparse type: a threat model `NORM:EPS` (`linf:8/255`, `l2:0.5`)."""
+    from bastion.threats import ThreatModel
+
+    try:
+        return ThreatModel.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def fail_under(text: str) -> Any:
+    """argparse type: `0.4` (every threat model) or `linf:8/255=0.4`."""
+    from bastion.threats import parse_fail_under
+
+    try:
+        return parse_fail_under(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_model_and_data(p: argparse.ArgumentParser) -> None:
     """MODEL, --data and the options that load them (read by `load_model_and_data`)."""
     p.add_argument(
@@ -87,10 +117,23 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--junit", default=None, help="also write JUnit XML to this file")
     p.add_argument(
-        "--fail-under",
-        type=float,
+        "--threat",
+        type=threat,
+        action="append",
         default=None,
-        help="exit 1 when the worst-case robust accuracy is below this fraction",
+        metavar="NORM:EPS",
+        help="a threat model to report on, e.g. linf:8/255 or l2:0.5 (repeatable; default "
+        "by data set: CIFAR-10 linf:8/255 l2:0.5, MNIST linf:0.3 l2:2, Fashion-MNIST "
+        "linf:0.1 l2:2, ImageNet-size linf:4/255, digits linf:0.1 l2:0.5)",
+    )
+    p.add_argument(
+        "--fail-under",
+        type=fail_under,
+        action="append",
+        default=None,
+        metavar="[THREAT=]FRACTION",
+        help="exit 1 when robust accuracy is below FRACTION: at every threat model (0.4) or "
+        "at one (linf:8/255=0.4); repeatable",
     )
     p.add_argument("--gallery", type=int, default=8, help="images in the HTML gallery")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -14,7 +14,7 @@ from bastion.commands.common import (
     add_model_and_data,
     add_run_options,
     device,
-    floats,
+    eps_values,
     load_model_and_data,
 )
 from bastion.errors import ConfigError
@@ -34,13 +34,14 @@ def register(sub: Any) -> None:
     rep.add_argument(
         "--suite",
         default="quick",
-        help="quick, standard, blackbox, or a suite .toml file (default quick)",
+        help="quick, standard, autoattack, blackbox, or a suite .toml file (default quick)",
     )
     rep.add_argument(
         "--eps",
-        type=floats,
+        type=eps_values,
         default=None,
-        help="replace the L∞ eps sweep of the suite's FGSM/PGD checks, e.g. '0.01,0.03,0.1'",
+        help="replace the L∞ eps sweep (the curves) of the suite's checks, e.g. "
+        "'0.01,0.03,0.1' or '2/255,8/255'; the headline is set by --threat",
     )
     rep.set_defaults(handler=run)
     att = sub.add_parser(
@@ -57,7 +58,7 @@ def register(sub: Any) -> None:
     _add_defense(att)
     att.add_argument(
         "--eps",
-        type=floats,
+        type=eps_values,
         default=None,
         help="eps values (default 8/255 in L∞; for cw the L2 radii at which "
         "robust accuracy is read, default 0.5,1,2); cw runs the fast "
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             junit=args.junit,
             defense=args.defense,
             adaptive=args.adaptive,
+            threats=args.threat,
         )
     if args.json:
         print(report.to_json())
