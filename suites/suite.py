@@ -77,6 +77,7 @@ from bastion.attacks import (
     CarliniWagnerL2,
     FeatureGameMCTS,
     SafeCV,
+    Square,
 )
 from bastion.errors import ConfigError
 from bastion.results import NORMS
@@ -141,6 +142,7 @@ ATTACKS: dict[str, AttackSpec] = {
     "BIM": AttackSpec(BIM, True, ("linf", "l2")),
     "APGD": AttackSpec(APGD, True, ("linf", "l2")),
     "APGDT": AttackSpec(APGDT, True, ("linf", "l2")),
+    "Square": AttackSpec(Square, True, ("linf", "l2")),
     "CarliniWagnerL2": AttackSpec(CarliniWagnerL2, False, ("l2",)),
     # black-box minimum-norm searches: robust accuracy is read at L2 radii, like CW's
     "FeatureGameMCTS": AttackSpec(FeatureGameMCTS, False, ("l2",)),
@@ -154,6 +156,7 @@ _ALIASES = {
     "apgd-ce": "APGD",
     "apgdt": "APGDT",
     "apgd-t": "APGDT",
+    "square": "Square",
     "cw": "CarliniWagnerL2",
     "cw-l2": "CarliniWagnerL2",
     "carliniwagnerl2": "CarliniWagnerL2",
