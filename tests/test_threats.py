@@ -283,3 +283,64 @@ def test_flags_clean_accuracy_near_chance(digits) -> None:
     buf = StringIO()
     print_summary(report.data, Console(file=buf, width=200))
     assert buf.getvalue().splitlines()[0].startswith("warning [")
+
+
+def _fgsm_trained(digits_train: Any, eps: float, epochs: int) -> nn.Module:
+    """A digits CNN trained on FGSM examples only (Goodfellow et al.'s recipe without the
+    clean term): at a large eps it overfits to the single step (Wong et al. 2020)."""
+    import torch.nn.functional as F
+
+    from bastion.zoo import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(digits_train)).split(64):
+            x = digits_train.x[idx].clone().requires_grad_(True)
+            y = digits_train.y[idx]
+            (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+            x_adv = (x + eps * g.sign()).clamp(0, 1).detach()
+            opt.zero_grad()
+            F.cross_entropy(model(x_adv), y).backward()
+            opt.step()
+    return model.eval()
+
+
+def test_flags_fgsm_far_weaker_than_multi_step_after_fgsm_training(demo, digits) -> None:
+    from bastion.data import load_data
+
+    suite = Suite(
+        "fgsm-vs-apgd",
+        (
+            Check("fgsm", "FGSM", (), threats=True, threat_norms=("linf",)),
+            Check("apgd", "APGD", (), params={"n_iter": 20}, cascade=True, threats=True),
+        ),
+    )
+    overfit = _fgsm_trained(load_data("digits", split="train"), 0.2, 20)
+    report = run_suite(overfit, digits, suite, n=128, threats=["linf:0.2"], gallery=0)
+    fgsm = report.threat_models[0]["attacks"]["fgsm"]["robust_accuracy"]
+    assert fgsm - report.robust_accuracy("linf:0.2") > 0.10
+    assert "single_step_much_weaker" in [f["name"] for f in report.flags]
+    plain = run_suite(demo, digits, suite, n=128, threats=["linf:0.1"], gallery=0)
+    assert "single_step_much_weaker" not in [f["name"] for f in plain.flags]
+
+
+def test_flags_robust_accuracy_rising_with_eps() -> None:
+    from bastion.suites.evaluation_flags import evaluation_flags
+    from bastion.suites.runner import RunState
+
+    state = RunState(100, torch.zeros(100, dtype=torch.long))
+    state.pred[:] = 0
+
+    def entry(accs: list[float]) -> dict[str, Any]:
+        rows = [
+            {"eps": e, "robust_accuracy": a} for e, a in zip((0.1, 0.2, 0.3), accs, strict=True)
+        ]
+        return {"id": "pgd", "kind": "attack", "n": 100, "results": rows}
+
+    rising = evaluation_flags(Suite("s", ()), state, [], [entry([0.5, 0.2, 0.4])], [], 10)
+    assert [f["name"] for f in rising] == ["robust_accuracy_rises_with_eps"]
+    assert "0.3" in rising[0]["message"] and "0.2" in rising[0]["message"]
+    falling = evaluation_flags(Suite("s", ()), state, [], [entry([0.5, 0.2, 0.2])], [], 10)
+    assert falling == []
