@@ -6,6 +6,7 @@
 from bastion.attacks.apgd import APGD, APGDT
 from bastion.attacks.base import Attack
 from bastion.attacks.carlini_wagner import CarliniWagnerL2
+from bastion.attacks.fab import FAB
 from bastion.attacks.feature_guided import FeatureGameMCTS, SafeCV
 from bastion.attacks.fgsm import FGSM
 from bastion.attacks.fooling import FoolingEvolution, FoolingResult
@@ -21,6 +22,7 @@ __all__ = [
     "Attack",
     "BIM",
     "CarliniWagnerL2",
+    "FAB",
     "FGSM",
     "FeatureGameMCTS",
     "FoolingEvolution",
