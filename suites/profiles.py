@@ -1,9 +1,10 @@
 """Run profiles: the fast profile trims a suite for pull requests; nightly runs use it whole.
 
 The fast profile keeps every check and eps (thresholds still read the same rows) but
-evaluates at most 64 samples, caps PGD/BIM at 10 steps and CW-L2 at 2 binary-search steps
-× 100 iterations. Its figures are noisier and its attacks weaker, so robust accuracy reads
-higher than in a full run: use it to catch regressions early, not to quote numbers.
+evaluates at most 64 samples, caps PGD/BIM at 10 steps, APGD at 25 iterations (APGD-T: 3
+targets), Square at 1,000 queries and CW-L2 at 2 binary-search steps × 100 iterations. Its
+figures are noisier and its attacks weaker, so robust accuracy reads higher than in a full
+run: use it to catch regressions early, not to quote numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ FAST_CAPS: dict[str, dict[str, int]] = {
     "PGD": {"steps": 10},
     "BIM": {"steps": 10},
     "CarliniWagnerL2": {"binary_search_steps": 2, "max_iterations": 100},
+    "APGD": {"n_iter": 25},
+    "APGDT": {"n_iter": 25, "n_target_classes": 3},
+    "Square": {"n_queries": 1000},
 }
 
 

@@ -273,6 +273,12 @@ class Check:
             unique = tuple(sorted({round(e, 12): e for e in eps}.values()))
             ident = self.id if norm == self.norm else f"{self.id}-{norm}"
             out.append(replace(self, id=ident, norm=norm, eps=unique, threats=False))
+        if not out:
+            have = ", ".join(str(t) for t in threats) or "none"
+            raise ConfigError(
+                f"check {self.id!r} ({self.attack}, norms {', '.join(self.spec.norms)}) runs at "
+                f"none of the threat models ({have}); give it eps or add a --threat in its norm"
+            )
         return out
 
 

@@ -124,8 +124,8 @@ def _headline(report: dict[str, Any]) -> list[str]:
             verdict = f" · fail-under {t['fail_under']:g}: {'passed' if t['passed'] else 'FAILED'}"
         lines.append(
             f"robust accuracy {t['threat']}: {t['robust_accuracy']:.3f} (n = {t['n']}, worst "
-            f"case over {len(t['attacks'])} attack checks of suite {report['suite']['name']})"
-            + verdict
+            f"case over {len(t['attacks'])} check{'s' if len(t['attacks']) != 1 else ''} of "
+            f"suite {report['suite']['name']})" + verdict
         )
     return lines
 

@@ -47,12 +47,13 @@ def register(sub: Any) -> None:
     att = sub.add_parser(
         "attack",
         help="run one attack and write its report",
-        description="Run one attack (fgsm, pgd, bim, cw, mcts, safecv) as a one-check "
-        "suite and write its report into --out. mcts/safecv (black-box, SIFT-guided) "
+        description="Run one attack (fgsm, pgd, bim, apgd, apgd-t, square, cw, mcts, safecv) "
+        "as a one-check suite, at the threat models unless --eps is given, and write its "
+        "report into --out. mcts/safecv (black-box, SIFT-guided) "
         "spend at most 2,000 queries per image: about a minute for --n 10 on the demo "
         "model on 2 cores. `bastion attack fooling` is `bastion fool` (fooling images).",
     )
-    att.add_argument("attack", help="fgsm, pgd, bim, cw, mcts or safecv")
+    att.add_argument("attack", help="fgsm, pgd, bim, apgd, apgd-t, square, cw, mcts or safecv")
     add_model_and_data(att)
     add_run_options(att)
     _add_defense(att)
@@ -60,9 +61,9 @@ def register(sub: Any) -> None:
         "--eps",
         type=eps_values,
         default=None,
-        help="eps values (default 8/255 in L∞; for cw the L2 radii at which "
-        "robust accuracy is read, default 0.5,1,2); cw runs the fast "
-        "profile, 5 binary steps × 1,000 iterations",
+        help="eps values, fractions allowed (default: the threat models, --threat or the "
+        "data set's defaults; for cw the L2 radii at which robust accuracy is read); cw "
+        "runs 5 binary steps × 1,000 iterations",
     )
     att.add_argument("--norm", default=None, help="linf or l2")
     att.set_defaults(handler=run)
@@ -90,7 +91,6 @@ def _add_defense(p: argparse.ArgumentParser) -> None:
 _ATTACK_PARAMS: dict[str, dict[str, Any]] = {
     "CarliniWagnerL2": {"binary_search_steps": 5, "max_iterations": 1000},
 }
-_ATTACK_EPS = {"linf": (8 / 255,), "l2": (0.5, 1.0, 2.0)}
 
 
 def _one_check_suite(args: argparse.Namespace) -> Any:
@@ -98,9 +98,15 @@ def _one_check_suite(args: argparse.Namespace) -> Any:
 
     name = attack_name(args.attack)
     norm = args.norm or ATTACKS[name].norms[0]
-    eps = tuple(args.eps) if args.eps else _ATTACK_EPS[norm]
     check = Check(
-        id=args.attack.lower(), attack=name, eps=eps, norm=norm, params=_ATTACK_PARAMS.get(name, {})
+        id=args.attack.lower(),
+        attack=name,
+        eps=tuple(args.eps or ()),
+        norm=norm,
+        params=_ATTACK_PARAMS.get(name, {}),
+        # without --eps the attack runs at the threat models (of --norm only, when given)
+        threats=not args.eps,
+        threat_norms=(norm,) if args.norm else (),
     )
     validate_check(check)
     return Suite(name=f"attack-{check.id}", checks=(check,))
