@@ -113,7 +113,7 @@ def test_verifier_never_contradicts_pgd() -> None:
         x = torch.rand(6, generator=torch.Generator().manual_seed(300 + seed))
         label = int(net.forward(x[None].double()).argmax())
         prop = robustness_property(x, label, 3, eps=0.3)
-        found = falsify(net.forward, prop, seed=seed) is not None
+        found = bool(falsify(net.forward, prop, seed=seed))
         verdict = verify(net, prop, attack=False, timeout=20)
         if found:
             assert verdict.status != "SAFE"

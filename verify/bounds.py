@@ -7,10 +7,13 @@ bound through all earlier layers to the input (DeepPoly; CROWN with the adaptive
 slope). The output property is bounded the same way, row by row: a disjunct of the unsafe
 set whose row is bounded away from it cannot be reached.
 
-Bounds are computed in float64 from the float32 weights and widened outward by a relative
-1e-9 (plus 1e-12) per bound, far above float64 rounding of these sums, so they hold for the
-exact (rational) network. Branch and bound passes `splits` (a ReLU's phase fixed) to bound
-a sub-problem; a sub-problem whose splits contradict the bounds is empty.
+Bounds are computed in float64 from the weights (float32 values are exact in float64)
+with rigorous outward rounding (`rounding.py`): every linear step adds an error term
+2γₙ·Σ|coefficient|·|value bound| that grows with the magnitudes summed, the upper ReLU
+slope is rounded up, and each bound steps one float outward at the end. They hold for the
+exact (rational) network over the whole box, whatever the weights' scale. A folded layer's
+`err` radius is added the same way. Branch and bound passes `splits` (a ReLU's phase
+fixed) to bound a sub-problem; a sub-problem whose splits contradict the bounds is empty.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from bastion.verify.network import (
     ReLU,
     apply_layer,
 )
+from bastion.verify.rounding import U, down, magnitude, slack, up
 from bastion.verify.spec import Property
 
-_REL_PAD, _ABS_PAD = 1e-9, 1e-12
 _CHUNK = 2048  # rows back-substituted at once (memory: rows × widest layer)
 
 Splits = dict[int, torch.Tensor]
@@ -71,39 +74,87 @@ class Bounds:
         return ((self.lower[layer] < 0) & (self.upper[layer] > 0)).flatten()
 
 
-def _pad(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        lo - _REL_PAD * lo.abs() - _ABS_PAD,
-        hi + _REL_PAD * hi.abs() + _ABS_PAD,
-    )
-
-
 def _interval(
     layer: Layer, lo: torch.Tensor, hi: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interval image of a box through one layer (batch axis 1)."""
+    """Interval image of a box through one layer (batch axis 1), rounded outward."""
     if isinstance(layer, ReLU):
         return lo.clamp_min(0), hi.clamp_min(0)
     if isinstance(layer, MaxPool2d | Flatten):
         return apply_layer(layer, lo), apply_layer(layer, hi)
-    mid, rad = (hi + lo) / 2, (hi - lo) / 2
-    out_mid = apply_layer(layer, mid)
-    out_rad = _abs_linear(layer, rad)
-    return _pad(out_mid - out_rad, out_mid + out_rad)
+    pos, neg = weights(layer, lo.dtype)
+    bias = _bias(layer, lo.dtype)
+    low = linear_part(layer, lo, pos) + linear_part(layer, hi, neg) + bias
+    high = linear_part(layer, hi, pos) + linear_part(layer, lo, neg) + bias
+    err = _error(layer, magnitude(lo, hi))
+    return down(low - err), up(high + err)
 
 
-def _abs_linear(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    """|L| x for a linear layer L (no bias): the radius of its interval image."""
+def weights(layer: Layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positive and negative parts of a linear layer's weight (scale)."""
+    if isinstance(layer, AvgPool2d):
+        return torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)
+    w = (layer.scale if isinstance(layer, Elementwise) else layer.weight).to(dtype)  # type: ignore[union-attr]
+    return w.clamp_min(0), w.clamp_max(0)
+
+
+def _bias(layer: Layer, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(layer, Dense):
-        return F.linear(x, layer.weight.to(x.dtype).abs())
+        return layer.bias.to(dtype)
     if isinstance(layer, Conv2d):
-        w = layer.weight.to(x.dtype).abs()
+        return layer.bias.to(dtype)[:, None, None]
+    if isinstance(layer, Elementwise):
+        return layer.shift.to(dtype)
+    return torch.zeros((), dtype=dtype)
+
+
+def linear_part(layer: Layer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The layer's linear part (no bias) with weight (scale) `w`, on a batch x."""
+    if isinstance(layer, Dense):
+        return F.linear(x, w)
+    if isinstance(layer, Conv2d):
         return F.conv2d(x, w, None, stride=layer.stride, padding=layer.padding)
     if isinstance(layer, Elementwise):
-        return x * layer.scale.to(x.dtype).abs()
-    if isinstance(layer, AvgPool2d):
-        return F.avg_pool2d(x, layer.kernel, layer.stride, layer.padding)
+        return x * w
+    if isinstance(layer, AvgPool2d):  # w is the scalar 1 (or 0 for its negative part)
+        return F.avg_pool2d(x, layer.kernel, layer.stride, layer.padding) * w
     raise TypeError(f"not a linear layer: {layer!r}")
+
+
+def _terms(layer: Layer) -> int:
+    """Products summed per output of the layer (forward), plus the bias and two adds."""
+    if isinstance(layer, Dense):
+        n = layer.weight.shape[1]
+    elif isinstance(layer, Conv2d):
+        n = layer.weight[0].numel()
+    elif isinstance(layer, AvgPool2d):
+        n = layer.kernel[0] * layer.kernel[1] + 1  # the sum, then one division
+    else:
+        n = 1
+    return 2 * n + 4
+
+
+def _error(layer: Layer, mag: torch.Tensor) -> torch.Tensor:
+    """Bound of |float64 result − exact result| of the layer on inputs |x| ≤ mag (batch
+    axis 1), including the layer's fold radius: 2γₙ(|W|·mag + |b|) + Werr·mag + berr."""
+    absolute, fold = abs_image(layer, mag)
+    return slack(_terms(layer), absolute) + fold
+
+
+def abs_image(layer: Layer, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|W|·mag + |b|, an upper bound of the fold radius' effect Werr·mag + berr)."""
+    pos, neg = weights(layer, mag.dtype)
+    absolute = linear_part(layer, mag, pos - neg) + _bias(layer, mag.dtype).abs()
+    radius = getattr(layer, "err", None)
+    if radius is None:
+        return absolute, torch.zeros_like(absolute)
+    w_err, b_err = (r.to(mag.dtype) for r in radius)
+    fold = linear_part(layer, mag, w_err) + _bias_like(layer, b_err)
+    return absolute, fold * (1 + 8 * _terms(layer) * U)
+
+
+def _bias_like(layer: Layer, b: torch.Tensor) -> torch.Tensor:
+    return b[:, None, None] if isinstance(layer, Conv2d) else b
 
 
 def _back_linear(
@@ -151,16 +202,25 @@ def _transpose_conv(
 
 def _back_relu(
     a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows on z = relu(h) → rows on h giving a lower bound (DeepPoly relaxation)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows on z = relu(h) → rows on h giving a lower bound (DeepPoly relaxation), the
+    constant, and the rows' float64 error bound.
+
+    The upper line z ≤ s·(h − l) is valid for any s ≥ u/(u − l): s is rounded up.
+    """
     lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
     unstable = (lo < 0) & (hi > 0)
     active = lo >= 0
-    slope_up = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), active.to(a.dtype))
+    slope = up(hi / down(hi - lo).clamp_min(1e-300))
+    slope_up = torch.where(unstable, slope, active.to(a.dtype))
     slope_low = torch.where(unstable, (hi > -lo).to(a.dtype), active.to(a.dtype))
     pos, neg = a.clamp_min(0), a.clamp_max(0)
-    const = (neg * torch.where(unstable, -slope_up * lo, torch.zeros_like(lo))).flatten(1).sum(1)
-    return pos * slope_low + neg * slope_up, const
+    intercept = torch.where(unstable, -slope_up * lo, torch.zeros_like(lo))
+    const = (neg * intercept).flatten(1).sum(1)
+    coeff = pos * slope_low + neg * slope_up
+    mag = magnitude(lo, hi)
+    err = slack(a[0].numel(), (coeff.abs() * mag + (neg * intercept).abs()).flatten(1).sum(1))
+    return coeff, const, err
 
 
 @dataclass
@@ -190,8 +250,8 @@ def _windows(layer: MaxPool2d, lo: torch.Tensor, hi: torch.Tensor) -> _Windows:
 
 def _back_maxpool(
     layer: MaxPool2d, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows on z = maxpool(x) → rows on x giving a lower bound.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows on z = maxpool(x) → rows on x giving a lower bound, the constant, the error.
 
     Lower relaxation z ≥ x_i* (i* the input with the largest lower bound), upper z ≤ max u,
     or z = x_i* exactly when x_i*'s lower bound reaches every other input's upper bound.
@@ -204,7 +264,10 @@ def _back_maxpool(
     const = (torch.where(win.dominated, torch.zeros_like(neg), neg) * win.up_max).flatten(1)
     coeff = a.new_zeros(a.shape[0], c, h * w)
     coeff.scatter_add_(2, win.src.expand(a.shape[0], c, -1), through)
-    return coeff.view(a.shape[0], c, h, w), const.sum(1)
+    mag = magnitude(lo, hi).flatten(1).gather(1, win.src)  # c × windows
+    size = flat.abs() * (mag + win.up_max.abs())
+    err = slack(flat[0].numel() + lo.numel(), size.flatten(1).sum(1))
+    return coeff.view(a.shape[0], c, h, w), const.sum(1), err
 
 
 def back_substitute(
@@ -214,23 +277,47 @@ def back_substitute(
     a: torch.Tensor,
     k: int,
 ) -> torch.Tensor:
-    """Lower bounds of the rows `a` (m × shape of activation k) over the input box."""
+    """Rigorous lower bounds of the rows `a` (m × shape of activation k) over the input box.
+
+    Each step keeps the invariant row·z_{j+1} ≥ coeff·z_j + const − err for the exact
+    network, with err bounding every float64 rounding so far (`rounding.py`).
+    """
     out = []
     for rows in a.split(_CHUNK):
         coeff, const = rows, rows.new_zeros(rows.shape[0])
+        err = rows.new_zeros(rows.shape[0])
         for j in range(k - 1, -1, -1):
             layer = network.layers[j]
             if isinstance(layer, ReLU):
-                coeff, c = _back_relu(coeff, bounds_lo[j], bounds_hi[j])
+                coeff, c, e = _back_relu(coeff, bounds_lo[j], bounds_hi[j])
             elif isinstance(layer, MaxPool2d):
-                coeff, c = _back_maxpool(layer, coeff, bounds_lo[j], bounds_hi[j])
+                coeff, c, e = _back_maxpool(layer, coeff, bounds_lo[j], bounds_hi[j])
+            elif isinstance(layer, Flatten):
+                coeff, c = _back_linear(layer, coeff, network.shapes[j])
+                e = torch.zeros_like(c)
             else:
+                e = _back_error(layer, coeff, bounds_lo[j], bounds_hi[j])
                 coeff, c = _back_linear(layer, coeff, network.shapes[j])
             const = const + c
+            err = err + e + 2 * U * const.abs()
         lo, hi = bounds_lo[0].unsqueeze(0), bounds_hi[0].unsqueeze(0)
-        value = (coeff.clamp_min(0) * lo + coeff.clamp_max(0) * hi).flatten(1).sum(1) + const
-        out.append(value)
+        terms = coeff.clamp_min(0) * lo + coeff.clamp_max(0) * hi
+        total = terms.flatten(1).sum(1)
+        value = total + const
+        size = terms.abs().flatten(1).sum(1) + value.abs() + const.abs()
+        err = err + slack(lo.numel() + 2, size)
+        out.append(down(value - up(err)))
     return torch.cat(out)
+
+
+def _back_error(layer: Layer, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Error bound of one back step through a linear layer for rows `a` on its output:
+    2γₙ·|a|·(|W|·mag + |b|) plus the fold radius' effect, n ≥ the length of every sum."""
+    absolute, fold = abs_image(layer, magnitude(lo, hi).unsqueeze(0))
+    n = lo.numel() + a[0].numel() + _terms(layer)
+    rows = a.abs().flatten(1)
+    size = (rows * absolute.flatten(1)).sum(1)
+    return slack(n, size) + (rows * fold.flatten(1)).sum(1) * (1 + 4 * n * U)
 
 
 def compute_bounds(
@@ -277,7 +364,6 @@ def compute_bounds(
         eye = torch.eye(network.num_outputs, dtype=torch.float64).view(-1, *network.shapes[n])
         low = back_substitute(network, lo, hi, eye, n)
         high = -back_substitute(network, lo, hi, -eye, n)
-        low, high = _pad(low, high)
         lo[n] = torch.maximum(lo[n], low.view(network.shapes[n]))
         hi[n] = torch.minimum(hi[n], high.view(network.shapes[n]))
     return Bounds(lo, hi, stats, infeasible)
@@ -340,7 +426,7 @@ def _tighten(
         a = a.view(len(part), *shape)
         lows.append(back_substitute(network, lo, hi, a, i))
         highs.append(-back_substitute(network, lo, hi, -a, i))
-    low, high = _pad(torch.cat(lows), torch.cat(highs))
+    low, high = torch.cat(lows), torch.cat(highs)
     flat_lo[rows] = torch.maximum(flat_lo[rows], low)
     flat_hi[rows] = torch.minimum(flat_hi[rows], high)
     return flat_lo.view(shape), flat_hi.view(shape)
@@ -356,15 +442,17 @@ def _apply_split(
 
 
 def property_lower_bounds(network: Network, prop: Property, bounds: Bounds) -> list[torch.Tensor]:
-    """Per disjunct, lower bounds of its rows `A y − b` (a disjunct is excluded when any
-    row's bound is > 0): back-substituted from the output, or by intervals on y."""
+    """Per disjunct, rigorous lower bounds of its rows `A y − b` (a disjunct is excluded
+    when any row's bound is > 0): back-substituted from the output, or by intervals on y."""
     n = len(network.layers)
     out = []
     for h in prop.unsafe:
         a = h.a.to(torch.float64)
-        crown = back_substitute(network, bounds.lower, bounds.upper, a, n) - h.b
+        b = h.b.to(torch.float64)
+        crown = down(back_substitute(network, bounds.lower, bounds.upper, a, n) - b)
         y_lo, y_hi = bounds.lower[n], bounds.upper[n]
-        ibp = (a.clamp_min(0) * y_lo + a.clamp_max(0) * y_hi).sum(1) - h.b
-        low = torch.maximum(crown, ibp)
-        out.append(low - _REL_PAD * low.abs() - _ABS_PAD)
+        terms = a.clamp_min(0) * y_lo + a.clamp_max(0) * y_hi
+        size = terms.abs().sum(1) + b.abs()
+        ibp = down(terms.sum(1) - b - slack(a.shape[1] + 2, size))
+        out.append(torch.maximum(crown, ibp))
     return out

@@ -6,7 +6,10 @@ and call `Chain.apply`. The chain tracks the activation's shape, refuses branche
 operation must consume the previous one's output), and turns affine operations (BatchNorm,
 `+ - × ÷` by constants) into a scale and shift that is folded into the preceding Dense or
 Conv2d layer when there is one (per channel for Conv2d), else into an `Elementwise` layer.
-Folding is done in float64 and stored as float32, like every weight.
+A fold is computed in float64 and kept in float64 with a proven radius (`Layer.err`) that
+bounds its distance from the exact real result (a BatchNorm scale w/√(var + ε) is
+irrational): every rounding of the fold is counted, u = 2⁻⁵³ each, so nothing about the
+model is lost without a bound. Weights that are not folded stay float32 and exact.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from bastion.errors import ModelLoadError
+from bastion.verify.rounding import U, two_prod, two_sum
 
 from .network import (
     AvgPool2d,
@@ -168,6 +172,7 @@ class Chain:
         self.expect_current(a if data_first else b, where)
         const = _const(b if data_first else a)
         one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        alpha = float(alpha)
         if op == "add":
             scale, shift = (one, alpha * const) if data_first else (one * alpha, const)
         elif op == "sub":
@@ -180,10 +185,24 @@ class Chain:
             scale, shift = 1.0 / const, zero
         else:
             raise self.unsupported("division by an activation", where)
-        self._affine(scale, shift, where)
+        # alpha·c and 1/c round once at most; a negation, alpha = ±1 or 1/2ᵏ are exact
+        exact_scale = op != "div" or bool((torch.frexp(const).mantissa.abs() == 0.5).all())
+        exact_shift = alpha in (1.0, -1.0)
+        radius = (
+            torch.zeros_like(scale) if exact_scale else U * scale.abs(),
+            torch.zeros_like(shift) if exact_shift else U * shift.abs(),
+        )
+        self._affine(scale, shift, where, radius)
 
-    def _affine(self, scale: torch.Tensor, shift: torch.Tensor, where: str) -> None:
-        """x · scale + shift, the constants broadcast over (1, *shape) without growing it."""
+    def _affine(
+        self,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        where: str,
+        radius: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """x · scale + shift, the constants broadcast over (1, *shape) without growing it;
+        `radius` bounds |exact − scale| and |exact − shift| (float64 roundings so far)."""
         full = (1, *self.shape)
         try:
             grown = torch.broadcast_shapes(scale.shape, shift.shape, full) != full
@@ -195,20 +214,26 @@ class Chain:
                 f"shape {tuple(scale.shape) or tuple(shift.shape)}; it must broadcast to it"
             )
         s, t = torch.broadcast_to(scale, full)[0], torch.broadcast_to(shift, full)[0]
+        se, te = (torch.broadcast_to(r.abs(), full)[0] for r in radius)
         prev = self.layers[-1] if self.layers else None
         if isinstance(prev, Dense):
-            w, b = prev.weight.double(), prev.bias.double()
-            self.layers[-1] = Dense((s[:, None] * w).float(), (s * b + t).float())
-        elif isinstance(prev, Conv2d) and _per_channel(s) and _per_channel(t):
-            sc, tc = s[:, 0, 0], t[:, 0, 0]
-            w, b = prev.weight.double(), prev.bias.double()
-            weight = (sc[:, None, None, None] * w).float()
-            self.layers[-1] = Conv2d(weight, (sc * b + tc).float(), prev.stride, prev.padding)
+            w, b, (we, be) = _parts(prev.weight, prev.bias, prev.err)
+            scale4 = (s[:, None], se[:, None], s, se)
+            w2, b2, err = _compose(scale4, t, te, w, b, we, be)
+            self.layers[-1] = Dense(w2, b2, _nonzero(err))
+        elif isinstance(prev, Conv2d) and all(_per_channel(v) for v in (s, t, se, te)):
+            sc, tc, sce, tce = (v[:, 0, 0] for v in (s, t, se, te))
+            w, b, (we, be) = _parts(prev.weight, prev.bias, prev.err)
+            view = (-1, 1, 1, 1)
+            w2, b2, err = _compose((sc.view(view), sce.view(view), sc, sce), tc, tce, w, b, we, be)
+            self.layers[-1] = Conv2d(w2, b2, prev.stride, prev.padding, _nonzero(err))
         elif isinstance(prev, Elementwise):
-            s0, t0 = prev.scale.double(), prev.shift.double()
-            self.layers[-1] = Elementwise((s0 * s).float(), (t0 * s + t).float())
+            s0, t0, (s0e, t0e) = _parts(prev.scale, prev.shift, prev.err)
+            s0, t0, s0e, t0e = (v.expand(self.shape) for v in (s0, t0, s0e, t0e))
+            w2, b2, err = _compose((s, se, s, se), t, te, s0, t0, s0e, t0e)
+            self.layers[-1] = Elementwise(w2, b2, _nonzero(err))
         else:
-            self._push(Elementwise(s.float().clone(), t.float().clone()), where)
+            self._push(Elementwise(s.clone(), t.clone(), _nonzero((se.clone(), te.clone()))), where)
 
     def _batch_norm(self, p: dict[str, Any], where: str) -> None:
         if p.get("training") or p.get("running_mean") is None:
@@ -220,8 +245,13 @@ class Chain:
         weight = _const(p["weight"]) if p.get("weight") is not None else torch.ones_like(mean)
         bias = _const(p["bias"]) if p.get("bias") is not None else torch.zeros_like(mean)
         scale = weight / torch.sqrt(var + float(p.get("eps", 1e-5)))
+        shift = bias - mean * scale
+        # var + ε, √, ÷: three roundings in scale; shift adds mean·scale's error and two more
+        scale_err = 4 * U * scale.abs()
+        shift_err = mean.abs() * scale_err + 3 * U * (mean * scale).abs() + 2 * U * shift.abs()
         view = (-1, *([1] * (len(self.shape) - 1)))
-        self._affine(scale.reshape(view), (bias - mean * scale).reshape(view), where)
+        radius = (scale_err.reshape(view), shift_err.reshape(view))
+        self._affine(scale.reshape(view), shift.reshape(view), where, radius)
 
     # --- layers -----------------------------------------------------------------------
 
@@ -305,6 +335,48 @@ class Chain:
     def _dropout(self, p: dict[str, Any], where: str) -> None:
         if p.get("training"):
             raise ModelLoadError(f"{where} is a dropout in training mode; use eval mode")
+
+
+def _parts(
+    w: torch.Tensor, b: torch.Tensor, err: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    w, b = w.double(), b.double()
+    if err is None:
+        return w, b, (torch.zeros_like(w), torch.zeros_like(b))
+    return w, b, (err[0].double(), err[1].double())
+
+
+def _compose(
+    scale: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    t: torch.Tensor,
+    te: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    we: torch.Tensor,
+    be: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(s·w, s·b + t) in float64 and the radius of their distance from the exact values.
+
+    `scale` is s shaped for w, its radius likewise, s shaped for b, its radius likewise;
+    given |s − s*| ≤ se, |t − t*| ≤ te, |w − w*| ≤ we, |b − b*| ≤ be:
+    |s*w* − fl(s·w)| ≤ se·(|w| + we) + |s|·we + |e|, with e the product's exact rounding
+    error (TwoProduct), and the bias likewise: an exact fold gets radius zero.
+    """
+    sw, sew, sb, seb = scale
+    w2, ew = two_prod(sw, w.expand(torch.broadcast_shapes(sw.shape, w.shape)))
+    prod, e1 = two_prod(sb, b)
+    b2, e2 = two_sum(prod, t)
+    grow = 1 + 16 * U
+    w_err = (sew * (w.abs() + we) + sw.abs() * we + ew.abs()) * grow
+    b_err = (seb * (b.abs() + be) + sb.abs() * be + te + e1.abs() + e2.abs()) * grow
+    return w2, b2, (w_err, b_err)
+
+
+def _nonzero(
+    radius: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The radius, or None when the fold is exact (both parts zero)."""
+    return radius if bool(radius[0].any() or radius[1].any()) else None
 
 
 def _per_channel(t: torch.Tensor) -> bool:

@@ -4,12 +4,14 @@ Most UNSAFE instances fall to a few hundred gradient steps, long before an exact
 would finish. The search runs on the float32 model the user gave (or the extracted
 network in float32), maximises `Property.violation` (the depth inside the unsafe set),
 from the box centre and seeded uniform restarts, all restarts in one batch, with a step of
-a fraction of each input's range that shrinks over the run. Only a point the float32 model
-puts strictly inside the unsafe set is returned.
+a fraction of each input's range that shrinks over the run. The points the float32 model
+puts strictly inside the unsafe set, in the batch, are returned; a batched evaluation can
+differ from a single one in the last bits, so the caller replays each point alone.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -27,10 +29,13 @@ def falsify(
     steps: int = 100,
     seed: int = 0,
     device: torch.device | str = "cpu",
-) -> torch.Tensor | None:
-    """A point of the box that the model maps strictly into the unsafe set, or None.
+    deadline: float | None = None,
+) -> list[torch.Tensor]:
+    """Points of the box that the model, in a batch, maps strictly into the unsafe set,
+    deepest first (empty if none); the caller replays each alone before trusting it.
 
-    `forward` maps a batch `N × input_shape` (float32) to outputs `N × K`.
+    `forward` maps a batch `N × input_shape` (float32) to outputs `N × K`. The search
+    stops at `deadline` (a `time.perf_counter()` value) if it is given.
     """
     lo = prop.lower.to(device=device, dtype=torch.float32)
     hi = prop.upper.to(device=device, dtype=torch.float32)
@@ -41,18 +46,16 @@ def falsify(
     noise = torch.rand((restarts - 1, *lo.shape), generator=gen).to(device)
     x = torch.cat([((lo + hi) / 2)[None], lo + noise * (hi - lo)])
     span = hi - lo
-    best = x[:1].clone()
-    best_value = torch.tensor(float("-inf"))
     for step in range(steps + 1):
         x.requires_grad_(True)
-        value = prop.violation(forward(x).flatten(1))
-        top = int(value.argmax())
-        if float(value[top].detach()) > float(best_value):
-            best_value, best = value[top].detach(), x[top : top + 1].detach().clone()
-        if float(best_value) > 0 or step == steps:
-            break
+        value = prop.violation(forward(x).flatten(1)).cpu()
+        hits = (value > 0).nonzero().flatten()
+        late = deadline is not None and time.perf_counter() >= deadline
+        if len(hits) or step == steps or late:
+            order = hits[value[hits].detach().argsort(descending=True)]
+            return [x[k].detach().clone() for k in order.tolist()]
         (grad,) = torch.autograd.grad(value.sum(), x)
         size = 0.5 * (1 - step / steps) + 0.01
         with torch.no_grad():
             x = torch.minimum(torch.maximum(x + size * span * grad.sign(), lo), hi)
-    return best[0] if float(best_value) > 0 else None
+    return []

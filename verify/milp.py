@@ -5,12 +5,16 @@ pre-activations h and outputs z of every nonlinear layer are variables; a stable
 the identity or zero, an unstable one (l < 0 < u) gets a binary a with z ≥ h, z ≥ 0,
 z ≤ h − l(1 − a), z ≤ u·a; a max-pool window gets one binary per input (Σ a = 1,
 z ≥ x_i, z ≤ x_i + (U − l_i)(1 − a_i)). Per disjunct `A y ≤ b` of the unsafe set the
-program maximises t subject to t ≤ b − A y row by row and t ≥ 0: it is infeasible
-exactly when no input of the box reaches the disjunct; a feasible point is a witness, as
-deep inside the unsafe set as the time allows.
+program maximises t subject to t ≤ b − A y row by row; a point with t > 0 is a witness
+(replayed on the model by the caller), as deep inside the unsafe set as the time allows.
 
-HiGHS works in floating point with feasibility tolerances (1e-7), so its "infeasible" is
-not an exact rational proof as z3's is; the verdict names the engine that decided.
+HiGHS works in floating point with feasibility tolerances (1e-6), and big-M rows with
+large bounds turn them into large absolute errors (the issue's ×1000 net: presolve said
+"infeasible" with a violation of 82 logits). So "infeasible" alone is never a proof: the
+program asks for t ≥ −2τ, where τ bounds the effect on the outputs of every row being off
+by its tolerance relative to the magnitudes it sums (`slack.output_deviation`, rel 1e-6).
+Infeasible then means the solver's bound clears zero by 2τ, the scaled tolerance twice
+over: UNSAT. An optimum in [−2τ, 0] is within tolerance of the boundary: UNKNOWN.
 """
 
 from __future__ import annotations
@@ -88,23 +92,41 @@ def _diag(v: np.ndarray) -> sp.spmatrix:
     return sp.diags(np.asarray(v, dtype=float), format="csr")
 
 
+def _power_of_two(lo: np.ndarray, hi: np.ndarray) -> float:
+    """2ᵏ near the layer's largest bound: dividing by it is exact and brings it near 1."""
+    top = float(np.maximum(np.abs(lo), np.abs(hi)).max(initial=0.0))
+    return 1.0 if not top > 0 else float(2.0 ** np.round(np.log2(top)))
+
+
 def encode(
     network: Network, prop: Property, bounds: Bounds
-) -> tuple[_Program, np.ndarray, np.ndarray]:
-    """The network on the box as a program; returns it, the input and the output variables."""
+) -> tuple[_Program, np.ndarray, np.ndarray, float]:
+    """The network on the box as a program: the program, the input and output variables,
+    and the output scale c (the output variables hold y / c).
+
+    Each layer's variables are kept in units of a power of two near its largest bound, so
+    HiGHS sees values near 1 whatever the weights' scale (its infinity is 1e20); dividing by
+    a power of two is exact, so the scaled program is the same program.
+    """
     prog = _Program()
     x_lo = prop.lower.flatten().double().numpy()
     x_hi = prop.upper.flatten().double().numpy()
     z = prog.variables(x_lo, x_hi)
     inputs = z
+    scale = 1.0
     for block in affine_blocks(network):
         h_lo = bounds.lower[block.end].flatten().numpy()
         h_hi = bounds.upper[block.end].flatten().numpy()
+        c = _power_of_two(h_lo, h_hi)
+        h_lo, h_hi = h_lo / c, h_hi / c
         h = prog.variables(h_lo, h_hi)
-        # h − M z = bias
-        prog.constrain([(h, sp.identity(len(h))), (z, -block.matrix)], block.bias, block.bias)
+        # c·h' − M·(scale·z') = bias, divided by c
+        matrix = block.matrix * (scale / c)
+        bias = block.bias / c
+        prog.constrain([(h, sp.identity(len(h))), (z, -matrix)], bias, bias)
+        scale = c
         if block.end == len(network.layers):
-            return prog, inputs, h
+            return prog, inputs, h, scale
         layer = network.layers[block.end]
         if isinstance(layer, MaxPool2d):
             z = _maxpool(prog, layer, h, h_lo, h_hi, network.shapes[block.end])
@@ -171,23 +193,30 @@ def _maxpool(
     return z
 
 
+TOLERANCE = 1e-6  # HiGHS's mip_feasibility_tolerance, the largest of its defaults
+
+
 def solve_disjunct(
     base: _Program,
     outputs: np.ndarray,
     disjunct: Halfspaces,
     *,
     deadline: float,
+    margin: float,
+    scale: float = 1.0,
 ) -> Outcome:
-    """Can the program reach `A y ≤ b`? Maximises the depth t ≥ 0 of the violation.
+    """Can the program reach `A y ≤ b`? Maximises the depth t ≥ −2·margin of the violation.
 
-    Returns the full variable vector as the witness (the caller reads the inputs from it).
+    `margin` is τ, the scaled solver tolerance (module docstring), `scale` the output
+    scale of `encode`. Returns the full variable vector as the witness (the caller reads
+    the inputs from it).
     """
     start = time.perf_counter()
     prog = base.copy()
     a = disjunct.a.double().numpy()
-    b = disjunct.b.double().numpy()
+    b = disjunct.b.double().numpy() / scale
     m = len(b)
-    t = prog.variables(np.zeros(1), np.full(1, np.inf))
+    t = prog.variables(np.full(1, -2 * margin / scale), np.full(1, np.inf))
     prog.constrain(  # t + A y ≤ b
         [(np.repeat(t, m), sp.identity(m)), (outputs, sp.csr_matrix(a))], np.full(m, -np.inf), b
     )
@@ -197,7 +226,12 @@ def solve_disjunct(
     seconds = time.perf_counter() - start
     if res.status == 2:  # type: ignore[attr-defined]
         return Outcome(Answer.UNSAT, None, seconds)
-    if getattr(res, "x", None) is not None:
-        return Outcome(Answer.SAT, np.asarray(res.x), seconds)  # type: ignore[attr-defined]
+    x = getattr(res, "x", None)
+    if x is not None and float(x[t[0]]) > 0:
+        return Outcome(Answer.SAT, np.asarray(x), seconds)
+    if x is not None and res.status == 0:  # type: ignore[attr-defined]
+        value = float(x[t[0]]) * scale
+        why = f"the MILP optimum {value:.3g} is within its tolerance ({margin:.3g}) of 0"
+        return Outcome(Answer.UNKNOWN, np.asarray(x), seconds, why)
     reason = "time limit" if res.status == 1 else str(res.message)  # type: ignore[attr-defined]
     return Outcome(Answer.UNKNOWN, None, seconds, reason)

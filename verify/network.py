@@ -4,6 +4,12 @@ Every engine (bounds, SMT, MILP, DLV) reads this one representation; `extract.py
 from an `nn.Module`, TorchScript or ONNX. Weights stay float32 exactly as the model has
 them; `exact()` turns a float32 value into the rational it denotes, so z3 sees the
 weights as given (float32 rounding of the model's own arithmetic is not modelled).
+
+A layer that folds several of the model's operations (BatchNorm or `× ÷` by constants into
+the preceding Dense/Conv2d) cannot always hold the exact real result (a BatchNorm scale
+involves a square root): it holds the float64 rounding and `err`, a proven radius of the
+difference (weight radius, bias radius). Bounds add it to their error terms; the exact
+engines decide the rounded network with the unsafe set widened by its effect (`slack.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+Radius = tuple[torch.Tensor, torch.Tensor]
+"""(weight radius, bias radius), float64, shaped like the weight and bias they bound."""
+
 
 @dataclass(frozen=True, eq=False)
 class Dense:
@@ -21,6 +30,7 @@ class Dense:
 
     weight: torch.Tensor
     bias: torch.Tensor
+    err: Radius | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,6 +41,7 @@ class Conv2d:
     bias: torch.Tensor
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
+    err: Radius | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +50,7 @@ class Elementwise:
 
     scale: torch.Tensor
     shift: torch.Tensor
+    err: Radius | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,11 @@ class Network:
             x = apply_layer(layer, x)
             shapes.append(tuple(x.shape[1:]))
         object.__setattr__(self, "shapes", tuple(shapes))
+
+    @property
+    def folded(self) -> bool:
+        """Whether some layer holds a rounded fold (a non-zero `err`)."""
+        return any(getattr(layer, "err", None) is not None for layer in self.layers)
 
     @property
     def num_outputs(self) -> int:

@@ -12,9 +12,24 @@ from bastion.verify.outcome import Status
 SAFE, UNSAFE, UNKNOWN = Status.SAFE, Status.UNSAFE, Status.UNKNOWN
 
 EXACTNESS = (
-    "SAFE is proved for the network over the rationals, with its float32 weights taken "
-    "exactly; float32 rounding inside the model is not modelled"
+    "proved for the network as given over the whole input box: weights read as the exact "
+    "rationals their floats denote, real arithmetic, every float step of the proof covered "
+    "by a proven error bound; float32 rounding inside the model's own evaluation is not "
+    "modelled"
 )
+
+_HOW = {
+    "bounds": "by CROWN/interval bounds with rigorous outward rounding",
+    "z3": "by z3 over the rationals (with rigorous bounds fixing stable ReLUs)",
+    "milp": "by the HiGHS MILP, its bound clearing zero by twice its tolerance scaled to "
+    "the problem's magnitudes (a floating-point solver: not an exact certificate)",
+}
+
+
+def guarantee_text(engine: str) -> str:
+    """What a SAFE from `engine` ("bounds", "z3", "milp", "z3+milp", …) proves, in words."""
+    parts = [_HOW.get(e, e) for e in engine.split("+")]
+    return f"SAFE {' and '.join(parts)}: {EXACTNESS}"
 
 
 @dataclass

@@ -31,8 +31,10 @@ from bastion.verify.bounds import Bounds, Splits, compute_bounds, property_lower
 from bastion.verify.falsify import falsify
 from bastion.verify.network import Network
 from bastion.verify.outcome import Answer, Outcome
+from bastion.verify.rounding import magnitude
+from bastion.verify.slack import output_deviation, widen
 from bastion.verify.spec import Halfspaces, Property
-from bastion.verify.verdict import EXACTNESS, SAFE, UNKNOWN, UNSAFE, Verdict
+from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE, Verdict, guarantee_text
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "z3", "milp", "bounds")
@@ -45,6 +47,7 @@ def verify(
     prop: Property,
     *,
     model: Forward | None = None,
+    replay: Forward | None = None,
     engine: str = "auto",
     timeout: float = 60.0,
     attack: bool = True,
@@ -53,9 +56,12 @@ def verify(
 ) -> Verdict:
     """SAFE, UNSAFE (with a counterexample the float32 model confirms) or UNKNOWN.
 
-    `model` is the float32 model that counterexamples are replayed through (default: the
-    network itself in float32); it must take a batch of `network.input_shape` inputs.
-    `engine` is "auto", "z3", "milp" or "bounds" (bounds and attack only).
+    `model` is the float32 model as the user gave it (default: the network itself in
+    float32); PGD searches on it and every counterexample is replayed on it alone. `replay`
+    replaces it for the replay only (e.g. onnxruntime on the ONNX file, which PGD cannot
+    differentiate). Both take a batch of `network.input_shape` inputs. `engine` is "auto",
+    "z3", "milp" or "bounds" (bounds and attack only). The wall time, from this call on, is
+    at most `timeout` plus one step of an engine that cannot be interrupted sooner.
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -69,6 +75,7 @@ def verify(
     start = time.perf_counter()
     deadline = start + timeout
     forward = model if model is not None else network.forward
+    check = replay if replay is not None else forward
     # cheap intervals first, then the attack, then CROWN: each step can end the search
     bounds = compute_bounds(network, prop, method="ibp")
     lows = property_lower_bounds(network, prop, bounds)
@@ -76,7 +83,7 @@ def verify(
     stats = [s.as_dict() for s in bounds.stats]
 
     def done(status: str, engine_used: str, **kw: Any) -> Verdict:
-        guarantee = EXACTNESS if status == SAFE else ""
+        guarantee = guarantee_text(engine_used) if status == SAFE else ""
         details = {"disjuncts": len(prop.unsafe), "open_after_bounds": len(open_)}
         details.update(kw.pop("details", {}))
         return Verdict(
@@ -87,9 +94,12 @@ def verify(
     if not open_:
         return done(SAFE, "bounds")
     if attack:
-        x = falsify(_float32(forward), prop, seed=seed)
-        if x is not None:
-            return _unsafe(done, forward, prop, x, "pgd")
+        for x in falsify(_float32(forward), prop, seed=seed, deadline=deadline):
+            verdict = _replay(done, check, prop, x, "pgd")
+            if verdict is not None:
+                return verdict
+    if time.perf_counter() >= deadline:
+        return done(UNKNOWN, "pgd" if attack else "bounds", reason="deadline reached")
     bounds = compute_bounds(network, prop)
     stats = [s.as_dict() for s in bounds.stats]
     lows = property_lower_bounds(network, prop, bounds)
@@ -128,7 +138,7 @@ def verify(
                     break
             domains += outcome.domains
             if outcome.status == Answer.SAT and outcome.witness is not None:
-                verdict = _confirm(done, forward, exact, i, outcome, chosen, slot)
+                verdict = _confirm(done, check, exact, i, outcome, chosen, slot)
                 if verdict is not None:
                     return verdict
                 reasons[i] = (
@@ -139,7 +149,7 @@ def verify(
                 reasons[i] = outcome.reason
         if not reasons:
             break
-    name = "+".join(e for e in engines if e in used)
+    name = "+".join(e for e in engines if e in used) or "bounds"
     if reasons:
         why = "; ".join(f"disjunct {i}: {r}" for i, r in sorted(reasons.items()))
         return done(UNKNOWN, name, reason=why, details={"domains": domains})
@@ -183,51 +193,54 @@ def _tighter(disjunct: Halfspaces) -> Halfspaces:
 def _replay(
     done: Callable[..., Verdict], forward: Forward, prop: Property, x: torch.Tensor, engine: str
 ) -> Verdict | None:
-    """UNSAFE if the float32 model confirms the witness (clipped into the box), else None."""
+    """UNSAFE if the model, on this one input alone (clipped into the box, float32), puts
+    it strictly inside the unsafe set; else None. The verdict's output is that replay's."""
     x32 = _into_box(x, prop)
+    if not bool(prop.contains(x32[None].double())[0]):
+        return None
     with torch.no_grad():
-        y = forward(x32[None]).flatten(1)
-    if float(prop.violation(y)[0]) > 0 and bool(prop.contains(x32[None].double())[0]):
-        return _unsafe(done, forward, prop, x32, engine)
-    return None
+        y = forward(x32[None]).detach().flatten(1).cpu()
+    margin = float(prop.violation(y)[0])
+    if not margin > 0:
+        return None
+    return done(UNSAFE, engine, counterexample=x32, output=y[0], margin=margin)
 
 
 def _into_box(x: torch.Tensor, prop: Property) -> torch.Tensor:
     """x in float32, clipped so that every coordinate lies inside the box exactly."""
     lo, hi = prop.lower, prop.upper
-    x32 = x.double().clamp(lo, hi).to(torch.float32)
+    x32 = x.detach().cpu().double().clamp(lo, hi).to(torch.float32)
     x32 = torch.where(x32.double() < lo, x32.nextafter(torch.full_like(x32, np.inf)), x32)
     x32 = torch.where(x32.double() > hi, x32.nextafter(torch.full_like(x32, -np.inf)), x32)
     return x32
 
 
-def _unsafe(
-    done: Callable[..., Verdict], forward: Forward, prop: Property, x: torch.Tensor, engine: str
-) -> Verdict:
-    x32 = x.to(torch.float32)
-    with torch.no_grad():
-        y = forward(x32[None]).flatten(1)
-    margin = float(prop.violation(y)[0])
-    return done(UNSAFE, engine, counterexample=x32, output=y[0].detach(), margin=margin)
-
-
 class _Exact:
-    """The exact engines of one `verify` call; the MILP is encoded once, on first use."""
+    """The exact engines of one `verify` call; the MILP is encoded once, on first use.
+
+    Both decide the network as stored; where a layer holds a rounded fold the disjunct is
+    widened by the fold's effect first (`slack.py`), so their unsat holds for the network
+    as given. Branch and bound prunes with the bounds, which include the fold radius.
+    """
 
     def __init__(self, network: Network, prop: Property, bounds: Bounds, leaf_size: int) -> None:
         self.network, self.prop, self.bounds, self.leaf_size = network, prop, bounds, leaf_size
         self._milp: Any = None
+        self._deviation = output_deviation(network, bounds) if network.folded else torch.zeros(0)
+
+    def _widen(self, disjunct: Halfspaces) -> Halfspaces:
+        return widen(disjunct, self._deviation) if self.network.folded else disjunct
 
     def decide(self, disjunct: Halfspaces, engine: str, deadline: float) -> Outcome:
         """Can the box reach `disjunct`? Decided by `engine` ("z3" or "milp") by `deadline`."""
         if engine == "milp":
             return self._solve_milp(disjunct, deadline)
-        network = self.network
+        network, exact = self.network, self._widen(disjunct)
 
         def leaf(sub: Property, splits: Splits, bounds: Bounds) -> Outcome:
             from bastion.verify.smt import solve_smt
 
-            return solve_smt(network, sub, disjunct, bounds, splits=splits, deadline=deadline)
+            return solve_smt(network, sub, exact, bounds, splits=splits, deadline=deadline)
 
         return branch_and_bound(
             network, self.prop, disjunct, leaf=leaf, leaf_size=self.leaf_size,
@@ -238,9 +251,16 @@ class _Exact:
         from bastion.verify import milp
 
         if self._milp is None:
-            self._milp = milp.encode(self.network, self.prop, self.bounds)
-        prog, inputs, outputs = self._milp
-        out = milp.solve_disjunct(prog, outputs, disjunct, deadline=deadline)
+            tolerance = output_deviation(self.network, self.bounds, rel=milp.TOLERANCE)
+            self._milp = (*milp.encode(self.network, self.prop, self.bounds), tolerance)
+        prog, inputs, outputs, scale, tolerance = self._milp
+        wide = self._widen(disjunct)
+        y_mag = magnitude(self.bounds.lower[-1], self.bounds.upper[-1]).flatten()
+        rows = wide.a.double().abs() @ (tolerance + milp.TOLERANCE * y_mag)
+        margin = float(rows.max()) + milp.TOLERANCE * float(wide.b.abs().max() + 1)
+        out = milp.solve_disjunct(
+            prog, outputs, wide, deadline=deadline, margin=margin, scale=scale
+        )
         if out.witness is not None:
             out.witness = out.witness[inputs]
         out.domains = 1

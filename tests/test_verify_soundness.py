@@ -1,0 +1,329 @@
+"""Soundness of `verify`: no SAFE where a counterexample exists, on nets where floats bite.
+
+Oracle: the model as given, evaluated in (essentially) exact arithmetic: `Decimal` with 100
+significant digits, float32 parameters read exactly, BatchNorm's square root correctly
+rounded to 100 digits. A counterexample is *planted*: at a point x* of the box the last
+layer's bias of the runner-up class is moved to the smallest float32 that makes the exact
+margin y_c − y_j at x* lie in (−ulp, 0], a tie or a violation by less than one ulp. The
+unsafe set `y_c − y_j ≤ 0` contains x*'s output, so SAFE (VNN-COMP unsat) is always wrong.
+
+Families: linear nets with cancellation (weights 1…1e9), MLPs at weight scales 1…1e9,
+BatchNorm with extreme running statistics, conv with max- and average pooling; every
+robustness property has several disjuncts (one per other class). The fast slice runs in CI;
+`-m slow` runs the big sweep and prints per-family counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import decimal
+import math
+from decimal import Decimal
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bastion.verify import Status, extract, verify
+from bastion.verify.bounds import compute_bounds, property_lower_bounds
+from bastion.verify.network import Dense, Network
+from bastion.verify.spec import Property, class_unsafe_set
+
+_PREC = 100
+FAMILIES = ("linear", "mlp", "batchnorm", "conv")
+
+
+# --- the exact oracle ---------------------------------------------------------------
+
+
+def _dec(t: torch.Tensor) -> np.ndarray:
+    flat = [Decimal(float(v)) for v in t.detach().double().flatten().tolist()]
+    return np.array(flat, dtype=object).reshape(tuple(t.shape))
+
+
+def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    c, h, wd = x.shape
+    if pad:
+        z = np.full((c, h + 2 * pad, wd + 2 * pad), Decimal(0), dtype=object)
+        z[:, pad : pad + h, pad : pad + wd] = x
+        x, h, wd = z, h + 2 * pad, wd + 2 * pad
+    o, _, kh, kw = w.shape
+    oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
+    out = np.empty((o, oh, ow), dtype=object)
+    for k in range(o):
+        for i in range(oh):
+            for j in range(ow):
+                patch = x[:, i * stride : i * stride + kh, j * stride : j * stride + kw]
+                out[k, i, j] = (patch * w[k]).sum() + b[k]
+    return out
+
+
+def _pool(x: np.ndarray, k: int, stride: int, kind: str) -> np.ndarray:
+    c, h, w = x.shape
+    oh, ow = (h - k) // stride + 1, (w - k) // stride + 1
+    out = np.empty((c, oh, ow), dtype=object)
+    for ch in range(c):
+        for i in range(oh):
+            for j in range(ow):
+                win = x[ch, i * stride : i * stride + k, j * stride : j * stride + k].flatten()
+                out[ch, i, j] = max(win) if kind == "max" else sum(win) / Decimal(k * k)
+    return out
+
+
+def exact_forward(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
+    """The model's outputs at one input (no batch axis) in 100-digit decimal arithmetic."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = _PREC
+        z = _dec(x)
+        for m in model:
+            if isinstance(m, nn.Linear):
+                z = _dec(m.weight) @ z.flatten() + _dec(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                z = _conv(z, _dec(m.weight), _dec(m.bias), m.stride[0], m.padding[0])
+            elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                view = (-1,) + (1,) * (z.ndim - 1)
+                var = _dec(m.running_var) + Decimal(m.eps)
+                scale = _dec(m.weight) / np.array([v.sqrt() for v in var], dtype=object)
+                shift = _dec(m.bias) - _dec(m.running_mean) * scale
+                z = z * scale.reshape(view) + shift.reshape(view)
+            elif isinstance(m, nn.ReLU):
+                z = np.array([max(v, Decimal(0)) for v in z.flatten()], dtype=object).reshape(
+                    z.shape
+                )
+            elif isinstance(m, nn.MaxPool2d):
+                z = _pool(z, m.kernel_size, m.stride, "max")  # type: ignore[arg-type]
+            elif isinstance(m, nn.AvgPool2d):
+                z = _pool(z, m.kernel_size, m.stride, "avg")  # type: ignore[arg-type]
+            elif isinstance(m, nn.Flatten):
+                z = z.flatten()
+            else:
+                raise TypeError(m)
+        return z.flatten()
+
+
+def exact_margin(model: nn.Sequential, x: torch.Tensor, label: int) -> Decimal:
+    """min over j ≠ label of y_label − y_j, exactly: ≤ 0 means x is a counterexample."""
+    y = exact_forward(model, x)
+    return min(y[label] - y[j] for j in range(len(y)) if j != label)
+
+
+# --- instances with a planted counterexample ----------------------------------------
+
+
+def _scale_(module: nn.Module, scale: float) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(scale)
+
+
+def make_model(
+    family: str, rng: np.random.Generator, scale: float | None = None
+) -> tuple[nn.Sequential, tuple[int, ...]]:
+    """A small random float32 model of the family, in eval mode, and its input shape;
+    weights scaled by `scale` (default: a random power of ten, 1 … 1e9)."""
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    scale = float(10.0 ** rng.integers(0, 10)) if scale is None else scale
+    if family == "linear":
+        n = int(rng.integers(2, 5))
+        model = nn.Sequential(nn.Linear(n, int(rng.integers(2, 4))))
+        shape: tuple[int, ...] = (n,)
+    elif family == "mlp":
+        n, h = int(rng.integers(2, 6)), int(rng.integers(3, 9))
+        model = nn.Sequential(
+            nn.Linear(n, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 4)
+        )
+        shape = (n,)
+    elif family == "batchnorm":
+        n, h = int(rng.integers(2, 5)), int(rng.integers(3, 7))
+        bn = nn.BatchNorm1d(h)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.from_numpy(rng.choice([-1e3, 1e3, 0.5], h)))
+            bn.running_var.copy_(torch.from_numpy(rng.choice([0.0, 1e-8, 1e6, 1.0], h)))
+            bn.weight.copy_(torch.from_numpy(rng.normal(size=h) * 2))
+            bn.bias.copy_(torch.from_numpy(rng.normal(size=h)))
+        model = nn.Sequential(nn.Linear(n, h), bn, nn.ReLU(), nn.Linear(h, 3))
+        shape = (n,)
+        scale = 1.0
+    else:  # conv
+        pool: nn.Module = nn.MaxPool2d(2) if rng.random() < 0.5 else nn.AvgPool2d(2)
+        model = nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=int(rng.integers(0, 2))), nn.ReLU(), pool,
+            nn.Flatten(), nn.LazyLinear(3),
+        )  # fmt: skip
+        shape = (1, 6, 6)
+        model(torch.zeros(1, *shape))
+    _scale_(model, scale) if family in ("linear", "mlp", "conv") else None
+    return model.eval(), shape
+
+
+def _candidates(model: nn.Sequential, lo: torch.Tensor, hi: torch.Tensor, label: int) -> list:
+    """Points of the box where the margin is small: sign corners and a few PGD points."""
+    m64 = _copy64(model)
+    pts = [lo.clone(), hi.clone(), (lo + hi) / 2]
+    x = ((lo + hi) / 2).clone().requires_grad_(True)
+    for _ in range(30):
+        y = m64(x[None])[0]
+        others = torch.cat([y[:label], y[label + 1 :]])
+        margin = y[label] - others.max()
+        (g,) = torch.autograd.grad(margin, x)
+        pts.append(torch.where(g > 0, lo, hi))
+        with torch.no_grad():
+            x = (x - (hi - lo) * 0.2 * g.sign()).clamp(lo, hi)
+        x.requires_grad_(True)
+    pts.append(x.detach())
+    return pts
+
+
+def _copy64(model: nn.Sequential) -> nn.Sequential:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def plant(
+    model: nn.Sequential, shape: tuple[int, ...], rng: np.random.Generator
+) -> tuple[Property, torch.Tensor, int] | None:
+    """Move the last bias so that a point x* of a box has exact margin in (−ulp, 0].
+
+    Returns the property (robustness of `label` on the box), x* and the label, or None
+    when the planted margin cannot be certified (the model's outputs overflow float32).
+    """
+    centre = torch.from_numpy(rng.random(shape))
+    radius = float(rng.choice([1e-3, 0.05, 0.3]))
+    lo, hi = (centre - radius).clamp(0, 1), (centre + radius).clamp(0, 1)
+    with torch.no_grad():
+        label = int(_copy64(model)(centre[None]).argmax())
+    pts = _candidates(model, lo, hi, label)
+    with torch.no_grad():
+        values = [float(_margin64(model, p, label)) for p in pts]
+    x_star = pts[int(np.argmin(values))].detach()
+    y = exact_forward(model, x_star)
+    j = max((k for k in range(len(y)) if k != label), key=lambda k: y[k])
+    last = model[-1]
+    with decimal.localcontext() as ctx:
+        ctx.prec = _PREC
+        target = Decimal(float(last.bias[j])) + (y[label] - y[j])
+        b = np.float32(float(target))
+        while Decimal(float(b)) < target:
+            b = np.nextafter(b, np.float32(np.inf))
+    if not math.isfinite(float(b)):
+        return None
+    with torch.no_grad():
+        last.bias[j] = float(b)
+    margin = exact_margin(model, x_star, label)
+    assert margin <= 0, "planting failed: the oracle and the plant disagree"
+    prop = Property(lo.double(), hi.double(), class_unsafe_set(label, len(y)))
+    return prop, x_star, label
+
+
+def _margin64(model: nn.Sequential, x: torch.Tensor, label: int) -> torch.Tensor:
+    y = _copy64(model)(x[None].double())[0]
+    return y[label] - torch.cat([y[:label], y[label + 1 :]]).max()
+
+
+def check_instance(family: str, seed: int, engine: str, timeout: float) -> str:
+    """Plant, verify, and assert: never SAFE; an UNSAFE witness is in the box and the
+    float32 model puts it strictly in the unsafe set. Returns the VNN-COMP word."""
+    rng = np.random.default_rng(seed)
+    model, shape = make_model(family, rng)
+    planted = plant(model, shape, rng)
+    if planted is None:
+        return "skipped"
+    prop, _, _ = planted
+    network = extract(model, shape)
+    verdict = verify(network, prop, model=model, engine=engine, timeout=timeout, seed=seed)
+    assert verdict.status != Status.SAFE, (family, seed, engine, verdict.summary())
+    if verdict.status == Status.UNSAFE:
+        x = verdict.counterexample
+        assert x is not None and bool(prop.contains(x[None].double())[0])
+        with torch.no_grad():
+            y = model(x[None].float())
+        assert float(prop.violation(y)[0]) > 0
+    return verdict.vnncomp
+
+
+# --- the issue's reproductions --------------------------------------------------------
+
+
+def _cancelling(weight: float) -> tuple[Network, Property]:
+    """y0 − y1 = w·x0 − w·x1 with x1's upper end one float64 above x0's lower end."""
+    w = float(np.float32(weight))
+    net = Network((Dense(torch.tensor([[w, -w], [0.0, 0.0]]), torch.zeros(2)),), (2,))
+    x0 = 0.05
+    x1 = math.nextafter(x0, 1.0)
+    lower = torch.tensor([x0, x0 - 0.01], dtype=torch.float64)
+    upper = torch.tensor([x0 + 0.01, x1], dtype=torch.float64)
+    return net, Property(lower, upper, class_unsafe_set(0, 2))
+
+
+@pytest.mark.parametrize("weight", [1.8e9, 1.8e5, 1e3])
+@pytest.mark.parametrize("engine", ["bounds", "z3", "milp", "auto"])
+def test_cancellation_cannot_hide_a_counterexample(weight: float, engine: str) -> None:
+    net, prop = _cancelling(weight)
+    corner = torch.tensor([prop.lower[0], prop.upper[1]], dtype=torch.float64)
+    w = Decimal(float(net.layers[0].weight[0, 0]))  # type: ignore[union-attr]
+    assert w * Decimal(float(corner[0])) - w * Decimal(float(corner[1])) < 0  # a violation
+    verdict = verify(net, prop, engine=engine, timeout=10)
+    assert verdict.status != Status.SAFE, verdict.summary()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e6, 1e9])
+def test_bounds_hold_exactly(scale: float) -> None:
+    """Every activation's bounds contain the exact value at corners and random points."""
+    rng = np.random.default_rng(int(scale))
+    for family in ("mlp", "conv", "batchnorm"):
+        model, shape = make_model(family, rng, scale)
+        network = extract(model, shape)
+        centre = torch.from_numpy(rng.random(shape))
+        prop = Property(
+            (centre - 0.1).clamp(0, 1),
+            (centre + 0.1).clamp(0, 1),
+            class_unsafe_set(0, 3 + (family == "mlp")),
+        )
+        bounds = compute_bounds(network, prop)
+        lows = property_lower_bounds(network, prop, bounds)
+        n = len(network.layers)
+        for k in range(12):
+            u = torch.from_numpy(rng.random(shape))
+            if k % 2:
+                u = (u > 0.5).double()
+            x = prop.lower + (prop.upper - prop.lower) * u
+            y = exact_forward(model, x)
+            for i in range(len(y)):
+                assert Decimal(float(bounds.lower[n].flatten()[i])) <= y[i], family
+                assert Decimal(float(bounds.upper[n].flatten()[i])) >= y[i], family
+            for h, low in zip(prop.unsafe, lows, strict=True):
+                for r in range(len(h.b)):
+                    row = sum(
+                        Decimal(float(a)) * v for a, v in zip(h.a[r].tolist(), y, strict=True)
+                    )
+                    assert Decimal(float(low[r])) <= row - Decimal(float(h.b[r]))
+
+
+# --- the fuzz battery ----------------------------------------------------------------
+
+_ENGINES = st.sampled_from(["auto", "bounds", "z3", "milp"])
+
+
+@settings(max_examples=24, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(family=st.sampled_from(FAMILIES), seed=st.integers(0, 10**6), engine=_ENGINES)
+def test_fuzz_fast_slice(family: str, seed: int, engine: str) -> None:
+    check_instance(family, seed, engine, timeout=3.0)
+
+
+@pytest.mark.slow
+def test_fuzz_sweep() -> None:
+    """The big sweep: 100 instances per family, engines in turn; prints the counts."""
+    counts: dict[str, collections.Counter[str]] = {f: collections.Counter() for f in FAMILIES}
+    engines = ("auto", "bounds", "z3", "milp")
+    for family in FAMILIES:
+        for i in range(100):
+            seed = 1_000_003 * FAMILIES.index(family) + i
+            word = check_instance(family, seed, engines[i % 4], timeout=5.0)
+            counts[family][word] += 1
+    for family, c in counts.items():
+        print(f"{family}: {sum(c.values())} instances, {dict(c)}, unsat 0")
