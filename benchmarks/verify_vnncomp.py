@@ -38,7 +38,7 @@ from bastion.fileio import write_atomic
 from bastion.verify import Property, load_network, read_instances, read_vnnlib
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data/vnncomp2021")
+DATA = Path(os.environ.get("BASTION_DATA", REPO.parent / "shared" / "data")) / "vnncomp2021"
 OUT = REPO / "benchmarks" / "results" / "verify_vnncomp.json"
 SUITES = {
     "mnistfc": DATA / "mnistfc" / "mnistfc_instances.csv",
@@ -124,11 +124,17 @@ def run_bastion(onnx: Path, vnnlib: Path, timeout: float) -> dict[str, Any]:
     it; `seconds` is the verifier's own time (after reading the files)."""
 
     def job() -> dict[str, Any]:
-        from bastion.commands.verify import _decide_file  # the CLI's per-file decision
+        from bastion.verify.decide import decide_file, onnx_replay  # the CLI's decision
 
+        loaded = time.perf_counter()
         net = load_network(onnx)
         props = read_vnnlib(vnnlib, net.input_shape, net.num_outputs)
-        return verdict_row(_decide_file(net, props, timeout, "auto", 0))
+        replay = onnx_replay(onnx)
+        load_s = time.perf_counter() - loaded
+        row = verdict_row(decide_file(net, props, timeout=timeout, replay=replay))
+        row["load_s"] = load_s
+        row["overrun_s"] = row["seconds"] - timeout
+        return row
 
     return run_forked(job, timeout)
 
@@ -291,7 +297,7 @@ def profile(args: argparse.Namespace) -> None:
     import cProfile
     import pstats
 
-    from bastion.commands.verify import _decide_file
+    from bastion.verify.decide import decide_file
 
     inst = next(i for i in read_instances(SUITES[args.suite]) if i.vnnlib.name == args.profile)
     net = load_network(inst.onnx)
@@ -299,7 +305,7 @@ def profile(args: argparse.Namespace) -> None:
     prof = cProfile.Profile()
     start = time.perf_counter()
     prof.enable()
-    v = _decide_file(net, props, args.timeout or inst.timeout, "auto", 0)
+    v = decide_file(net, props, timeout=args.timeout or inst.timeout)
     prof.disable()
     total = time.perf_counter() - start
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]

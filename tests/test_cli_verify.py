@@ -80,3 +80,56 @@ def test_bad_input_exits_2_with_one_line(capsys, args, message) -> None:  # type
         assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@needs_mnistfc
+def test_result_file_y_values_are_onnxruntimes_replay(tmp_path: Path) -> None:
+    import re
+
+    import onnx
+
+    from bastion.onnx_io import runtime
+    from bastion.verify.vnnlib import read_vnnlib
+
+    net = MNISTFC / "mnist-net_256x2.onnx"
+    prop_file = MNISTFC / "prop_1_0.05.vnnlib"
+    out = tmp_path / "result.txt"
+    assert main(["verify", str(net), "--vnnlib", str(prop_file), "--out", str(out)]) == 0
+    values = dict(re.findall(r"\(([XY]_\d+) ([^()\s]+)\)", out.read_text()))
+    x = torch.tensor([float(values[f"X_{i}"]) for i in range(784)], dtype=torch.float32)
+    y_file = torch.tensor([float(values[f"Y_{j}"]) for j in range(10)], dtype=torch.float64)
+    y = runtime(onnx.load(str(net)))(x.view(1, 784, 1)).double()[0]
+    assert torch.equal(y_file, y)  # the file's Y are what onnxruntime computes at X
+    (prop,) = read_vnnlib(prop_file, (784, 1), 10)
+    assert bool(prop.contains(x.view(1, 784, 1).double())[0])
+    assert float(prop.violation(y[None])[0]) > 0  # strictly inside the unsafe set
+
+
+def test_contradictory_vnnlib_is_unsat(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(2, 2)).eval()
+    onnx_path = tmp_path / "net.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 2),), str(onnx_path), dynamo=False)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(
+        "(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
+        "(declare-const Y_1 Real)\n(assert (>= X_0 0.5))\n(assert (<= X_0 0.2))\n"
+        "(assert (>= X_1 0.0))\n(assert (<= X_1 1.0))\n(assert (<= Y_0 Y_1))\n"
+    )
+    assert main(["verify", str(onnx_path), "--vnnlib", str(prop)]) == 0
+    assert capsys.readouterr().out.split()[0] == "unsat"
+
+
+@needs_mnistfc
+def test_timeout_is_kept_and_loading_reported_apart(capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    net = str(MNISTFC / "mnist-net_256x2.onnx")
+    prop = str(MNISTFC / "prop_1_0.03.vnnlib")  # hard: unknown at 120 s before this issue
+    for timeout in (0.01, 2.0):
+        assert main(["verify", net, "--vnnlib", prop, "--timeout", str(timeout), "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["result"] == "unknown" and d["engine"]
+        assert d["seconds"] <= timeout * 1.05 + 1.0, d
+        assert d["load_seconds"] > 0

@@ -208,7 +208,7 @@ def _check(
     if left <= 0:
         return Outcome(Answer.UNKNOWN, None, time.perf_counter() - start, "deadline reached")
     enc.solver.set("timeout", max(1, int(left * 1000)))
-    watchdog = threading.Timer(left + 1.0, enc.ctx.interrupt)  # z3's timeout is not always kept
+    watchdog = threading.Timer(left, enc.ctx.interrupt)  # z3's own timeout is not always kept
     watchdog.start()
     try:
         result = enc.solver.check()

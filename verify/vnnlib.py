@@ -11,8 +11,12 @@ network's input flattened in row-major order (as ONNX and torch flatten it).
 
 Reading turns the assertions into disjunctive normal form; disjuncts that share an input
 box become one `Property` whose `unsafe` set lists their output constraints, so an ACAS Xu
-property with two input boxes gives two properties. Strict `<`/`>` are read as `<=`/`>=`
-(the unsafe set is closed, as in `spec.py`; this can only add boundary points to it).
+property with two input boxes gives two properties. Contradictory constraints give no
+property at all (the unsafe set is empty: `decide_file` answers unsat). Strict `<`/`>` are
+read as `<=`/`>=`: on outputs this only adds boundary points to the unsafe set, and an
+UNSAFE witness must violate strictly anyway; on inputs it closes the box, so SAFE is proved
+for the closed box (a stronger claim) but an UNSAFE witness may lie on a face the file
+excludes. Numbers are read as the nearest float64, VNN-COMP's convention.
 """
 
 from __future__ import annotations
@@ -272,8 +276,8 @@ def parse_vnnlib(
                 f"X_{unbounded[0]} lacks a lower or upper bound; give every input a box"
             )
         groups.setdefault((tuple(d.lower), tuple(d.upper)), []).append(d.halfspaces(k))
-    if not groups:
-        raise VnnlibError("the constraints are contradictory: no input box remains")
+    if not groups:  # contradictory constraints: the unsafe set is empty, the property holds
+        return []
     return [
         Property(
             torch.tensor(lo, dtype=torch.float64).reshape(shape),

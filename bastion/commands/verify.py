@@ -15,6 +15,7 @@ import csv
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,9 @@ def _region(args: argparse.Namespace) -> int:
 
     if args.region == "linf" and not 0 <= args.eps <= 1:
         raise ConfigError(f"--eps must lie in [0, 1] on the [0, 1] pixel scale, got {args.eps}")
+    loaded = time.perf_counter()
     model, data, _ = load_model_and_data(args, NoProgress())
+    load_seconds = time.perf_counter() - loaded
     if args.image is not None:
         x, name = _read_image(Path(args.image), data.x.shape[1:]), args.image
     else:
@@ -116,6 +119,7 @@ def _region(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         region = f"eps={args.eps:g}"
+    verdict.details["load_seconds"] = round(load_seconds, 4)
     if args.out is not None:
         _write_region(Path(args.out), verdict, x.cpu())
     if args.json:
@@ -194,42 +198,31 @@ def _write_region(out: Path, verdict: Any, x: Any) -> None:
         np.save(out / "counterexample.npy", verdict.counterexample.numpy())
 
 
-def _decide_file(network: Any, props: list[Any], timeout: float, engine: str, seed: int) -> Any:
-    """One verdict for the properties of a VNN-LIB file (a disjunction of input boxes)."""
-    import time
+def _replay_for(path: Any) -> Any:
+    """onnxruntime on an ONNX file (the model as given), else None (the extracted network)."""
+    from bastion.model_formats import detect_format
+    from bastion.verify.decide import onnx_replay
 
-    from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE, Verdict
-    from bastion.verify.verifier import verify
-
-    start = time.perf_counter()
-    verdicts = []
-    for prop in props:
-        left = timeout - (time.perf_counter() - start)
-        if left <= 0:
-            verdicts.append(Verdict(UNKNOWN, engine, 0.0, reason="deadline reached"))
-            break
-        v = verify(network, prop, engine=engine, timeout=left, seed=seed)
-        verdicts.append(v)
-        if v.status == UNSAFE:
-            break
-    final = next((v for v in verdicts if v.status == UNSAFE), None)
-    if final is None:
-        final = next((v for v in verdicts if v.status != SAFE), verdicts[-1])
-        if len(verdicts) < len(props) and final.status == SAFE:
-            final = Verdict(UNKNOWN, engine, 0.0, reason="deadline reached")
-    final.seconds = time.perf_counter() - start
-    return final
+    return onnx_replay(path) if detect_format(path) == "onnx" else None
 
 
 def _vnnlib(args: argparse.Namespace) -> int:
+    from bastion.verify.decide import decide_file
     from bastion.verify.extract import load_network
     from bastion.verify.vnnlib import read_vnnlib, write_counterexample
 
     if args.model is None:
         raise ConfigError("--vnnlib needs the network file: bastion verify NET.onnx --vnnlib P")
+    loaded = time.perf_counter()
     network = load_network(args.model)
     props = read_vnnlib(args.vnnlib, network.input_shape, network.num_outputs)
-    verdict = _decide_file(network, props, args.timeout or 60.0, args.engine, args.seed)
+    replay = _replay_for(args.model)
+    load_seconds = time.perf_counter() - loaded
+    timeout = args.timeout or 60.0
+    verdict = decide_file(
+        network, props, timeout=timeout, engine=args.engine, seed=args.seed, replay=replay
+    )
+    verdict.details["load_seconds"] = round(load_seconds, 4)
     if args.out is not None:
         from bastion.fileio import write_atomic
 
@@ -253,6 +246,7 @@ def _instances(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from bastion.suites.progress import NoProgress, RichProgress
+    from bastion.verify.decide import decide_file
     from bastion.verify.extract import load_network
     from bastion.verify.instances import read_instances
     from bastion.verify.vnnlib import read_vnnlib
@@ -285,11 +279,13 @@ def _instances(args: argparse.Namespace) -> int:
                     task.update(k + 1)
                     continue
                 if inst.onnx not in networks:
-                    networks[inst.onnx] = load_network(inst.onnx)
-                net = networks[inst.onnx]
+                    networks[inst.onnx] = (load_network(inst.onnx), _replay_for(inst.onnx))
+                net, replay = networks[inst.onnx]
                 props = read_vnnlib(inst.vnnlib, net.input_shape, net.num_outputs)
                 timeout = args.timeout or inst.timeout
-                v = _decide_file(net, props, timeout, args.engine, args.seed)
+                v = decide_file(
+                    net, props, timeout=timeout, engine=args.engine, seed=args.seed, replay=replay
+                )
                 correct = (
                     ""
                     if inst.expected is None or v.vnncomp == "unknown"
