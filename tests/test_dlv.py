@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bastion.verify.dlv import verify_dlv
+from bastion.verify.dlv import _Search, analysed_layers, verify_dlv
+from bastion.verify.dlv_containment import contains, covering_region, image_delta
 from bastion.verify.dlv_regions import (
     Region,
     back_propagate,
@@ -19,6 +20,7 @@ from bastion.verify.dlv_regions import (
     input_features,
     synthesise,
 )
+from bastion.verify.dlv_verdict import DISCRETISED_SAFE
 from bastion.verify.extract import extract
 from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE
 
@@ -81,14 +83,29 @@ def test_line_enumeration_reports_fewest_manipulations() -> None:
 
 
 def test_robust_toy_case_is_safe_with_the_minimality_guarantee() -> None:
+    """Layers 0 and 2 (the first Linear's output, where only h0 moves: the region holds the
+    image) are analysed; layer 2 carries the discretised guarantee, after z3 mapped its grid
+    points back to inputs."""
     v = verify_dlv(_planted(robust=True), X, enumeration="line", continuous=True, **PLANTED_ARGS)
-    assert v.status == SAFE
-    assert "complete for the discretised region under the minimality assumption" in v.guarantee
-    assert "nothing is proved for the continuous region" in v.guarantee
+    assert v.status == SAFE and v.claim == DISCRETISED_SAFE
+    assert v.summary().startswith(DISCRETISED_SAFE + " ")
+    assert v.guarantee.startswith(DISCRETISED_SAFE + ":")
+    assert "minimality assumption at layer 2 (not checked)" in v.guarantee
+    assert v.details["analysed_layers"] == [0, 2] and v.details["carried_by_layer"] == 2
     assert v.details["features_examined"] == 3
-    assert v.details["points"] == 3 * 4**5  # 0.2 − 0.4 and 0.2 − 0.8 both clip to 0
+    layer0, layer2 = v.layers
+    assert layer0["points"] == 3 * 4**5  # 0.2 − 0.4 and 0.2 − 0.8 both clip to 0
+    assert layer2["contained"] == layer2["features"] == 3 and layer2["moving"] == 1
+    assert layer2["z3_queries"] > 0 and v.details["z3_queries"] == layer2["z3_queries"]
     cont = v.details["continuous"]
     assert cont["status"] == SAFE and cont["features"] == [SAFE] * 3
+
+
+def test_input_layer_only_says_what_its_grid_covers() -> None:
+    v = verify_dlv(_planted(robust=True), X, enumeration="line", layer=0, **PLANTED_ARGS)
+    assert v.status == SAFE and v.details["carried_by_layer"] == 0
+    assert "nothing is proved for the continuous region" in v.guarantee
+    assert v.details["z3_queries"] == 0 and len(v.layers) == 1
 
 
 @pytest.mark.parametrize("budget", [{"max_points": 31}, {"timeout": 1e-9}])
@@ -191,17 +208,138 @@ def test_backprop_through_conv_band_on_demo(demo: nn.Module) -> None:
         assert (np.abs(reached - target) <= regions[-1].span + 1e-9).all()
 
 
-def test_hidden_layer_analysis_finds_planted_example_through_z3() -> None:
-    """Layer 2 is h = (h0, h1); only h0 can move, by 2.0 per span. Its convex corners
-    h0 ± 4 sit exactly on the edge of what the input box reaches, so "line" is used:
-    h0 + 2 already flips the class and lies inside."""
+def test_hidden_layer_finds_planted_example_through_z3() -> None:
+    """Layer 2 alone (the search's hidden step): only h0 moves, its region covers the image
+    [−1, 4] with span 2; h0 + 2 flips the class, z3 maps it back to an input, and the
+    float32 model, run on that input alone, changes its class."""
     model = _planted()
-    v = verify_dlv(model, X, layer=2, enumeration="line", **PLANTED_ARGS)
-    assert v.status == UNSAFE and v.details["backprop_status"] == "realised"
-    assert v.details["z3_queries"] >= 1
-    assert v.counterexample is not None and int(model(v.counterexample[None]).argmax()) == 1
-    safe = verify_dlv(_planted(robust=True), X, layer=2, **PLANTED_ARGS)
-    assert safe.status == SAFE and "covering/refinement assumption" in safe.guarantee
+    net = extract(model, (1, 4, 4))
+    feats = input_features(net, X, 0, feature_dims=5, heuristic="derivative")
+    search = _Search(net, lambda b: model(b), X, 0, "line", [2], 64, 10.0)
+    with torch.no_grad():
+        v = search.run(feats[:1], 0.4, 2, 5, time.perf_counter() + 30, 10_000, None)
+    assert v.status == UNSAFE and v.details["layer_found"] == 2
+    assert v.details["backprop_status"] == "realised" and v.details["z3_queries"] >= 1
+    assert v.counterexample is not None and v.margin is not None and v.margin > 0
+    assert int(model(v.counterexample[None]).argmax()) == 1
+    box = (X.flatten()[PLANTED] - 0.8).clamp(0, 1), (X.flatten()[PLANTED] + 0.8).clamp(0, 1)
+    moved = v.counterexample.flatten()
+    assert ((moved[PLANTED] >= box[0]) & (moved[PLANTED] <= box[1])).all()
+    others = torch.ones(16, dtype=torch.bool)
+    others[PLANTED] = False
+    assert torch.equal(moved[others], X.flatten()[others])
+
+
+def test_layer0_unsafe_is_never_safe_at_a_deeper_layer(demo: nn.Module, digits) -> None:  # type: ignore[no-untyped-def]
+    """The issue's reproduction: on an image where the input grid finds a counterexample,
+    every K > 0 answers UNSAFE too (layer 0 is analysed first), with a replayed witness."""
+    net = extract(demo, tuple(digits.x[0].shape))
+    hidden = analysed_layers(net, len(net.layers) - 2)[1:]
+    assert hidden
+    args = dict(features=10, span=0.25, num_span=2, enumeration="line", timeout=60.0)
+    found = 0
+    for i in range(6):
+        base = verify_dlv(demo, digits.x[i], layer=0, **args)  # type: ignore[arg-type]
+        if base.status != UNSAFE:
+            continue
+        found += 1
+        for k in hidden:
+            v = verify_dlv(demo, digits.x[i], layer=k, **args)  # type: ignore[arg-type]
+            assert v.status == UNSAFE and v.details["layer_found"] == 0
+            assert v.counterexample is not None
+            assert int(demo(v.counterexample[None]).argmax()) != v.details["label"]
+    assert found
+
+
+def test_hidden_safe_never_comes_without_z3_or_containment(demo: nn.Module, digits) -> None:  # type: ignore[no-untyped-def]
+    """On the demo CNN a 5-pixel feature moves hundreds of conv outputs: the layer-1 region
+    cannot contain the image, so layer 1 never carries a SAFE and the guarantee says so."""
+    for i in range(1, 4):
+        v = verify_dlv(demo, digits.x[i], features=4, span=0.25, num_span=2)
+        assert v.details["analysed_layers"] == [0, 1]
+        if v.status != SAFE:
+            continue
+        layer1 = v.layers[1]
+        assert layer1["contained"] < layer1["features"] and layer1["moving"] > 5
+        assert v.details["carried_by_layer"] == 0
+        assert "do not carry the guarantee" in v.guarantee
+        assert v.summary().startswith(DISCRETISED_SAFE)
+
+
+def test_unrealisable_hidden_flip_is_not_a_counterexample() -> None:
+    """a = x_p + x_q and b = x_p − x_q, y1 − y0 = a + b − 2.1 = 2·x_p − 2.1 < 0 on the whole
+    box: the hidden corner (a, b) = (max, max) flips but needs x_p > 1. z3 proves it
+    unrealisable: no UNSAFE, and layer 1 does not carry the guarantee."""
+    first, second = nn.Linear(4, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0, 1.0, 0, 0], [1.0, -1.0, 0, 0]]))
+        first.bias.zero_()
+        second.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+        second.bias.copy_(torch.tensor([0.0, -2.1]))
+    model = nn.Sequential(nn.Flatten(), first, second).eval()
+    x = torch.full((1, 2, 2), 0.5)
+    v = verify_dlv(model, x, features=1, feature_dims=2, span=0.5, heuristic="activation",
+                   enumeration="convex", layer=2)  # fmt: skip
+    assert v.status == SAFE and v.details["carried_by_layer"] == 0
+    layer2 = v.layers[1]
+    assert layer2["flips"] == layer2["spurious"] >= 1 and layer2["backprop"].get("unsat")
+
+
+def _sample_deltas(net, x, region, k, n=400, seed=0):  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(seed)
+    base = x.double().flatten()
+    lo = (base[region.dims] - torch.from_numpy(region.span * region.num_span)).clamp(0, 1)
+    hi = (base[region.dims] + torch.from_numpy(region.span * region.num_span)).clamp(0, 1)
+    pts = base.repeat(n, 1)
+    u = torch.rand(n, len(region.dims), generator=gen, dtype=torch.float64)
+    u[: n // 2] = u[: n // 2].round()  # corners, where the extremes of a ReLU net often are
+    pts[:, region.dims] = lo + u * (hi - lo)
+    acts = net.activations(pts.view(n, *net.input_shape))[k].flatten(1)
+    alpha = net.activations(base.view(1, *net.input_shape))[k].flatten(1)
+    slack = 1e-13 * (1 + float(acts.abs().max()))  # the samples' own float64 rounding
+    return (acts - alpha).numpy(), slack
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e6])
+def test_image_bounds_contain_every_sampled_image(demo: nn.Module, scale: float) -> None:
+    """Soundness of the containment bounds: sampled points of the feature's box (corners
+    included) map inside [dlo, dhi] at every layer; neurons out of reach are exactly 0."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12),
+                          nn.ReLU(), nn.Linear(12, 3)).eval()  # fmt: skip
+    with torch.no_grad():
+        model[1].weight[:, 8:] = 0.0  # pixels 8… reach no neuron of layer 2's rows 0..
+        model[1].weight[:6, :8] = 0.0  # rows 0-5 see only pixels 8-15
+        model[3].weight.mul_(scale)
+    cnn = extract(demo, (1, 8, 8))
+    for net, x, dims in [
+        (extract(model, (1, 4, 4)), torch.rand(1, 4, 4), np.array([0, 3, 5])),
+        (cnn, torch.rand(1, 8, 8), np.array([18, 19, 27])),
+    ]:
+        region = Region(0, dims, np.full(len(dims), 0.15), 2)
+        acts = [a[0].flatten().numpy() for a in net.activations(x.double()[None])]
+        for k in range(1, len(net.layers) + 1):
+            dlo, dhi = image_delta(net, acts, region, k)
+            deltas, slack = _sample_deltas(net, x, region, k)
+            assert (deltas >= dlo - slack).all() and (deltas <= dhi + slack).all()
+            if k == 1:  # a linear map's interval is reached at the box's corners: tight
+                assert np.allclose(deltas.min(0), dlo, atol=1e-9 * (1 + np.abs(dlo).max()))
+            cover, moving = covering_region(k, dlo, dhi, feature_dims=10_000, num_span=2)
+            assert contains(cover, dlo, dhi) and len(cover.dims) == moving
+        if net is not cnn:
+            dlo, dhi = image_delta(net, acts, region, 2)
+            assert (dlo[:6] == 0).all() and (dhi[:6] == 0).all()
+
+
+def test_contains_refuses_a_region_that_misses_the_image() -> None:
+    dlo, dhi = np.array([0.0, -1.0, 0.0, -0.5]), np.array([0.0, 2.0, 0.5, 0.0])
+    region, moving = covering_region(3, dlo, dhi, feature_dims=3, num_span=2)
+    assert moving == 3 and contains(region, dlo, dhi) and region.dims.tolist() == [1, 2, 3]
+    assert (region.span * 2 >= np.array([2.0, 0.5, 0.5])).all()
+    small, _ = covering_region(3, dlo, dhi, feature_dims=2, num_span=2)  # one neuron left out
+    assert not contains(small, dlo, dhi)
+    short = Region(3, region.dims, region.span * 0.99, 2)  # spans that fall short
+    assert not contains(short, dlo, dhi)
 
 
 def test_sift_features_partition_the_coordinates(demo: nn.Module, digits) -> None:  # type: ignore[no-untyped-def]
@@ -235,5 +373,8 @@ def test_cli_region_dlv_on_demo(demo: nn.Module, capsys: pytest.CaptureFixture[s
             "--index", "1", "--timeout", "20", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.split()[0] in (SAFE, UNSAFE, UNKNOWN)
-    assert "dlv" in out
+    first = out.splitlines()[0]
+    assert first.split()[0] in (SAFE, UNSAFE, UNKNOWN)
+    if first.startswith(SAFE):  # the discretised SAFE is never printed bare
+        assert first.startswith(DISCRETISED_SAFE + " ")
+    assert "dlv" in out and "layer 0 (input grid)" in out

@@ -1,35 +1,46 @@
 """DLV mode: Huang, Kwiatkowska, Wang, Wu, "Safety Verification of Deep Neural Networks"
-(CAV 2017), as its code runs it (specs/verification.md §1.3–1.4).
+(CAV 2017), as the paper defines it and its code runs it (specs/verification.md §1.2–1.4).
 
 One feature (`feature_dims` dims) at a time, for up to `features` features, every grid
-point of the discretised region {a + Σ c_p·span·e_p : |c_p| ≤ numSpan} that the enumeration
-mode names ("convex" corners, "line" all points, "point" one) is classified; the grid points
-of a feature go through the network in batches. Two layers of analysis:
+point of the discretised region {a + Σ c_p·span_p·e_p : |c_p| ≤ numSpan} that the
+enumeration mode names ("convex" corners, "line" all points, "point" one) is classified;
+grid points go through the network in batches. Layers 0…K are analysed in turn, every
+feature at one layer before the next (DLV's "stepwise" mode):
 
-* **layer 0** (the default, as DLV's MNIST/CIFAR settings): the grid points are images
-  (clipped to [0, 1]) and the float32 model classifies them directly;
-* **a hidden layer k** (DLV's "specificLayer"): the layer-k region is synthesised from the
-  input feature (`dlv_regions.synthesise`), its grid points are propagated from layer k to
-  the output, and a point that changes the class is back-propagated to the input with z3,
-  one layer at a time (`back_propagate`); the input found is classified by the model.
+* **layer 0** (the input): the grid points are images (clipped to [0, 1]) and the float32
+  model classifies them directly;
+* **a hidden layer k** (the output of a dense or convolutional layer): sound bounds give the
+  image of the region analysed below it (`dlv_containment.image_delta`, down to the
+  feature's input box at layer 0); the layer-k region covers the neurons that move most
+  (`covering_region`) and `contains` checks that it holds the whole image (DLV's refinement
+  condition, which DLV's code only assumes). Its grid points are propagated from layer k to
+  the output; every point that changes the class, and in a region that contains the image
+  every grid point (DLV maps each one back), is mapped back to the input with z3, one
+  layer at a time (`back_propagate`); the input found is classified by the float32 model.
 
-UNSAFE only when the float32 model itself classifies the reported input differently
-(strictly: another logit above the label's). SAFE carries DLV's guarantee: complete for
-the enumerated grid under the minimality assumption, which is not checked, and nothing for
-the continuous region. With `continuous=True` the same features' continuous boxes are also
-decided exactly by `verify` (mode (b) of spec §1.6) and reported next to the grid verdict.
+An UNSAFE found at any layer is the answer: the float32 model itself, run on the reported
+input alone, puts another logit strictly above the label's. A SAFE is DLV's discretised
+guarantee, printed as `SAFE (DLV, discretised region)`: complete for the enumerated grid of
+the deepest layer that carries it, under the minimality assumption (no class change between
+neighbouring grid points), which is not checked. A hidden layer carries it only when, for
+every feature, its region contains the image of the region below, no grid point changes the
+class and its grid points were mapped back with z3; otherwise the input grid carries it. A
+point that changes the class at a hidden layer and cannot be mapped to an input (z3
+unknown, or the input found keeps the class) makes the answer UNKNOWN. With
+`continuous=True` the same features' continuous boxes are also decided exactly by `verify`
+(mode (b) of spec §1.6) and reported next to the grid verdict.
 
 Deviations from DLV's code: a z3 timeout is `unknown`, never unsat; the input constraint
-x ≠ original is dropped; hidden grid points that keep the class at layer k are not
-back-propagated; no seeding of the next feature from the previous round's least
-confident image (the region stays one feature's box around x, so the verdict has a meaning).
+x ≠ original is dropped; hidden regions are synthesised from sound bounds of the image (not
+from Σ|W|·span alone) and their containment is checked; no seeding of the next feature from
+the previous round's least confident image (the region stays one feature's box around x, so
+the verdict has a meaning).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +49,8 @@ import torch
 from bastion.errors import ConfigError, InvalidInputError
 from bastion.modes import eval_mode
 from bastion.validation import check_images
+from bastion.verify.dlv_containment import contains, covering_region, image_delta
+from bastion.verify.dlv_continuous import continuous_boxes
 from bastion.verify.dlv_regions import (
     Region,
     analysable,
@@ -45,39 +58,27 @@ from bastion.verify.dlv_regions import (
     grid_size,
     grid_values,
     input_features,
-    synthesise,
 )
+from bastion.verify.dlv_verdict import DlvVerdict, LayerStats, guarantee
 from bastion.verify.extract import extract
-from bastion.verify.network import Network, apply_layer
-from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE, Verdict
+from bastion.verify.network import Conv2d, Network, apply_layer
+from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-_WHICH = {
-    "line": "every point of",
-    "convex": "the 2^d corners (c_p = ±numSpan) of",
-    "point": "the single point c_p = −numSpan of",
-}
 
 
-def guarantee(enumeration: str, layer: int) -> str:
-    """What a SAFE from DLV mode proves, in words."""
-    grid = (
-        "{x + Σ c_p·span·e_p : |c_p| ≤ numSpan} ∩ [0,1] (other pixels fixed)"
-        if layer == 0
-        else f"of layer {layer}, {{α_{layer} + Σ c_p·s_p·e_p : |c_p| ≤ numSpan}} (other "
-        "neurons fixed)"
-    )
-    text = (
-        "DLV: complete for the discretised region under the minimality assumption: "
-        f"{_WHICH[enumeration]} each examined feature's grid {grid} keeps the class; "
-        "minimality (no class change between neighbouring grid points) is assumed, not "
-        "checked; nothing is proved for the continuous region"
-    )
-    if layer > 0:
-        text += (
-            "; carrying it to the input needs DLV's covering/refinement assumption (not checked)"
+def analysed_layers(net: Network, layer: int | None) -> list[int]:
+    """Layers 0…K that DLV analyses: the input and the outputs of dense and convolutional
+    layers. K defaults to the first hidden one (DLV's ImageNet setting "up to layer 1")."""
+    hidden = [k for k in range(1, len(net.layers)) if analysable(net, k)]
+    if layer is None:
+        return [0, *hidden[:1]]
+    if not analysable(net, layer):
+        raise ConfigError(
+            f"layer {layer} is not the input (0) or the output of a dense or convolutional "
+            f"layer followed by more layers; choose one of {[0, *hidden]}"
         )
-    return text
+    return [0, *[k for k in hidden if k <= layer]]
 
 
 def verify_dlv(
@@ -91,7 +92,7 @@ def verify_dlv(
     num_span: int = 1,
     enumeration: str = "convex",
     heuristic: str = "sift",
-    layer: int = 0,
+    layer: int | None = None,
     timeout: float = 60.0,
     max_points: int = 1_000_000,
     batch_size: int = 1024,
@@ -100,15 +101,17 @@ def verify_dlv(
     seed: int = 0,
     network: Network | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> Verdict:
-    """DLV's search of one image's feature regions: SAFE, UNSAFE or UNKNOWN.
+) -> DlvVerdict:
+    """DLV's search of one image's feature regions: SAFE (discretised), UNSAFE or UNKNOWN.
 
-    Defaults are DLV's MNIST settings (150 features of 5 dims, span 1.0 × 1, convex, input
-    layer). `heuristic` picks the features ("sift", "derivative", "activation"); `layer` > 0
-    analyses that hidden layer with z3 back-propagation. Budgets: `timeout` seconds for
-    the whole search, `max_points` grid points, `query_timeout` per z3 query. UNKNOWN
-    when a budget ends first. `continuous=True` adds `details["continuous"]`: the exact
-    verdict of `verify` on each examined feature's continuous box (eps = span·numSpan).
+    Defaults are DLV's MNIST settings (150 features of 5 dims, span 1.0 × 1, convex).
+    `heuristic` picks the features ("sift", "derivative", "activation"); layers 0…`layer`
+    are analysed in turn (default: the input and the first hidden dense/convolutional
+    layer; 0: the input only). Budgets: `timeout` seconds for the whole search,
+    `max_points` grid points over all layers, `query_timeout` per z3 query. UNKNOWN when a
+    budget ends first. `verdict.layers` holds one statistics dict per analysed layer.
+    `continuous=True` adds `details["continuous"]`: the exact verdict of `verify` on each
+    examined feature's continuous box (eps = span·numSpan).
     """
     _check_options(features, feature_dims, span, num_span, timeout, max_points, batch_size)
     start = time.perf_counter()
@@ -126,18 +129,14 @@ def verify_dlv(
         net = extract(model, tuple(x.shape))
     else:
         raise ConfigError("a plain callable model needs its extracted network: pass network=")
-    if not analysable(net, layer):
-        raise ConfigError(
-            f"layer {layer} is not the input (0) or the output of a dense or convolutional "
-            f"layer followed by more layers; choose one of {_layers(net)}"
-        )
+    analysed = analysed_layers(net, layer)
     forward = _forward(model)
     with eval_mode(model):
         with torch.no_grad():
             pred = int(forward(x[None]).argmax(1)[0])
         label = pred if label is None else int(label)
         feats = input_features(net, x, label, feature_dims=feature_dims, heuristic=heuristic)
-        search = _Search(net, forward, x, label, enumeration, layer, batch_size, query_timeout)
+        search = _Search(net, forward, x, label, enumeration, analysed, batch_size, query_timeout)
         with torch.no_grad():
             verdict = search.run(
                 feats[:features], span, num_span, feature_dims, start + timeout, max_points,
@@ -145,13 +144,14 @@ def verify_dlv(
             )  # fmt: skip
         verdict.seconds = time.perf_counter() - start
         verdict.details.update(
-            label=label, prediction=pred, layer=layer, span=span, num_span=num_span,
+            label=label, prediction=pred, layer=analysed[-1], analysed_layers=analysed,
+            span=span, num_span=num_span,
             feature_dims=feature_dims, enumeration=enumeration, heuristic=heuristic,
             features_requested=features, features_available=len(feats),
         )  # fmt: skip
         if continuous:
             examined = feats[: verdict.details["features_examined"]]
-            verdict.details["continuous"] = _continuous(
+            verdict.details["continuous"] = continuous_boxes(
                 net, forward, x, label, examined, span * num_span, timeout, seed
             )
     return verdict
@@ -177,10 +177,6 @@ def _check_options(
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout}")
 
 
-def _layers(net: Network) -> list[int]:
-    return [k for k in range(len(net.layers)) if analysable(net, k)]
-
-
 def _forward(model: torch.nn.Module | Forward) -> Forward:
     params = getattr(model, "parameters", None)
     device = next(iter(params()), torch.empty(0)).device if callable(params) else None
@@ -198,21 +194,8 @@ def _best_other(y: torch.Tensor, label: int) -> torch.Tensor:
     return others.max(1).values - y[:, label].double()
 
 
-@dataclass
-class _Stats:
-    """What the search did: grid points classified, features searched in full (up to the
-    adversarial one), layer-k points that changed the class, z3 queries, back-propagation
-    outcomes by status."""
-
-    points: int = 0
-    features_examined: int = 0
-    hidden_flips: int = 0
-    z3_queries: int = 0
-    backprop: dict[str, int] = field(default_factory=dict)
-
-
 class _Search:
-    """The per-feature loop of DLV over one image."""
+    """The per-layer, per-feature loop of DLV over one image."""
 
     def __init__(
         self,
@@ -221,15 +204,18 @@ class _Search:
         x: torch.Tensor,
         label: int,
         enumeration: str,
-        layer: int,
+        analysed: list[int],
         batch_size: int,
         query_timeout: float,
     ) -> None:
         self.net, self.forward, self.x, self.label = net, forward, x, label
-        self.enumeration, self.layer = enumeration, layer
+        self.enumeration, self.analysed = enumeration, analysed
         self.batch_size, self.query_timeout = batch_size, query_timeout
         self.acts = [a[0].flatten().numpy() for a in net.activations(x.double()[None])]
-        self.stats = _Stats()
+        self.layers: list[LayerStats] = []
+        self.points = 0
+        self.examined = 0
+        self.contained_now = False  # whether the current feature's region holds its image
 
     def run(
         self,
@@ -240,137 +226,145 @@ class _Search:
         deadline: float,
         max_points: int,
         progress: Callable[[int, int], None] | None,
-    ) -> Verdict:
-        for f, dims in enumerate(feats):
-            first = Region(0, dims, np.full(len(dims), float(span)), int(num_span))
-            regions = [first]
-            if self.layer > 0:
-                regions = synthesise(self.net, first, self.layer, feature_dims)
-            clip = (0.0, 1.0) if self.layer == 0 else None
-            base = self.acts[self.layer]
-            size = grid_size(regions[-1], base, self.enumeration, clip)
-            if self.stats.points + size > max_points:
-                return self._verdict(UNKNOWN, reason=f"grid-point budget ({max_points}) spent "
-                                     f"after {f} of {len(feats)} features")  # fmt: skip
-            values, coeffs = grid_values(regions[-1], base, self.enumeration, clip)
-            for lo in range(0, len(values), self.batch_size):
-                if time.perf_counter() >= deadline:
-                    return self._verdict(UNKNOWN, reason=f"deadline reached in feature {f}")
-                batch = slice(lo, lo + self.batch_size)
-                found = self._batch(regions, values[batch], coeffs[batch], f, deadline)
-                if found is not None:
-                    return found
-            self.stats.features_examined = f + 1
-            if progress is not None:
-                progress(f + 1, len(feats))
-        if self.stats.hidden_flips:
+    ) -> DlvVerdict:
+        # per feature, the regions of every activation up to the last analysed layer
+        chains = [[Region(0, d, np.full(len(d), float(span)), int(num_span))] for d in feats]
+        for k in self.analysed:
+            stats = LayerStats(k, self._kind(k), int(np.prod(self.net.shapes[k])))
+            self.layers.append(stats)
+            started = time.perf_counter()
+            for f, chain in enumerate(chains):
+                if k > 0:
+                    self._extend(chain, k, stats, feature_dims, num_span)
+                region = chain[-1]
+                clip = (0.0, 1.0) if k == 0 else None
+                size = grid_size(region, self.acts[k], self.enumeration, clip)
+                if self.points + size > max_points:
+                    return self._verdict(UNKNOWN, reason=f"grid-point budget ({max_points}) "
+                                         f"spent in layer {k} after {f} of {len(feats)} "
+                                         "features")  # fmt: skip
+                values, coeffs = grid_values(region, self.acts[k], self.enumeration, clip)
+                for lo in range(0, len(values), self.batch_size):
+                    if time.perf_counter() >= deadline:
+                        return self._verdict(UNKNOWN, reason=f"deadline reached in layer {k}, "
+                                             f"feature {f}")  # fmt: skip
+                    batch = slice(lo, lo + self.batch_size)
+                    found = self._batch(chain, values[batch], coeffs[batch], f, stats, deadline)
+                    if found is not None:
+                        return found
+                stats.features = f + 1
+                stats.seconds = time.perf_counter() - started
+                self.examined = max(self.examined, f + 1)
+                if progress is not None:
+                    progress(f + 1, len(feats))
+        return self._decide(len(feats))
+
+    def _kind(self, k: int) -> str:
+        if k == 0:
+            return "input"
+        return "conv" if isinstance(self.net.layers[k - 1], Conv2d) else "dense"
+
+    def _extend(
+        self, chain: list[Region], k: int, stats: LayerStats, feature_dims: int, num_span: int
+    ) -> None:
+        """Regions of activations after the chain's last one up to k, each covering the
+        bounds of the image of the last analysed region; containment checked at k."""
+        below = chain[-1]
+        for j in range(below.layer + 1, k + 1):
+            dlo, dhi = image_delta(self.net, self.acts, below, j)
+            region, moving = covering_region(j, dlo, dhi, feature_dims, num_span)
+            chain.append(region)
+        self.contained_now = contains(chain[-1], dlo, dhi)
+        stats.moving = max(stats.moving, moving)
+        stats.contained += self.contained_now
+
+    def _decide(self, n_features: int) -> DlvVerdict:
+        unresolved = sum(s.unresolved for s in self.layers)
+        if unresolved:
+            where = [s.index for s in self.layers if s.unresolved]
             return self._verdict(
                 UNKNOWN,
-                reason=f"{self.stats.hidden_flips} layer-{self.layer} grid points change the "
-                "class but no input realising them does",
+                reason=f"{unresolved} grid points of layers {where} change the class but no "
+                "input realising them was found (z3 unknown, or the input keeps the class)",
             )
-        return self._verdict(SAFE, guarantee=guarantee(self.enumeration, self.layer))
+        carrier = 0
+        for s in self.layers[1:]:
+            if not s.carries(n_features):
+                break
+            carrier = s.index
+        text = guarantee(self.enumeration, carrier, self.analysed)
+        verdict = self._verdict(SAFE, guarantee=text)
+        verdict.details["carried_by_layer"] = carrier
+        return verdict
 
-    def _verdict(self, status: str, **kw: Any) -> Verdict:
-        return Verdict(status, "dlv", 0.0, details=asdict(self.stats), **kw)
+    def _verdict(self, status: str, **kw: Any) -> DlvVerdict:
+        details = {
+            "points": self.points,
+            "features_examined": self.examined,
+            "z3_queries": sum(s.z3_queries for s in self.layers),
+        }
+        layers = [s.as_dict() for s in self.layers]
+        return DlvVerdict(status, "dlv", 0.0, layers=layers, details=details, **kw)
 
     def _batch(
         self,
-        regions: list[Region],
+        chain: list[Region],
         values: np.ndarray,
         coeffs: np.ndarray,
         feature: int,
+        stats: LayerStats,
         deadline: float,
-    ) -> Verdict | None:
-        region = regions[-1]
-        self.stats.points += len(values)
-        points = np.repeat(self.acts[self.layer][None], len(values), axis=0)
+    ) -> DlvVerdict | None:
+        region, k = chain[-1], chain[-1].layer
+        self.points += len(values)
+        stats.points += len(values)
+        points = np.repeat(self.acts[k][None], len(values), axis=0)
         points[:, region.dims] = values
-        if self.layer == 0:
+        if k == 0:
             images = torch.from_numpy(points).to(torch.float32).view(-1, *self.x.shape)
             gap = _best_other(self.forward(images), self.label)
             hits = torch.nonzero(gap > 0).flatten()
+            stats.flips += len(hits)
             if len(hits) == 0:
                 return None
             return self._unsafe(images[int(hits[0])], feature, coeffs[int(hits[0])], region)
-        acts = torch.from_numpy(points).view(-1, *self.net.shapes[self.layer])
-        for lay in self.net.layers[self.layer :]:
+        acts = torch.from_numpy(points).view(-1, *self.net.shapes[k])
+        for lay in self.net.layers[k:]:
             acts = apply_layer(lay, acts)
-        gap = _best_other(acts.flatten(1), self.label)
-        for i in torch.nonzero(gap > 0).flatten().tolist():
-            self.stats.hidden_flips += 1
-            back = back_propagate(self.net, self.x, regions, values[i], deadline=deadline,
+        flips = (_best_other(acts.flatten(1), self.label) > 0).numpy()
+        stats.flips += int(flips.sum())
+        # DLV maps every grid point back; points that keep the class only matter where the
+        # region contains the image (elsewhere they cannot carry a guarantee)
+        mapped = np.flatnonzero(flips)
+        if self.contained_now:
+            mapped = np.concatenate([mapped, np.flatnonzero(~flips)])
+        for i in mapped.tolist():
+            back = back_propagate(self.net, self.x, chain, values[i], deadline=deadline,
                                   query_timeout=self.query_timeout)  # fmt: skip
-            self.stats.z3_queries += back.queries
-            self.stats.backprop[back.status] = self.stats.backprop.get(back.status, 0) + 1
-            if back.input is None:
-                continue
-            image = torch.from_numpy(back.input).to(torch.float32).view(self.x.shape)
-            if float(_best_other(self.forward(image[None]), self.label)[0]) > 0:
-                verdict = self._unsafe(image, feature, coeffs[i], region)
-                verdict.details["backprop_status"] = back.status
-                return verdict
+            stats.z3_queries += back.queries
+            stats.backprop[back.status] = stats.backprop.get(back.status, 0) + 1
+            if back.input is not None:
+                image = torch.from_numpy(back.input).to(torch.float32).view(self.x.shape)
+                if float(_best_other(self.forward(image[None]), self.label)[0]) > 0:
+                    verdict = self._unsafe(image, feature, coeffs[i], region)
+                    verdict.details["backprop_status"] = back.status
+                    return verdict
+            if flips[i] and back.status == "unsat":
+                stats.spurious += 1
+            elif flips[i]:
+                stats.unresolved += 1
         return None
 
     def _unsafe(
         self, image: torch.Tensor, feature: int, coeffs: np.ndarray, region: Region
-    ) -> Verdict:
+    ) -> DlvVerdict:
         y = self.forward(image[None])
         margin = float(_best_other(y, self.label)[0])
-        self.stats.features_examined = feature + 1
+        self.examined = max(self.examined, feature + 1)
         verdict = self._verdict(UNSAFE, counterexample=image, output=y[0], margin=margin)
         verdict.details.update(
-            feature=feature, dims=region.dims.tolist(), coefficients=coeffs.tolist(),
-            manipulations=int(np.abs(coeffs).sum()), adversarial_class=int(y[0].argmax()),
+            layer_found=region.layer, feature=feature, dims=region.dims.tolist(),
+            coefficients=coeffs.tolist(), manipulations=int(np.abs(coeffs).sum()),
+            adversarial_class=int(y[0].argmax()),
         )  # fmt: skip
         return verdict
-
-
-def _continuous(
-    net: Network,
-    forward: Forward,
-    x: torch.Tensor,
-    label: int,
-    feats: list[np.ndarray],
-    eps: float,
-    timeout: float,
-    seed: int,
-) -> dict[str, Any]:
-    """Mode (b): the exact verdict on each examined feature's continuous box."""
-    from bastion.verify.spec import robustness_property
-    from bastion.verify.verdict import EXACTNESS
-    from bastion.verify.verifier import verify
-
-    start = time.perf_counter()
-    per_feature: list[str] = []
-    status, reason = SAFE, ""
-    for f, dims in enumerate(feats):
-        left = timeout - (time.perf_counter() - start)
-        if left <= 0:
-            status, reason = UNKNOWN, f"deadline reached after {f} of {len(feats)} features"
-            break
-        mask = torch.zeros(x.numel(), dtype=torch.bool)
-        mask[torch.from_numpy(dims)] = True
-        prop = robustness_property(x, label, net.num_outputs, eps=eps, mask=mask.view(x.shape))
-        v = verify(net, prop, model=forward, timeout=left, seed=seed)
-        per_feature.append(v.status)
-        if v.status == UNSAFE:
-            status, reason = UNSAFE, f"feature {f}: a point of its box changes the class"
-            break
-        if v.status == UNKNOWN:
-            status, reason = UNKNOWN, f"feature {f}: {v.reason}"
-    if not feats:
-        status, reason = UNKNOWN, "no feature was examined"
-    return {
-        "status": status,
-        "seconds": round(time.perf_counter() - start, 4),
-        "eps": eps,
-        "features": per_feature,
-        "reason": reason,
-        "guarantee": (
-            f"every point of each examined feature's continuous box (L∞ {eps:g}, other "
-            f"pixels fixed) keeps the class; {EXACTNESS}"
-        )
-        if status == SAFE
-        else "",
-    }

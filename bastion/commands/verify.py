@@ -72,7 +72,9 @@ def _add_dlv_options(p: Any) -> None:
     g.add_argument("--num-span", type=int, default=1, help="numSpan: spans per dim (1)")
     g.add_argument("--enumeration", default="convex", choices=("convex", "line", "point"))
     g.add_argument("--heuristic", default="sift", choices=("sift", "derivative", "activation"))
-    g.add_argument("--dlv-layer", type=int, default=0, help="layer to analyse (0: input)")
+    g.add_argument("--dlv-layer", type=int, default=None,
+                   help="analyse layers 0…K in turn (0: the input only; default: the input "
+                   "and the first hidden dense/conv layer)")  # fmt: skip
     g.add_argument("--continuous", action="store_true",
                    help="also decide each feature's continuous box exactly")  # fmt: skip
 
@@ -126,9 +128,13 @@ def _region(args: argparse.Namespace) -> int:
         print(json.dumps({"name": name, **verdict.as_dict()}))
         return EXIT_OK
     d = verdict.details
-    rest = verdict.summary()[len(verdict.status) + 1 :]
-    print(f"{verdict.status} {name} label={d['label']} {region} {rest}")
+    claim = getattr(verdict, "claim", str(verdict.status))  # DLV: its discretised SAFE
+    rest = verdict.summary()[len(claim) + 1 :]
+    print(f"{claim} {name} label={d['label']} {region} {rest}")
     for s in verdict.layers:
+        if "text" in s:  # DLV's per-layer statistics
+            print(f"  {s['text']}")
+            continue
         print(
             f"  layer {s['index']} {s['kind']}: {s['unstable']}/{s['neurons']} "
             f"{'unstable' if s['kind'] == 'relu' else 'undecided windows'} "
