@@ -1,10 +1,10 @@
 """Run profiles: the fast profile trims a suite for pull requests; nightly runs use it whole.
 
 The fast profile keeps every check and eps (thresholds still read the same rows) but
-evaluates at most 64 samples, caps PGD/BIM at 10 steps, APGD at 25 iterations (APGD-T: 3
-targets), Square at 1,000 queries and CW-L2 at 2 binary-search steps × 100 iterations. Its
-figures are noisier and its attacks weaker, so robust accuracy reads higher than in a full
-run: use it to catch regressions early, not to quote numbers.
+evaluates at most 64 samples, caps PGD/BIM at 10 steps, APGD and FAB at 25 iterations
+(APGD-T, FAB-T: 3 targets), Square at 1,000 queries and CW-L2 at 2 binary-search steps ×
+100 iterations. Its figures are noisier and its attacks weaker, so robust accuracy reads
+higher than in a full run: use it to catch regressions early, not to quote numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ FAST_CAPS: dict[str, dict[str, int]] = {
     "APGD": {"n_iter": 25},
     "APGDT": {"n_iter": 25, "n_target_classes": 3},
     "Square": {"n_queries": 1000},
+    "FAB": {"n_iter": 25, "n_target_classes": 3},
 }
 
 
