@@ -204,6 +204,29 @@ def test_a_plain_assert_on_the_report_prints_the_table(pytester: pytest.Pytester
     result.stdout.fnmatch_lines(["*SanityFlagWarning*"])
 
 
+def test_threat_models_through_check_and_marker(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", tiny=TINY_TOML.replace("eps = [0.05, 0.1]\n", "threats = true\n"))
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_check_reads_a_threat_model(bastion):
+            report = bastion.check(bastion.zoo.demo_model(), "digits", suite="tiny.toml",
+                                   threats=["linf:0.05"], n=32)
+            assert [t["threat"] for t in report.threat_models] == ["linf:0.05"]
+            assert report.robust_accuracy("linf:0.05") >= 0.5
+
+        @pytest.mark.robustness(suite="tiny.toml", threats=["linf:0.2"], min_accuracy=0.9, n=32)
+        def test_marker_fails_below_the_threshold_at_the_threat():
+            import bastion
+            return bastion.zoo.demo_model()
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*below the required 0.9*linf:0.2*"])
+
+
 def test_suite_criteria_fail_the_check(pytester: pytest.Pytester) -> None:
     pytester.makefile(
         ".toml",
