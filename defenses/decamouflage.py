@@ -9,9 +9,18 @@ Each looks at the large image A before the deployment's resize:
   centred log spectrum: the embedded target repeats the spectrum periodically.
 A detector flags an image when both its scores pass their thresholds (`combine="all"`,
 our default) or when either does (`combine="any"`, the spec's reading of the paper); the
-ensemble is the majority vote of the three detectors. MSE is Σ over channels / (H·W) on
-the 0–255 scale, as the reference code computes it; SSIM as scikit-image with Gaussian
-weights σ = 1.5.
+ensemble is the majority vote of the three detectors. MSE is the mean over pixels *and
+channels* on the 0–255 scale (the reference code sums over channels and divides by H·W,
+so a grey image saved as RGB scored 3× its grey self); SSIM as scikit-image with Gaussian
+weights σ = 1.5, averaged over channels. A grey image and the same pixels as RGB get the
+same scores and verdict.
+
+Thresholds hold only for images about as much larger than the model input as the images
+they were calibrated on: the built-in ones are calibrated on photos 4× the input
+(`source_ratio`), and a calibration records the range of its benign images' ratios.
+`score` refuses images whose size ratio lies beyond that range by more than 1.5× (at the
+model's own size, for one, a detailed photo is a false positive); build the detector with
+`source_ratio=` the images' ratio, or calibrate on benign images of their size.
 
 Deviations: `combine="all"` by default — on held-out photos the MSE scores of detailed
 benign images pass black-box thresholds that SSIM does not (docs/scaling.md: ensemble
@@ -49,10 +58,20 @@ DETECTORS = {
 }
 _FORMAT = "bastion-decamouflage/1"
 _SPECTRUM_REF = 896 * 896
+BUILTIN_RATIO = 4.0
+"""Source-to-input size ratio of the photos the built-in thresholds are calibrated on."""
+RATIO_TOLERANCE = 1.5
+"""Images up to this factor beyond the calibrated size ratios are scored."""
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(cv2.norm(a, b, cv2.NORM_L2SQR) / (a.shape[0] * a.shape[1]))
+    return float(cv2.norm(a, b, cv2.NORM_L2SQR) / a.size)
+
+
+def size_ratio(image: np.ndarray, size: Size) -> float:
+    """How many times larger than the model input `size` (rows, cols) an image is: the
+    geometric mean of the row and column ratios."""
+    return float(np.sqrt(image.shape[0] / size[0] * image.shape[1] / size[1]))
 
 
 def csp_count(image: np.ndarray) -> int:
@@ -146,9 +165,11 @@ def bundled_photos() -> list[np.ndarray]:
 
 
 @functools.lru_cache(maxsize=16)
-def builtin_thresholds(scaler: str, size: Size, percentile: float = 99.0) -> dict[str, float]:
-    """Black-box thresholds from bundled photos (flipped, cropped) resized to 4× `size`."""
-    big = (4 * size[0], 4 * size[1])
+def builtin_thresholds(
+    scaler: str, size: Size, percentile: float = 99.0, ratio: float = BUILTIN_RATIO
+) -> dict[str, float]:
+    """Black-box thresholds from bundled photos (flipped, cropped) resized to `ratio`×`size`."""
+    big = (max(1, round(ratio * size[0])), max(1, round(ratio * size[1])))
     benign = []
     for p in bundled_photos():
         h, w = p.shape[:2]
@@ -168,7 +189,8 @@ class Decamouflage:
     best-accuracy threshold per score on labelled images) when attack images are given,
     black-box otherwise (the benign `percentile`; CSP never below the paper's fixed 1).
     Without calibration, `thresholds` are the built-in black-box ones (computed on first
-    use, a few seconds at 224²).
+    use, a few seconds at 224²) for images `source_ratio` (default 4) times the input size.
+    `score` refuses images whose size ratio the thresholds do not cover (module docstring).
     Images: a sequence of H×W(×C) arrays (uint8, or float in [0, 1]) or one N×H×W×C array.
     """
 
@@ -179,9 +201,14 @@ class Decamouflage:
         *,
         thresholds: dict[str, float] | None = None,
         combine: Literal["all", "any"] = "all",
+        source_ratio: float = BUILTIN_RATIO,
+        ratio_range: tuple[float, float] | None = None,
     ) -> None:
         if combine not in ("all", "any"):
             raise ConfigError(f"combine must be 'all' or 'any', got {combine!r}")
+        if not (np.isfinite(source_ratio) and source_ratio >= 1):
+            raise ConfigError(f"source_ratio must be a number >= 1, got {source_ratio}")
+        self.source_ratio = float(source_ratio)
         self.combine = combine
         self.scaler = get_scaler(scaler).name
         rows, cols = (size, size) if isinstance(size, int) else size
@@ -190,20 +217,50 @@ class Decamouflage:
         self.size: Size = (int(rows), int(cols))
         self.mode = "built-in" if thresholds is None else "given"
         self._thresholds = None if thresholds is None else dict(thresholds)
+        builtin = (self.source_ratio, self.source_ratio) if thresholds is None else None
+        self.ratio_range: tuple[float, float] | None = ratio_range or builtin
+        """Size ratios of the calibration images (None: unknown, nothing is refused)."""
 
     @property
     def thresholds(self) -> dict[str, float]:
         """Threshold per score (an image is flagged by a score beyond it)."""
         if self._thresholds is None:
-            self._thresholds = dict(builtin_thresholds(self.scaler, self.size))
+            self._thresholds = dict(
+                builtin_thresholds(self.scaler, self.size, ratio=self.source_ratio)
+            )
         return self._thresholds
+
+    def check_ratio(self, images: Sequence[np.ndarray] | np.ndarray) -> None:
+        """Raise `ConfigError` for the first image whose size ratio to the input lies more
+        than `RATIO_TOLERANCE`× beyond the ratios the thresholds were calibrated on."""
+        if self.ratio_range is None:
+            return
+        lo, hi = self.ratio_range[0] / RATIO_TOLERANCE, self.ratio_range[1] * RATIO_TOLERANCE
+        for i, img in enumerate(images):
+            r = size_ratio(img, self.size)
+            if not lo <= r <= hi:
+                cal = "×–".join(f"{v:.2g}" for v in sorted(set(self.ratio_range)))
+                raise ConfigError(
+                    f"image {i} ({img.shape[0]}×{img.shape[1]}) is {r:.2g}× the model input "
+                    f"{self.size[0]}×{self.size[1]}, but the {self.mode} thresholds hold for "
+                    f"images {cal}× the input ({lo:.2g}×–{hi:.2g}× accepted); calibrate them "
+                    f"on benign images of this size (or, in Python, pass source_ratio={r:.2g})"
+                )
 
     def score(
         self,
         images: Sequence[np.ndarray] | np.ndarray,
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Each score for every image: name → array of N floats."""
+        """Each score for every image: name → array of N floats (`check_ratio` first)."""
+        self.check_ratio(images)
+        return self._score(images, progress)
+
+    def _score(
+        self,
+        images: Sequence[np.ndarray] | np.ndarray,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, np.ndarray]:
         rows = []
         for i, img in enumerate(images):
             rows.append(image_scores(img, self.scaler, self.size))
@@ -235,7 +292,8 @@ class Decamouflage:
             raise DataError("calibration needs at least one benign (and one attack) image")
         if not 50 <= percentile <= 100:
             raise ConfigError(f"percentile must lie in [50, 100], got {percentile}")
-        b = self.score(benign)
+        b = self._score(benign)
+        ratios = [size_ratio(img, self.size) for img in benign]
         if attacks is None:
             t = {
                 k: float(
@@ -246,10 +304,11 @@ class Decamouflage:
             t["csp"] = max(t["csp"], 1.0)
             self.mode = "black-box"
         else:
-            a = self.score(attacks)
+            a = self._score(attacks)
             t = {k: _best_threshold(b[k], a[k], k in _ATTACK_IF_LOW) for k in SCORES}
             self.mode = "white-box"
         self._thresholds = t
+        self.ratio_range = (min(ratios), max(ratios))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +319,7 @@ class Decamouflage:
             "mode": self.mode,
             "combine": self.combine,
             "thresholds": self.thresholds,
+            "ratio_range": None if self.ratio_range is None else list(self.ratio_range),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -286,6 +346,7 @@ class Decamouflage:
             tuple(d["size"]),
             thresholds=d["thresholds"],
             combine=d.get("combine", "all"),
+            ratio_range=tuple(d["ratio_range"]) if d.get("ratio_range") else None,
         )
         det.mode = d.get("mode", "given")
         want = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))

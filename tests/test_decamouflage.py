@@ -55,7 +55,7 @@ def test_scores_follow_the_definitions(held_out: list[np.ndarray]) -> None:
     s = image_scores(img, "cv2.linear", SIZE)
     f = get_scaler("cv2.linear")
     back = f(f(img.astype(np.float32), SIZE), img.shape[:2]).astype(np.float64)
-    assert s["rescale_mse"] == pytest.approx(((img - back) ** 2).sum() / 256**2, rel=1e-4)
+    assert s["rescale_mse"] == pytest.approx(((img - back) ** 2).mean(), rel=1e-4)
     assert s["rescale_ssim"] == pytest.approx(ssim(img, back), abs=1e-4)
     low = np.stack(
         [
@@ -64,8 +64,47 @@ def test_scores_follow_the_definitions(held_out: list[np.ndarray]) -> None:
         ],
         axis=-1,
     ).astype(np.float64)
-    assert s["filter_mse"] == pytest.approx(((img - low) ** 2).sum() / 256**2, rel=1e-4)
+    assert s["filter_mse"] == pytest.approx(((img - low) ** 2).mean(), rel=1e-4)
     assert s["csp"] == 1
+
+
+def test_grey_and_rgb_files_of_the_same_pixels_get_the_same_scores_and_verdict(
+    held_out: list[np.ndarray],
+) -> None:
+    """A grey photo and an attack hidden in it, each as H×W, H×W×1 and H×W×3 with R = G = B:
+    one set of scores and one verdict per image (the reference's MSE summed the channels,
+    so the RGB copy scored 3× its grey self)."""
+    grey = held_out[0][..., 0]  # coins: a grey photo
+    target = cv2.resize(held_out[5], SIZE, interpolation=cv2.INTER_AREA)
+    hidden = ScalingAttack("cv2.linear")(grey, cv2.cvtColor(target, cv2.COLOR_RGB2GRAY)).attack
+    det = Decamouflage("cv2.linear", SIZE)
+    for img in (grey, hidden):
+        forms = [img, img[..., None], np.stack([img] * 3, axis=-1)]
+        scores = det.score(forms)
+        for k in SCORES:
+            assert np.allclose(scores[k], scores[k][0], rtol=1e-5), (k, scores[k])
+        verdicts = det.decide(scores)["ensemble"]
+        assert verdicts.tolist() == [img is hidden] * 3
+
+
+def test_thresholds_are_refused_at_a_size_ratio_they_were_not_calibrated_for(
+    tmp_path: Path, held_out: list[np.ndarray]
+) -> None:
+    """Built-in thresholds hold for sources ~4× the input: a photo at the input size is
+    refused with one sentence, and a detector built for that ratio scores it; a calibration
+    records its images' ratios, in the JSON file too."""
+    native = [cv2.resize(img, SIZE, interpolation=cv2.INTER_AREA) for img in held_out]
+    with pytest.raises(ConfigError, match=r"is 1× the model input 64×64.*hold for images 4×"):
+        Decamouflage("cv2.linear", SIZE).score(native)
+    det = Decamouflage("cv2.linear", SIZE, source_ratio=1.0)
+    assert det.ratio_range == (1.0, 1.0) and len(det.score(native)["csp"]) == len(native)
+    assert det.thresholds != Decamouflage("cv2.linear", SIZE).thresholds
+    assert len(Decamouflage("cv2.linear", SIZE).score([_rgb(data.coffee(), 320)])["csp"]) == 1
+    calibrated = Decamouflage("cv2.linear", SIZE).calibrate(held_out)
+    assert calibrated.ratio_range == (4.0, 4.0)
+    calibrated.save(tmp_path / "t.json")
+    with pytest.raises(ConfigError, match="black-box thresholds hold for images 4×"):
+        Decamouflage.load(tmp_path / "t.json").score([_rgb(data.coffee(), 1024)])
 
 
 def test_csp_is_one_for_benign_and_many_for_attacks_at_every_size() -> None:
