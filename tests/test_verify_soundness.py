@@ -130,8 +130,8 @@ def make_model(
         n = int(rng.integers(2, 5))
         model = nn.Sequential(nn.Linear(n, int(rng.integers(2, 4))))
         shape: tuple[int, ...] = (n,)
-    elif family == "mlp":
-        n, h = int(rng.integers(2, 6)), int(rng.integers(3, 9))
+    elif family == "mlp":  # 40 free inputs send `auto` straight to the MILP
+        n, h = int(rng.choice([2, 3, 4, 5, 40])), int(rng.integers(3, 13))
         model = nn.Sequential(
             nn.Linear(n, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 4)
         )
@@ -327,3 +327,21 @@ def test_fuzz_sweep() -> None:
             counts[family][word] += 1
     for family, c in counts.items():
         print(f"{family}: {sum(c.values())} instances, {dict(c)}, unsat 0")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_milp_never_unsat_on_a_net_with_weights_times_1000(seed: int) -> None:
+    """The issue's case: ×1000 weights (logits ~1e8), 40 free inputs, so `auto` goes to the
+    MILP at once; HiGHS's presolve used to call a reachable disjunct infeasible."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(40, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)
+    ).eval()
+    _scale_(model, 1000.0)
+    planted = plant(model, (40,), np.random.default_rng(seed))
+    assert planted is not None
+    prop = planted[0]
+    network = extract(model, (40,))
+    for engine in ("milp", "auto"):
+        verdict = verify(network, prop, model=model, engine=engine, timeout=10, attack=False)
+        assert verdict.status != Status.SAFE, verdict.summary()
