@@ -34,8 +34,12 @@ class FoolingGradientAscent:
     `x₀ = m + noise·N(0, 1)` where m is the start (mean) image; the default step is the
     code's "progress" policy, `lr = min(1e12, p/‖∇F_j‖²)` with desired progress
     `p = min(0.03, 0.1·(1 − F_j))`, so each step aims to raise F_j by p to first order.
-    Defaults: 300 steps, L2 decay 0.01 towards m, noise 1/255 (the code's N(0, 1) on the
+    Defaults: 300 steps, no L2 decay towards m, noise 1/255 (the code's N(0, 1) on the
     0–255 scale). A number `lr` gives a constant step size in [0, 1]-pixel units instead.
+    Deviation: the code's default decay is 0.01 (its settings: 0, 0.01, 0.03); with it the
+    pull towards m balances the progress policy's steps, which shrink as F_j nears 1, and
+    the demo model's images stop below 99.99 % for 7 of its 10 classes. Decay 0 (the code's
+    other setting) reaches 99.99 % for all 10; pass `decay=0.01` for the code's default.
     Per-sample: the images of different classes never interact. The optional Gaussian blur
     of the code is not implemented. The best image per class over all steps is returned.
     """
@@ -45,7 +49,7 @@ class FoolingGradientAscent:
         steps: int = 300,
         *,
         lr: float | None = None,
-        decay: float = 0.01,
+        decay: float = 0.0,
         noise: float = 1 / 255,
         max_lr: float = 1e12,
         seed: int = 0,
