@@ -349,6 +349,8 @@ def save_model(
         )
     if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0:
         raise InvalidInputError("example_input must be a batched tensor, e.g. N×C×H×W images")
+    # a view (x[:2]) would store its whole base tensor as the program's sample input
+    example_input = example_input.detach().clone()
     out = str(Path(path).expanduser())
     meta = {
         str(k): str(v) for k, v in (metadata or getattr(model, METADATA_ATTR, None) or {}).items()

@@ -458,3 +458,18 @@ def test_file_sha256_matches_hashlib(saved: dict[str, Path], tmp_path: Path) -> 
     copy = tmp_path / "copy"
     shutil.copy(path, copy)
     assert file_sha256(copy) == file_sha256(path)
+
+
+def test_saved_program_does_not_carry_the_example_inputs_base_tensor(tmp_path) -> None:
+    import zipfile
+
+    from bastion.model_io import load_model, save_model
+    from bastion.zoo import DigitsCNN
+
+    model = DigitsCNN().eval()
+    big = torch.rand(4096, 1, 8, 8)  # 1 MiB; the example is a 2-image view into it
+    path = tmp_path / "m.pt2"
+    save_model(model, path, big[:2])
+    stored = sum(i.file_size for i in zipfile.ZipFile(path).infolist())
+    assert stored < 200_000  # the weights (~40 kB) and two sample images, not the base
+    assert torch.equal(load_model(path)(big[:5]), model(big[:5]))
