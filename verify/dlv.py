@@ -49,7 +49,7 @@ import torch
 from bastion.errors import ConfigError, InvalidInputError
 from bastion.modes import eval_mode
 from bastion.validation import check_images
-from bastion.verify.dlv_containment import contains, covering_region, image_delta
+from bastion.verify.dlv_containment import extend_chain
 from bastion.verify.dlv_continuous import continuous_boxes
 from bastion.verify.dlv_regions import (
     Region,
@@ -235,7 +235,7 @@ class _Search:
             started = time.perf_counter()
             for f, chain in enumerate(chains):
                 if k > 0:
-                    self._extend(chain, k, stats, feature_dims, num_span)
+                    self._extend(chain, k, stats, feature_dims)
                 region = chain[-1]
                 clip = (0.0, 1.0) if k == 0 else None
                 size = grid_size(region, self.acts[k], self.enumeration, clip)
@@ -264,17 +264,9 @@ class _Search:
             return "input"
         return "conv" if isinstance(self.net.layers[k - 1], Conv2d) else "dense"
 
-    def _extend(
-        self, chain: list[Region], k: int, stats: LayerStats, feature_dims: int, num_span: int
-    ) -> None:
-        """Regions of activations after the chain's last one up to k, each covering the
-        bounds of the image of the last analysed region; containment checked at k."""
-        below = chain[-1]
-        for j in range(below.layer + 1, k + 1):
-            dlo, dhi = image_delta(self.net, self.acts, below, j)
-            region, moving = covering_region(j, dlo, dhi, feature_dims, num_span)
-            chain.append(region)
-        self.contained_now = contains(chain[-1], dlo, dhi)
+    def _extend(self, chain: list[Region], k: int, stats: LayerStats, feature_dims: int) -> None:
+        """The chain's regions up to layer k (`extend_chain`), counted in `stats`."""
+        moving, self.contained_now = extend_chain(self.net, self.acts, chain, k, feature_dims)
         stats.moving = max(stats.moving, moving)
         stats.contained += self.contained_now
 

@@ -14,6 +14,8 @@ here it is shown by sound bounds:
 * `covering_region` is DLV's regionSynth made to cover those bounds: the `feature_dims`
   neurons that move most, each with span ⌈max(−dlo, dhi)/m⌉ (outward), so the grid's
   extreme points c_p = ±m enclose the image on those neurons.
+* `extend_chain` builds the regions of the activations between two analysed layers this way
+  (the free variables of the z3 back-propagation).
 * `contains` checks the inclusion: every neuron that moves is a manipulated dim of the
   region and its spans reach the bounds. When more neurons move than `feature_dims`, the
   region is still searched for counterexamples but cannot carry a SAFE.
@@ -51,7 +53,7 @@ def slack(n: int, magnitude: torch.Tensor) -> torch.Tensor:
     return 2 * nu / (1 - nu) * magnitude + 2.0**-960
 
 
-__all__ = ["contains", "covering_region", "image_delta"]
+__all__ = ["contains", "covering_region", "extend_chain", "image_delta"]
 
 
 def image_delta(
@@ -168,3 +170,19 @@ def contains(region: Region, dlo: np.ndarray, dhi: np.ndarray) -> bool:
     covered = np.zeros(len(reach), dtype=bool)
     covered[region.dims] = region.span * region.num_span >= reach[region.dims]
     return bool(np.all(covered | (reach == 0)))
+
+
+def extend_chain(
+    network: Network, acts: list[np.ndarray], chain: list[Region], k: int, feature_dims: int
+) -> tuple[int, bool]:
+    """Append the regions of activations after the chain's last one up to k, each covering
+    the bounds of the image of that last region (with its numSpan); return how many
+    neurons of layer k move and whether the layer-k region contains the image."""
+    below = chain[-1]
+    moving, held = 0, True
+    for j in range(below.layer + 1, k + 1):
+        dlo, dhi = image_delta(network, acts, below, j)
+        region, moving = covering_region(j, dlo, dhi, feature_dims, below.num_span)
+        chain.append(region)
+        held = contains(region, dlo, dhi)
+    return moving, held

@@ -15,9 +15,8 @@
   point found needs the fewest manipulations.
 * **Back-propagation** of a layer-k target to the input with z3, one layer at a time
   (`back_propagate`, spec §1.4).
-* **Region synthesis** for a hidden layer (DLV's `regionSynth` + `precisionSynth`): the
-  layer-k dims are the `feature_dims` neurons of largest total span Σ_p |W_{q,p}| s_p m_p
-  over the manipulated dims p of the layer below; that total is re-gridded into m spans.
+* Hidden-layer regions are synthesised from sound bounds of the image in
+  `dlv_containment.py` (DLV's `regionSynth` + `precisionSynth`, made to cover the image).
 """
 
 from __future__ import annotations
@@ -149,61 +148,11 @@ def grid_size(
     return int(np.prod(sizes))
 
 
-def synthesise(network: Network, first: Region, layer: int, feature_dims: int) -> list[Region]:
-    """Regions of activations 0…layer grown from the input feature `first` (regionSynth).
-
-    Linear layers keep the `feature_dims` neurons of largest total span; ReLU, flatten and
-    elementwise layers keep the dims (elementwise scales the span); max-pooling maps a dim
-    to its window's output.
-    """
-    regions = [first]
-    for j in range(layer):
-        lay, prev = network.layers[j], regions[-1]
-        shape = network.shapes[j]
-        if isinstance(lay, ReLU | Flatten):
-            regions.append(Region(j + 1, prev.dims, prev.span, prev.num_span))
-        elif isinstance(lay, Elementwise):
-            scale = np.broadcast_to(lay.scale.double().cpu().numpy(), shape).ravel()
-            regions.append(
-                Region(j + 1, prev.dims, prev.span * np.abs(scale[prev.dims]), prev.num_span)
-            )
-        elif isinstance(lay, MaxPool2d):
-            regions.append(_pool_region(lay, shape, network.shapes[j + 1], prev, j + 1))
-        else:
-            matrix, _ = _matrix(lay, shape)
-            sub = abs(matrix[:, prev.dims]) @ (prev.span * prev.num_span)
-            sub = np.asarray(sub).ravel()
-            top = np.lexsort((np.arange(len(sub)), -sub))[:feature_dims]
-            top = np.sort(top[sub[top] > 0])
-            if len(top) == 0:
-                raise ConfigError(
-                    f"the manipulated dims cannot move layer {j + 1}; "
-                    "choose another feature or layer"
-                )
-            regions.append(Region(j + 1, top, sub[top] / prev.num_span, prev.num_span))
-    return regions
-
-
 @functools.lru_cache(maxsize=32)
 def _matrix(layer: Layer, shape: tuple[int, ...]) -> tuple[sp.csr_matrix, np.ndarray]:
     """`layer_matrix`, kept: every feature of a search needs the same layers (layers hash
     by identity)."""
     return layer_matrix(layer, shape)
-
-
-def _pool_region(
-    lay: MaxPool2d, shape: tuple[int, ...], out_shape: tuple[int, ...], prev: Region, index: int
-) -> Region:
-    c, h, w = shape
-    _, oh, ow = out_shape
-    ch, rest = np.divmod(prev.dims, h * w)
-    row, col = np.divmod(rest, w)
-    orow, ocol = row // lay.stride[0], col // lay.stride[1]
-    ok = (orow < oh) & (ocol < ow)
-    out = (ch * oh + orow) * ow + ocol
-    dims = np.unique(out[ok])
-    span = np.array([prev.span[ok][out[ok] == d].max() for d in dims])
-    return Region(index, dims, span, prev.num_span)
 
 
 def analysable(network: Network, layer: int) -> bool:

@@ -33,6 +33,10 @@ class DlvVerdict(Verdict):
         """`SAFE (DLV, discretised region)`, or UNSAFE / UNKNOWN."""
         return DISCRETISED_SAFE if self.status == SAFE else str(self.status)
 
+    def as_dict(self) -> dict[str, Any]:
+        """`Verdict.as_dict` with the claim beside the status."""
+        return {**super().as_dict(), "claim": self.claim}
+
     def summary(self) -> str:
         """One line: the claim first, then engine, time, margin, z3 queries and layers."""
         parts = [self.claim, f"engine={self.engine}", f"time={self.seconds:.2f}s"]
@@ -56,9 +60,12 @@ def guarantee(enumeration: str, layer: int, analysed: list[int] | None = None) -
         )
         hidden = [k for k in analysed or [] if k > 0]
         if hidden:
+            names = ", ".join(map(str, hidden))
+            which = f"layer {names} was" if len(hidden) == 1 else f"layers {names} were"
+            verb = "does" if len(hidden) == 1 else "do"
             text += (
-                f"; layers {', '.join(map(str, hidden))} were searched for counterexamples "
-                "but do not carry the guarantee (see their statistics)"
+                f"; {which} searched for counterexamples but {verb} not carry the guarantee "
+                "(see the per-layer statistics)"
             )
         return text
     return (
