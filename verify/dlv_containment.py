@@ -10,7 +10,8 @@ here it is shown by sound bounds:
   propagated as differences from α (Δ_out = M·Δ_in through linear layers, relu(α + Δ) −
   relu(α) through ReLUs, the window maximum's change through max-pooling), so a neuron that
   no manipulated dim reaches has Δ = [0, 0] exactly, and the others get an outward-rounded
-  float64 interval (error term 2γₙ·|M|·|Δ|, a folded layer's `err` radius added).
+  float64 interval (error term 2γₙ·|M|·|Δ| of `rounding.py`, a folded layer's `err` radius
+  added).
 * `covering_region` is DLV's regionSynth made to cover those bounds: the `feature_dims`
   neurons that move most, each with span ⌈max(−dlo, dhi)/m⌉ (outward), so the grid's
   extreme points c_p = ±m enclose the image on those neurons.
@@ -32,26 +33,7 @@ import torch.nn.functional as F
 from bastion.verify.dlv_regions import Region, _box, _matrix
 from bastion.verify.linear_maps import layer_matrix
 from bastion.verify.network import Conv2d, Dense, Elementwise, MaxPool2d, Network, ReLU
-
-_U = 2.0**-53  # float64 unit roundoff
-
-
-def down(x: torch.Tensor) -> torch.Tensor:
-    """The next float below x (a lower bound of what x was rounded from)."""
-    return torch.nextafter(x, torch.full_like(x, -np.inf))
-
-
-def up(x: torch.Tensor) -> torch.Tensor:
-    """The next float above x."""
-    return torch.nextafter(x, torch.full_like(x, np.inf))
-
-
-def slack(n: int, magnitude: torch.Tensor) -> torch.Tensor:
-    """A bound of the float64 error of n-term sums of Σ|terms| = `magnitude`: 2γₙ·magnitude
-    plus an underflow term, γₙ = n·u/(1 − n·u) (Higham, Accuracy and Stability, §3.1)."""
-    nu = (n + 2) * _U
-    return 2 * nu / (1 - nu) * magnitude + 2.0**-960
-
+from bastion.verify.rounding import down, slack, up
 
 __all__ = ["contains", "covering_region", "extend_chain", "image_delta"]
 
