@@ -204,3 +204,31 @@ def test_unconvertible_onnx_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(bastion.ModelLoadError, match="Hardmax") as exc:
         bastion.load_model(path)
     assert "\n" not in str(exc.value) and "opset 13" in str(exc.value)
+
+
+def test_conversion_that_differs_from_onnxruntime_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_model runs the converted module beside onnxruntime: a converter that misreads
+    the graph (here: one whose output is off by 1e-3) is an error, not a silently
+    different model."""
+    import onnx2torch
+
+    x = torch.rand(2, 1, 4, 4)
+    path = _export(_mlp(False), x, tmp_path / "mlp.onnx", 17, dynamo=False)
+    convert = onnx2torch.convert
+
+    class _Off(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) + 1e-3
+
+    monkeypatch.setattr(onnx2torch, "convert", lambda proto: _Off(convert(proto)))
+    with pytest.raises(bastion.ModelLoadError, match="differs from onnxruntime") as exc:
+        bastion.load_model(path)
+    assert "\n" not in str(exc.value)
+    monkeypatch.undo()
+    bastion.load_model(path)  # the real conversion passes the same check
