@@ -62,6 +62,7 @@ from bastion.verify.dlv_regions import (
 from bastion.verify.dlv_verdict import DlvVerdict, LayerStats, guarantee
 from bastion.verify.extract import extract
 from bastion.verify.network import Conv2d, Network, apply_layer
+from bastion.verify.outcome import Status
 from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -289,7 +290,7 @@ class _Search:
         verdict.details["carried_by_layer"] = carrier
         return verdict
 
-    def _verdict(self, status: str, **kw: Any) -> DlvVerdict:
+    def _verdict(self, status: Status, **kw: Any) -> DlvVerdict:
         details = {
             "points": self.points,
             "features_examined": self.examined,

@@ -288,7 +288,8 @@ def _solve_layer(
     """One QF_LRA query for layer j: free dims of activation j, the rest constants."""
     import z3
 
-    from bastion.verify.smt import SmtOutcome, _check, _Encoder, _q, _z3c
+    from bastion.verify.outcome import Answer, Outcome
+    from bastion.verify.smt import _check, _Encoder, _q, _z3c
 
     ctx = z3.Context()
     enc = _Encoder(ctx)
@@ -304,7 +305,7 @@ def _solve_layer(
         t_lo, t_hi = targets[r]
         if isinstance(y, Fraction):
             if not (t_lo <= y <= t_hi):
-                return SmtOutcome("unsat", None, 0.0, "a target the free dims cannot reach")
+                return Outcome(Answer.UNSAT, None, 0.0, "a target the free dims cannot reach")
         elif t_lo == t_hi:
             enc.solver.add(y == _z3c(_q(t_lo), ctx))
         else:
