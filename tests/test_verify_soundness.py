@@ -345,3 +345,66 @@ def test_milp_never_unsat_on_a_net_with_weights_times_1000(seed: int) -> None:
     for engine in ("milp", "auto"):
         verdict = verify(network, prop, model=model, engine=engine, timeout=10, attack=False)
         assert verdict.status != Status.SAFE, verdict.summary()
+
+
+def reachable_by_enumeration(model: nn.Sequential, prop: Property) -> bool:
+    """Exact oracle for tiny MLPs: each ReLU activation pattern makes the net affine on a
+    polytope; the unsafe set is reachable iff, for some pattern and disjunct, the
+    conjunction is feasible over the rationals (one plain z3 LP per pattern, no bounds)."""
+    import itertools
+
+    import z3
+
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    widths = [m.out_features for m in linears[:-1]]
+    q = lambda v: z3.RealVal(str(Decimal(float(v))))  # noqa: E731 - exact decimal of the float
+    for pattern in itertools.product((0, 1), repeat=sum(widths)):
+        s = z3.Solver()
+        xs = [z3.Real(f"x{i}") for i in range(prop.lower.numel())]
+        for x, lo, hi in zip(xs, prop.lower.tolist(), prop.upper.tolist(), strict=True):
+            s.add(x >= q(lo), x <= q(hi))
+        z: list = xs
+        k = 0
+        for li, lin in enumerate(linears):
+            w, b = lin.weight.tolist(), lin.bias.tolist()
+            h = [
+                z3.Sum([q(w[o][i]) * z[i] for i in range(len(z))]) + q(b[o]) for o in range(len(b))
+            ]
+            if li == len(linears) - 1:
+                z = h
+                break
+            nxt = []
+            for o, ho in enumerate(h):
+                on = pattern[k + o]
+                s.add(ho >= 0 if on else ho <= 0)
+                nxt.append(ho if on else z3.RealVal(0))
+            k += len(h)
+            z = nxt
+        for d in prop.unsafe:
+            s.push()
+            for r in range(len(d.b)):
+                row = z3.Sum([q(a) * y for a, y in zip(d.a[r].tolist(), z, strict=True)])
+                s.add(row <= q(d.b[r]))
+            if s.check() == z3.sat:
+                return True
+            s.pop()
+    return False
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(seed=st.integers(0, 10**6), engine=_ENGINES, radius=st.sampled_from([0.02, 0.1, 0.4]))
+def test_tiny_nets_agree_with_pattern_enumeration(seed: int, engine: str, radius: float) -> None:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    model.eval()
+    _scale_(model, float(10.0 ** (seed % 10)))
+    centre = torch.rand(2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        label = int(model(centre[None].float()).argmax())
+    prop = Property(centre - radius, centre + radius, class_unsafe_set(label, 3))
+    verdict = verify(extract(model, (2,)), prop, model=model, engine=engine, timeout=5)
+    if verdict.status == Status.SAFE:
+        assert not reachable_by_enumeration(model, prop), verdict.summary()
+    if verdict.status == Status.UNSAFE:
+        assert reachable_by_enumeration(model, prop)

@@ -18,7 +18,13 @@ from collections.abc import Callable
 
 import torch
 
-from bastion.verify.bounds import Bounds, Splits, compute_bounds, property_lower_bounds
+from bastion.verify.bounds import (
+    Bounds,
+    DeadlineReached,
+    Splits,
+    compute_bounds,
+    property_lower_bounds,
+)
 from bastion.verify.network import Dense, Network, ReLU
 from bastion.verify.outcome import Answer, Outcome
 from bastion.verify.spec import Halfspaces, Property
@@ -98,11 +104,14 @@ def branch_and_bound(
             return Outcome(Answer.UNKNOWN, reason=reason, domains=domains)
         sub, splits = stack.pop()
         domains += 1
-        bounds = (
-            root
-            if (root is not None and domains == 1)
-            else compute_bounds(network, sub, splits=splits)
-        )
+        try:
+            bounds = (
+                root
+                if (root is not None and domains == 1)
+                else compute_bounds(network, sub, splits=splits, deadline=deadline)
+            )
+        except DeadlineReached:
+            return Outcome(Answer.UNKNOWN, reason="deadline reached in branch and bound")
         if bounds.infeasible:
             continue
         if float(property_lower_bounds(network, sub, bounds)[0].max()) > 0:

@@ -18,6 +18,7 @@ fixed) to bound a sub-problem; a sub-problem whose splits contradict the bounds 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,11 @@ from bastion.verify.rounding import U, down, magnitude, slack, up
 from bastion.verify.spec import Property
 
 _CHUNK = 2048  # rows back-substituted at once (memory: rows × widest layer)
+
+
+class DeadlineReached(Exception):
+    """The deadline passed while bounds were computed (`verify` answers UNKNOWN)."""
+
 
 Splits = dict[int, torch.Tensor]
 """ReLU layer index → per-neuron phase (flat): 1 active (h ≥ 0), -1 inactive (h ≤ 0), 0 free."""
@@ -326,8 +332,13 @@ def compute_bounds(
     *,
     method: str = "crown",
     splits: Splits | None = None,
+    deadline: float | None = None,
 ) -> Bounds:
-    """Bounds of every layer over the property's input box ("ibp" or "crown")."""
+    """Bounds of every layer over the property's input box ("ibp" or "crown").
+
+    With a `deadline` (a `time.perf_counter()` value) CROWN stops with `DeadlineReached`
+    before a layer it would start after that time.
+    """
     if method not in ("ibp", "crown"):
         raise ValueError(f"unknown bound method {method!r}; use 'ibp' or 'crown'")
     splits = splits or {}
@@ -339,6 +350,8 @@ def compute_bounds(
         if isinstance(layer, ReLU | MaxPool2d):
             ibp_unstable = _unstable_count(layer, lo[i], hi[i])
             if method == "crown" and i > 0:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    raise DeadlineReached(f"deadline reached in CROWN before layer {i}")
                 lo[i], hi[i] = _tighten(network, lo, hi, i)
             if i in splits:
                 lo[i], hi[i] = _apply_split(lo[i], hi[i], splits[i])

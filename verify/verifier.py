@@ -27,7 +27,13 @@ import torch
 
 from bastion.errors import ConfigError
 from bastion.verify.bab import branch_and_bound
-from bastion.verify.bounds import Bounds, Splits, compute_bounds, property_lower_bounds
+from bastion.verify.bounds import (
+    Bounds,
+    DeadlineReached,
+    Splits,
+    compute_bounds,
+    property_lower_bounds,
+)
 from bastion.verify.falsify import falsify
 from bastion.verify.network import Network
 from bastion.verify.outcome import Answer, Outcome
@@ -100,7 +106,10 @@ def verify(
                 return verdict
     if time.perf_counter() >= deadline:
         return done(UNKNOWN, "pgd" if attack else "bounds", reason="deadline reached")
-    bounds = compute_bounds(network, prop)
+    try:
+        bounds = compute_bounds(network, prop, deadline=deadline)
+    except DeadlineReached as exc:
+        return done(UNKNOWN, "bounds", reason=str(exc))
     stats = [s.as_dict() for s in bounds.stats]
     lows = property_lower_bounds(network, prop, bounds)
     open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
