@@ -232,3 +232,22 @@ def test_conversion_that_differs_from_onnxruntime_is_refused(
     assert "\n" not in str(exc.value)
     monkeypatch.undo()
     bastion.load_model(path)  # the real conversion passes the same check
+
+
+def test_batchnorm_node_is_not_folded_lossily(tmp_path: Path) -> None:
+    """Issue 13's BatchNorm (running_mean 1000, running_var 0: a scale of ~316) exported with
+    its BatchNormalization node: the verifier reads it as the torch reader does, folded in
+    float64 with a proven radius (`err`), never rounded into float32 weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(1000.0)
+        model[1].running_var.fill_(0.0)
+    x = torch.rand(5, 4, generator=torch.Generator().manual_seed(7))
+    path = _export(model, x[:2], tmp_path / "bn.onnx", 17, dynamo=False, fold=False)
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    net = read_onnx(path)
+    folded = net.layers[0]
+    assert isinstance(folded, Dense) and folded.err is not None
+    assert folded.weight.dtype == torch.float64
+    np.testing.assert_allclose(net.forward(x.double()).numpy(), _onnxruntime(path, x), rtol=1e-5)
