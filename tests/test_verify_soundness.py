@@ -408,3 +408,36 @@ def test_tiny_nets_agree_with_pattern_enumeration(seed: int, engine: str, radius
         assert not reachable_by_enumeration(model, prop), verdict.summary()
     if verdict.status == Status.UNSAFE:
         assert reachable_by_enumeration(model, prop)
+
+
+class _BatchOnly(nn.Module):
+    """A model whose batched evaluation disagrees with its single-input one: in a batch the
+    runner-up scores one above the label (the issue's PGD hits that vanish when replayed)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        if x.shape[0] > 1:
+            y = torch.stack([y[:, 0], y[:, 0] + 1], 1)
+        return y
+
+
+def test_a_batch_only_hit_is_not_unsafe() -> None:
+    # y0 − y1 = 2·relu(x) − x + 0.5 = |x| + 0.5 > 0 on [−1, 1]: safe, intervals cannot tell
+    inner = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        inner[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        inner[0].bias.zero_()
+        inner[2].weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+        inner[2].bias.copy_(torch.tensor([0.0, -0.5]))
+    model = _BatchOnly(inner.eval())
+    prop = Property(
+        torch.tensor([-1.0], dtype=torch.float64),
+        torch.tensor([1.0], dtype=torch.float64),
+        class_unsafe_set(0, 2),
+    )
+    verdict = verify(extract(inner, (1,)), prop, model=model, engine="bounds", timeout=5)
+    assert verdict.status != Status.UNSAFE, verdict.summary()

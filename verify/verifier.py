@@ -156,6 +156,11 @@ def verify(
                 )
             elif outcome.status == Answer.UNKNOWN:
                 reasons[i] = outcome.reason
+                if outcome.witness is not None:  # the MILP's optimum within tolerance of 0
+                    x = torch.as_tensor(outcome.witness).view(network.input_shape)
+                    verdict = _replay(done, check, prop, x, chosen)
+                    if verdict is not None:
+                        return verdict
         if not reasons:
             break
     name = "+".join(e for e in engines if e in used) or "bounds"
