@@ -51,14 +51,20 @@ def _boundary(
     y: torch.Tensor,
     target: torch.Tensor | None,
     norm: Norm,
+    *,
+    to_argmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(f, ∇f) of the boundary to cross at x — z_t − z_y towards the target, or the
-    z_k − z_y (k ≠ y) nearest in the linearisation — and the backward passes spent."""
+    z_k − z_y (k ≠ y) nearest in the linearisation — and the backward passes spent.
+    `to_argmax` (a caller's target, which must become the top class) puts in place of y
+    the highest class other than the target at x."""
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(xg)
         rows = torch.arange(len(x), device=x.device)
         if target is not None:
+            if to_argmax:
+                y = logits.detach().scatter(1, target[:, None], float("-inf")).argmax(1)
             f = logits[rows, target] - logits[rows, y]
             (g,) = torch.autograd.grad(f.sum(), xg)
             return f.detach(), g, 1
@@ -210,7 +216,14 @@ class FAB(Attack):
         budget = self.eps if self.eps is not None else -1.0
         for _ in range(self.n_iter):
             xs, ys = xi[pos], y[pos]
-            f, g, backs = _boundary(model, xs, ys, tgt[pos] if tgt is not None else None, self.norm)
+            f, g, backs = _boundary(
+                model,
+                xs,
+                ys,
+                tgt[pos] if tgt is not None else None,
+                self.norm,
+                to_argmax=goal_t is not None,
+            )
             w = g.flatten(1)
             b = (w * xs.flatten(1)).sum(1) - f
             d = project_onto_hyperplane(
