@@ -441,3 +441,23 @@ def test_a_batch_only_hit_is_not_unsafe() -> None:
     )
     verdict = verify(extract(inner, (1,)), prop, model=model, engine="bounds", timeout=5)
     assert verdict.status != Status.UNSAFE, verdict.summary()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    a=st.floats(-1e150, 1e150, allow_nan=False, allow_subnormal=False),
+    b=st.floats(-1e150, 1e150, allow_nan=False, allow_subnormal=False),
+)
+def test_two_sum_and_two_prod_are_exact(a: float, b: float) -> None:
+    from fractions import Fraction
+
+    from bastion.verify.rounding import two_prod, two_sum
+
+    ta, tb = torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)
+    s, e = two_sum(ta, tb)
+    assert Fraction(float(s)) + Fraction(float(e)) == Fraction(a) + Fraction(b)
+    p, e = two_prod(ta, tb)
+    if abs(float(p)) >= 2.0**-960 or a == 0 or b == 0:
+        assert Fraction(float(p)) + Fraction(float(e)) == Fraction(a) * Fraction(b)
+    else:  # underflow: the residual is an upper bound of the error
+        assert abs(Fraction(float(p)) - Fraction(a) * Fraction(b)) <= abs(Fraction(float(e)))

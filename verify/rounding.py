@@ -67,5 +67,5 @@ def two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     ah, al = split(a)
     bh, bl = split(b)
     e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-    tiny = (p.abs() < 2.0**-960) & (p != 0)
+    tiny = (p.abs() < 2.0**-960) & (a != 0) & (b != 0)  # underflow, to zero included
     return p, torch.where(tiny, e.abs() + TINY, e)
