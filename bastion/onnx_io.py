@@ -14,11 +14,11 @@
 constants become initializers, an Identity becomes a second name for its input. `for_onnx2torch`
 does that and then lowers the opset to 17, the newest whose operator versions onnx2torch
 converts (opset 18 moved ReduceMean's axes into an input, 19 and 21 gave Identity, Reshape,
-Shape, Cast, Constant new versions without changing them on float tensors), with onnx's own
-version converter. `load_onnx` converts the result to an `nn.Module` with onnx2torch and
-checks it against onnxruntime (`runtime`) on random inputs, so a rewrite or conversion that
-went wrong is an error, never a silently different model; the verifier's reader
-(`bastion.verify.onnx_graph`) checks its network the same way.
+Shape, Cast, Constant new versions without changing them on float tensors), or raises an
+opset below 13 to 13, with onnx's own version converter. `load_onnx` converts the result to
+an `nn.Module` with onnx2torch and checks it against onnxruntime (`runtime`) on random
+inputs, so a rewrite or conversion that went wrong is an error, never a silently different
+model; the verifier's reader (`bastion.verify.onnx_graph`) checks its network the same way.
 """
 
 from __future__ import annotations
@@ -122,21 +122,24 @@ def fold_constants(model: Any) -> Any:
 
 
 def for_onnx2torch(model: Any) -> Any:
-    """`fold_constants`, then the opset lowered to `ONNX2TORCH_OPSET` when it is newer.
+    """`fold_constants`, then the opset moved into 13…`ONNX2TORCH_OPSET` when it is outside.
 
-    When onnx's version converter cannot lower the graph, the folded graph is returned as
-    it is (onnx2torch then names the operator it lacks).
+    Newer graphs are lowered to 17; older ones (opsets 7–12, e.g. VNN-COMP's ACAS Xu with
+    Flatten version 1, which onnx2torch lacks) are raised to 13. When onnx's version
+    converter cannot move the graph, the folded graph is returned as it is (onnx2torch then
+    names the operator it lacks).
     """
     from onnx import version_converter
 
     folded = fold_constants(model)
-    if opset(folded) <= ONNX2TORCH_OPSET:
+    version = opset(folded)
+    if 13 <= version <= ONNX2TORCH_OPSET:
         return folded
     try:
-        lowered = version_converter.convert_version(folded, ONNX2TORCH_OPSET)
+        moved = version_converter.convert_version(folded, min(max(version, 13), ONNX2TORCH_OPSET))
     except Exception:  # noqa: BLE001 - the converter raises RuntimeError, ValueError, ...
         return folded
-    return fold_constants(lowered)  # the converter may add Constant nodes (e.g. axes)
+    return fold_constants(moved)  # the converter may add Constant nodes (e.g. axes)
 
 
 def runtime(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:

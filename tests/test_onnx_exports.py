@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from torch import nn
 
 import bastion
@@ -251,3 +252,20 @@ def test_batchnorm_node_is_not_folded_lossily(tmp_path: Path) -> None:
     assert isinstance(folded, Dense) and folded.err is not None
     assert folded.weight.dtype == torch.float64
     np.testing.assert_allclose(net.forward(x.double()).numpy(), _onnxruntime(path, x), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name", ["acasxu/ACASXU_run2a_1_1_batch_2000.onnx", "mnistfc/mnist-net_256x2.onnx"]
+)
+def test_old_opset_vnncomp_files_load_for_attacks(name: str) -> None:
+    """Opsets 8 and 9 (ACAS Xu's Flatten version 1 has no onnx2torch converter) are raised
+    to 13 before conversion; outputs equal onnxruntime's."""
+    path = SHARED_DATA / "vnncomp2021" / name
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    proto = onnx.load(str(path))
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got = bastion.load_model(path)(x).numpy()
+    np.testing.assert_allclose(got.reshape(1, -1), _onnxruntime(path, x).reshape(1, -1), atol=1e-4)
