@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from bastion.errors import ConfigError
+from bastion.verify import milp, smt  # imported here, not at first use: no cold import
 from bastion.verify.bab import branch_and_bound
 from bastion.verify.bounds import (
     Bounds,
@@ -252,9 +253,7 @@ class _Exact:
         network, exact = self.network, self._widen(disjunct)
 
         def leaf(sub: Property, splits: Splits, bounds: Bounds) -> Outcome:
-            from bastion.verify.smt import solve_smt
-
-            return solve_smt(network, sub, exact, bounds, splits=splits, deadline=deadline)
+            return smt.solve_smt(network, sub, exact, bounds, splits=splits, deadline=deadline)
 
         return branch_and_bound(
             network, self.prop, disjunct, leaf=leaf, leaf_size=self.leaf_size,
@@ -262,8 +261,6 @@ class _Exact:
         )  # fmt: skip
 
     def _solve_milp(self, disjunct: Halfspaces, deadline: float) -> Outcome:
-        from bastion.verify import milp
-
         if self._milp is None:
             tolerance = output_deviation(self.network, self.bounds, rel=milp.TOLERANCE)
             self._milp = (*milp.encode(self.network, self.prop, self.bounds), tolerance)
