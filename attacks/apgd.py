@@ -9,6 +9,11 @@ rho = 0.75 of the window's steps, or (2) its step was not halved at the previous
 and its best loss has not improved since. A sample stops at its first adversarial iterate.
 Restarts run only on the samples still robust. `APGDT` is APGD on the targeted DLR loss
 towards each of the top `n_target_classes` non-true classes in turn, as AutoAttack's APGD-T.
+
+As in the authors' code, the start lies on the sphere (not inside the ball), the count of
+rises in the first window compares the first step's loss with 0 (their loss history starts
+at zero), and condition (1) fires at `rises ≤ rho·window`. Unlike their code, a broken
+sample stops iterating (the same success, fewer passes).
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ def apgd_run(
         "best_x": xa,
         "best_grad": grad,
         "best": value,
-        "last": value,
+        "last": torch.zeros_like(value),  # the authors compare the first loss with 0
         "best_at_check": value,
         "reduced": torch.ones(n, dtype=torch.bool, device=x.device),
         "rises": torch.zeros(n, dtype=torch.long, device=x.device),
