@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -102,9 +103,7 @@ class ThreatModel:
         return norm == self.norm and math.isclose(eps, self.eps, rel_tol=1e-6, abs_tol=1e-12)
 
 
-def parse_threats(
-    texts: list[str] | tuple[str, ...] | list[ThreatModel],
-) -> tuple[ThreatModel, ...]:
+def parse_threats(texts: Sequence[str | ThreatModel]) -> tuple[ThreatModel, ...]:
     """Threat models from strings (or ThreatModels), duplicates dropped, order kept."""
     out: list[ThreatModel] = []
     for t in texts:
