@@ -13,9 +13,10 @@ from bastion.attacks import FGSM, CarliniWagnerL2
 from bastion.cli import main
 from bastion.data import Dataset, load_data
 from bastion.defenses import Distilled, TemperatureScaled, distill
-from bastion.defenses.distillation import soft_labels
+from bastion.defenses.distillation import soft_labels, temperature_of
+from bastion.defenses.training_check import TrainingFailedError, check_trained
 from bastion.errors import ConfigError, InvalidInputError
-from bastion.model_io import load_model
+from bastion.model_io import load_model, save_model
 from bastion.suites.sanity import run_sanity_checks
 from bastion.zoo import DigitsCNN, train_classifier
 
@@ -119,6 +120,7 @@ def test_seeded_runs_are_identical_and_the_given_module_is_untouched(train: Data
     before = {k: v.clone() for k, v in start.state_dict().items()}
     calls: list[tuple[int, int]] = []
     kwargs: dict[str, Any] = dict(temperature=20, epochs=1, batch_size=32, optimizer=_adam)
+    kwargs["check"] = False  # one epoch on 128 images: no accuracy to speak of
     a = distill(start, small, seed=1, progress=lambda d, t: calls.append((d, t)), **kwargs)
     b = distill(start, small, seed=1, **kwargs)
     c = distill(start, small, seed=2, **kwargs)
@@ -148,13 +150,67 @@ def test_bad_arguments_are_refused(
         distill(model, train.subset(32), **kwargs)
 
 
-def test_cli_distill_saves_a_loadable_student(tmp_path: Path, capsys: Any) -> None:
+def _cli_student(tmp_path: Path, capsys: Any, extra: list[str]) -> tuple[torch.nn.Module, str]:
+    """`bastion defend distill` with the default data, recipe and T plus `extra`: the saved
+    student, loaded back, and the command's output."""
     out = tmp_path / "student.pt2"
-    argv = ["defend", "distill", "--n", "256", "--epochs", "1", "--optimizer", "adam"]
-    assert _run([*argv, "--temperature", "20", "--out", str(out), "--quiet"]) == 0
-    assert str(out) in capsys.readouterr().out
-    model = load_model(out)
-    assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    assert _run(["defend", "distill", *extra, "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{out} student of defensive distillation at T = 100")
+    assert temperature_of(out) == 100.0
+    return load_model(out), printed
+
+
+def test_cli_distill_with_no_options_trains_a_student_within_5_points_of_the_demo_model(
+    tmp_path: Path, capsys: Any, test_set: Dataset
+) -> None:
+    """The whole default run (digits, Adam, T = 100, 1 + 50 + 50 epochs; ~25 s of one
+    core): the student's test accuracy is within 5 points of the demo model's and in the
+    output, and the file carries T, so that FGSM on logits/T is no longer masked."""
+    from bastion.zoo import demo_model
+
+    student, printed = _cli_student(tmp_path, capsys, [])
+    acc = _accuracy(student, test_set)
+    assert acc >= _accuracy(demo_model(), test_set) - 0.05, acc
+    assert f"test accuracy {acc:.3f}" in printed
+    assert temperature_of(student) == 100.0
+    x, y = test_set.x[:100], test_set.y[:100]
+    masked = FGSM(0.2)(student, x, y).success_rate
+    unmasked = FGSM(0.2)(TemperatureScaled(student, temperature_of(student) or 1.0), x, y)
+    assert unmasked.success_rate > masked + 0.2, (masked, unmasked.success_rate)
+
+
+def test_training_to_chance_exits_2_saves_nothing_and_says_what_to_try(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Carlini's SGD at T = 100 on digits stays at chance: refused, one line, no file."""
+    out = tmp_path / "s.pt2"
+    argv = ["defend", "distill", "--optimizer", "sgd", "--epochs", "3", "--quiet"]
+    assert _run([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "within 1.5× of chance" in err and "use Adam" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_the_guard_refuses_chance_and_far_below_the_reference() -> None:
+    check_trained("m", 0.16, 0.1, hint="h")  # above 1.5× chance, no reference
+    with pytest.raises(TrainingFailedError, match="within 1.5× of chance"):
+        check_trained("m", 0.15, 0.1, hint="h")
+    check_trained("m", 0.55, 0.1, hint="h", reference=("ref", 0.98))
+    with pytest.raises(TrainingFailedError, match=r"far below ref \(0.980\)"):
+        check_trained("m", 0.53, 0.1, hint="h", reference=("ref", 0.98))
+
+
+def test_temperature_of_reads_models_and_files(distilled: Distilled, tmp_path: Path) -> None:
+    assert temperature_of(distilled.student) == 100.0
+    assert temperature_of(TemperatureScaled(distilled.student, 100)) == 100.0
+    assert temperature_of(distilled.teacher) is None and temperature_of(DigitsCNN()) is None
+    save_model(
+        distilled.student, tmp_path / "w.safetensors", torch.rand(2, 1, 8, 8), format="safetensors"
+    )
+    assert temperature_of(tmp_path / "w.safetensors") == 100.0
+    save_model(DigitsCNN(), tmp_path / "plain.pt2", torch.rand(2, 1, 8, 8))
+    assert temperature_of(tmp_path / "plain.pt2") is None
 
 
 @pytest.mark.parametrize(
