@@ -72,15 +72,27 @@ class _Program:
             list(self.row_lb), list(self.row_ub), self.size, self.num_rows,
         )  # fmt: skip
 
-    def solve(self, objective: np.ndarray, time_limit: float) -> object:
+    def solve(self, objective: np.ndarray, time_limit: float) -> object | None:
+        """HiGHS's result, or None when the program lies outside the numeric range HiGHS
+        handles faithfully (it reads |coefficients| ≥ 1e15 and bounds ≥ 1e20 as infinite
+        and drops coefficients ≤ 1e-9); coefficients of variables fixed at 0 are left out."""
         rows = np.concatenate([r for r, _, _ in self.coo])
         cols = np.concatenate([c for _, c, _ in self.coo])
         vals = np.concatenate([v for _, _, v in self.coo])
+        lb, ub = np.concatenate(self.lb), np.concatenate(self.ub)
+        keep = (vals != 0) & ~((lb[cols] == 0) & (ub[cols] == 0))
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        finite = np.abs(np.concatenate([lb, ub]))
+        finite = finite[np.isfinite(finite)]
+        if len(vals) and float(np.abs(vals).max()) > MAX_COEFFICIENT:
+            return None
+        if len(finite) and float(finite.max()) > MAX_BOUND:
+            return None
         a = sp.csr_matrix((vals, (rows, cols)), shape=(self.num_rows, self.size))
         return milp(
             objective,
             integrality=np.concatenate(self.integer),
-            bounds=VarBounds(np.concatenate(self.lb), np.concatenate(self.ub)),
+            bounds=VarBounds(lb, ub),
             constraints=LinearConstraint(
                 a, np.concatenate(self.row_lb), np.concatenate(self.row_ub)
             ),
@@ -194,6 +206,8 @@ def _maxpool(
 
 
 TOLERANCE = 1e-6  # HiGHS's mip_feasibility_tolerance, the largest of its defaults
+MAX_COEFFICIENT = 1e9  # far below HiGHS's large_matrix_value (1e15, read as infinite)
+MAX_BOUND = 1e12  # far below HiGHS's infinite_bound (1e20)
 
 
 def solve_disjunct(
@@ -224,6 +238,9 @@ def solve_disjunct(
     objective[t] = -1.0
     res = prog.solve(objective, deadline - time.perf_counter())
     seconds = time.perf_counter() - start
+    if res is None:
+        why = "the program's coefficients or bounds span more than HiGHS handles faithfully"
+        return Outcome(Answer.UNKNOWN, None, seconds, why)
     if res.status == 2:  # type: ignore[attr-defined]
         return Outcome(Answer.UNSAT, None, seconds)
     x = getattr(res, "x", None)

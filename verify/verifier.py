@@ -196,6 +196,14 @@ def _confirm(
     return None
 
 
+def _depth_at_centre(network: Network, prop: Property, disjunct: Halfspaces) -> float:
+    """min over rows of b − A y at the box centre (float64): a sanity check of the MILP."""
+    centre = ((prop.lower + prop.upper) / 2)[None].double()
+    with torch.no_grad():
+        y = network.forward(centre)
+    return float((disjunct.b.double() - y.double() @ disjunct.a.double().T).min())
+
+
 def _float32(forward: Forward) -> Forward:
     return lambda x: forward(x.to(torch.float32))
 
@@ -272,6 +280,13 @@ class _Exact:
         out = milp.solve_disjunct(
             prog, outputs, wide, deadline=deadline, margin=margin, scale=scale
         )
+        if (
+            out.status == Answer.UNSAT
+            and _depth_at_centre(self.network, self.prop, wide) >= -margin
+        ):
+            # a point of the box reaches depth ≥ −τ, yet HiGHS found none ≥ −2τ: not trusted
+            why = "HiGHS's infeasibility is contradicted by the box centre"
+            return Outcome(Answer.UNKNOWN, None, out.seconds, why, domains=1)
         if out.witness is not None:
             out.witness = out.witness[inputs]
         out.domains = 1
