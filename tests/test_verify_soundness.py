@@ -461,3 +461,9 @@ def test_two_sum_and_two_prod_are_exact(a: float, b: float) -> None:
         assert Fraction(float(p)) + Fraction(float(e)) == Fraction(a) * Fraction(b)
     else:  # underflow: the residual is an upper bound of the error
         assert abs(Fraction(float(p)) - Fraction(a) * Fraction(b)) <= abs(Fraction(float(e)))
+
+
+@pytest.mark.parametrize("family, seed, engine", [("mlp", 1000086, "milp")])
+def test_sweep_findings_stay_fixed(family: str, seed: int, engine: str) -> None:
+    """Instances the slow sweep once caught answering SAFE (see the commit history)."""
+    check_instance(family, seed, engine, timeout=5.0)
