@@ -37,7 +37,7 @@ from bastion.verify.bounds import (
 )
 from bastion.verify.falsify import falsify
 from bastion.verify.network import Network
-from bastion.verify.outcome import Answer, Outcome
+from bastion.verify.outcome import Answer, Outcome, Status
 from bastion.verify.rounding import magnitude
 from bastion.verify.slack import output_deviation, widen
 from bastion.verify.spec import Halfspaces, Property
@@ -89,7 +89,7 @@ def verify(
     open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
     stats = [s.as_dict() for s in bounds.stats]
 
-    def done(status: str, engine_used: str, **kw: Any) -> Verdict:
+    def done(status: Status, engine_used: str, **kw: Any) -> Verdict:
         guarantee = guarantee_text(engine_used) if status == SAFE else ""
         details = {"disjuncts": len(prop.unsafe), "open_after_bounds": len(open_)}
         details.update(kw.pop("details", {}))

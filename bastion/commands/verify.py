@@ -234,7 +234,7 @@ def _vnnlib(args: argparse.Namespace) -> int:
 
         text = (
             write_counterexample(verdict.counterexample, verdict.output)
-            if verdict.counterexample is not None
+            if verdict.counterexample is not None and verdict.output is not None
             else f"{verdict.vnncomp}\n"
         )
         write_atomic(Path(args.out), text.encode())
