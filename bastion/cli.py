@@ -1,18 +1,22 @@
 """The `bastion` command line: one program, one module per subcommand in `bastion.commands`.
 
 Exit codes: 0 when the command did its job (a report written, a verdict given), 1 when a
-pass criterion the user asked for fails, 2 on bad input (one line on stderr, no traceback).
+pass criterion the user asked for fails, 2 on bad input or an output that cannot be written
+(one line on stderr, no traceback). A `BastionWarning` prints as one line `bastion: warning: …`.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from bastion.commands.common import EXIT_BAD_INPUT, EXIT_OK, Parser
-from bastion.errors import BastionError
+from bastion.errors import BastionError, BastionWarning
 
 # Each module has `register(subparsers)`, which adds its subcommands with a `handler`.
 _COMMAND_MODULES = (
@@ -50,19 +54,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         words = [_DEFAULT_COMMAND, *words]
     args = parser.parse_args(words)
     try:
-        return int(args.handler(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.handler(args))
     except BastionError as exc:
         print(f"bastion: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # `bastion … | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        # the output folder became unwritable (or full) mid-run
+        kept = (
+            "; finished work in results.jsonl is kept: fix that, then rerun the same command "
+            "with --resume to finish"
+            if getattr(args, "resume", None) is not None
+            else "; fix that and rerun"
+        )
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"bastion: error: cannot write{where} ({exc.strerror}){kept}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(
             "bastion: interrupted; rerun the same command with --resume to continue",
             file=sys.stderr,
         )
         return 130
+
+
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A `BastionWarning` as one line `bastion: warning: …`; other warnings as Python shows them."""
+    if issubclass(category, BastionWarning):
+        print(f"bastion: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 
 from bastion.data_formats import read_cifar_batch, read_cifar_label_names, read_idx
 from bastion.errors import DataError
+from bastion.validation import span
 
 SPLITS = ("train", "test")
 SPEC_FORMS = (
@@ -116,20 +117,28 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_data(
-    spec: str, *, split: str = "test", n: int | None = None, download: bool = False
+    spec: str, *, split: str | None = None, n: int | None = None, download: bool = False
 ) -> Dataset:
     """Load the dataset named by `spec` as float32 images in [0, 1] and int64 labels.
 
-    `split` picks "train" or "test" for digits, MNIST, Fashion-MNIST and CIFAR-10; for
-    `folder:` and `npz:` the spec itself names the data. `n` keeps the first n samples.
-    `download=True` lets torchvision fetch MNIST, Fashion-MNIST or CIFAR-10 into ROOT when
-    the files are missing; otherwise nothing touches the network.
+    `split` picks "train" or "test" (the default) for digits, MNIST, Fashion-MNIST and
+    CIFAR-10; for `folder:` and `npz:` the spec itself names the data, and a split that
+    contradicts it (`npz:PATH#test` with split="train") is a `DataError`. `n` keeps the first
+    n samples. `download=True` lets torchvision fetch MNIST, Fashion-MNIST or CIFAR-10 into
+    ROOT when the files are missing; otherwise nothing touches the network.
     """
-    if split not in SPLITS:
+    if split is not None and split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
     if n is not None and n < 1:
         raise DataError(f"cannot keep {n} samples; pass n >= 1 or leave n unset for all")
     kind, arg = parse_spec(spec)
+    named = spec_split(spec)
+    if split is not None and named is not None and split != named:
+        raise DataError(
+            f"data spec {spec!r} names the {named} split but split {split!r} was asked for; "
+            f"drop the split option or write #{split} in the spec"
+        )
+    split = split or named or "test"
     x, y, classes, split = _LOADERS[kind](arg or "", split, n, download)
     if len(x) == 0:
         raise DataError(f"data spec {spec!r} holds no samples; check the path")
@@ -142,6 +151,20 @@ def load_data(
     images = torch.from_numpy(_to_unit_float(x, spec))
     labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     return Dataset(images, labels, spec, split, classes)
+
+
+def spec_split(spec: str) -> str | None:
+    """The split a spec names itself (`npz:PATH#train` → "train"), else None."""
+    kind, arg = parse_spec(spec)
+    if kind != "npz" or arg is None:
+        return None
+    name = _npz_parts(arg)[1]
+    return name if name in SPLITS else None
+
+
+def takes_split(spec: str) -> bool:
+    """Whether `split` picks the data of this spec (digits, MNIST, Fashion-MNIST, CIFAR-10)."""
+    return parse_spec(spec)[0] not in ("folder", "npz")
 
 
 # Each loader returns (images N×C×H×W as uint8 or float in [0, 1], labels, classes, split).
@@ -164,7 +187,7 @@ def _to_unit_float(x: Array, spec: str) -> npt.NDArray[np.float32]:
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
         raise DataError(
-            f"pixel values of {spec!r} span [{lo:.4g}, {hi:.4g}] but must lie in "
+            f"pixel values of {spec!r} span {span(lo, hi)} but must lie in "
             "[0, 1]; scale to [0, 1] (normalisation belongs inside the model)"
         )
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -370,11 +393,10 @@ def read_image(path: Path) -> npt.NDArray[np.uint8]:
 
 def _load_npz(arg: str, split: str, n: int | None, download: bool) -> Loaded:
     """Arrays `x`/`y` (or `x_NAME`/`y_NAME` for `npz:PATH#NAME`) from a NumPy .npz file."""
-    path_text, name = arg, ""
-    if "#" in arg and not Path(arg).expanduser().is_file():
-        path_text, _, name = arg.rpartition("#")
+    path_text, name = _npz_parts(arg)
     path = _root(path_text, "npz")
     x_key, y_key = (f"x_{name}", f"y_{name}") if name else ("x", "y")
+    _require_npz(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in (x_key, y_key) if k not in npz.files]
@@ -405,6 +427,39 @@ def _load_npz(arg: str, split: str, n: int | None, download: bool) -> Loaded:
     else:
         classes = [str(i) for i in range(int(y.max(initial=-1)) + 1)]
     return x, y, classes, name if name in SPLITS else split
+
+
+def _npz_parts(arg: str) -> tuple[str, str]:
+    """PATH and NAME of `PATH#NAME` (NAME "" when absent or when PATH#NAME is a file)."""
+    if "#" in arg and not Path(arg).expanduser().is_file():
+        path_text, _, name = arg.rpartition("#")
+        return path_text, name
+    return arg, ""
+
+
+def _require_npz(path: Path) -> None:
+    """An .npz is a zip archive; say what the file is instead when it is not one."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; use folder:{path} for a folder of images")
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return
+    if head.startswith(b"\x93NUMPY"):
+        what = "it holds a single .npy array"
+    elif head[:1] == b"\x80":
+        what = "it is a Python pickle"
+    elif not head:
+        what = "it is empty"
+    else:
+        what = "an .npz is a zip archive and this file is not one"
+    raise DataError(
+        f"{path} is not an .npz file ({what}); save the images and labels with "
+        "numpy.savez(PATH, x=images, y=labels)"
+    )
 
 
 def _nchw(x: Array, path: Path, key: str) -> Array:

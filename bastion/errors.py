@@ -32,3 +32,7 @@ class DataError(BastionError):
 
 class ConfigError(BastionError):
     """An unknown suite, attack or option, or a parameter out of its range."""
+
+
+class BastionWarning(UserWarning):
+    """Something Bastion accepted but the user should know (the CLI prints one line per warning)."""

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,15 @@ def _zip_format(path: Path) -> tuple[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            # torch's loaders do not check the members' CRC-32s: a damaged weight would load
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise _corrupt(path, None, exc) from None
+    if damaged is not None:
+        raise ModelLoadError(
+            f"{path} is damaged: its member {damaged} fails its CRC-32 check (a bad download "
+            "or disk?); re-save or re-download it"
+        )
     # torch archives put every entry under one top-level folder named after the file
     inner = {name.split("/", 1)[1] if "/" in name else name for name in names}
     if (

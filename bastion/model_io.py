@@ -16,13 +16,21 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from bastion.errors import ConfigError, InvalidInputError, ModelLoadError, UntrustedModelError
+from bastion.errors import (
+    BastionWarning,
+    ConfigError,
+    InvalidInputError,
+    ModelLoadError,
+    UntrustedModelError,
+)
 from bastion.model_formats import (
     _LABELS,
     FORMATS,
@@ -42,6 +50,7 @@ __all__ = [
     "detect_format",
     "file_sha256",
     "load_model",
+    "model_source",
     "module_fingerprint",
     "read_metadata",
     "save_model",
@@ -51,6 +60,8 @@ SAVE_FORMATS = ("export", "torchscript", "safetensors")
 METADATA_ATTR = "bastion_metadata"
 """A module's attribute holding string metadata (a dict) that `save_model` writes beside the
 weights and `load_model` puts back on a loaded .pt2 program (e.g. a distillation temperature)."""
+SOURCE_ATTR = "bastion_source"
+"""The attribute `load_model` sets on the model it returns: the path it was read from."""
 _METADATA_FILE = "bastion.json"  # the extra file of .pt2 and TorchScript archives
 
 
@@ -73,15 +84,26 @@ class _ExportedModule(nn.Module):
 
     `.eval()`/`.train()` only set the flag: the graph is frozen in the mode it was exported
     in, and the program's own module refuses those calls. A program exported with a fixed batch
-    size runs other batch sizes in chunks of that size, padding the last chunk with zeros.
+    size runs other batch sizes in chunks of that size, padding the last chunk with zeros (a
+    tuple or dict output is joined per element, as a dynamic-batch program returns it). An
+    input whose shape the program was not exported for is an `InvalidInputError` naming both
+    shapes, not torch's guard assertion.
     """
 
     def __init__(
-        self, program: nn.Module, static_batch: int | None, metadata: dict[str, str] | None = None
+        self,
+        program: nn.Module,
+        static_batch: int | None,
+        metadata: dict[str, str] | None = None,
+        *,
+        input_shape: tuple[int | None, ...] | None = None,
+        name: str = "the model",
     ) -> None:
         super().__init__()
         self.program = program
         self.static_batch = static_batch
+        self.input_shape = input_shape  # None for a dimension the program keeps dynamic
+        self.name = name
         if metadata:
             setattr(self, METADATA_ATTR, metadata)
 
@@ -90,9 +112,10 @@ class _ExportedModule(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> Any:
+        self._check_shape(x)
         b = self.static_batch
         if b is None or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == b:
-            return self.program(x)
+            return self._run(x)
         n = x.shape[0]
         outputs = []
         for start in range(0, max(n, 1), b):
@@ -100,21 +123,62 @@ class _ExportedModule(nn.Module):
             k = chunk.shape[0]
             if k < b:
                 chunk = torch.cat([chunk, chunk.new_zeros((b - k, *chunk.shape[1:]))])
-            outputs.append(self.program(chunk)[:k])
-        return torch.cat(outputs)
+            outputs.append(tree_map(partial(_first_rows, k=k, batch=b), self._run(chunk)))
+        return tree_map(lambda *ts: torch.cat(ts) if _batched(ts[0], b) else ts[0], *outputs)
+
+    def _expected(self) -> str:
+        shape = self.input_shape or ()  # any batch size runs, a fixed one in chunks
+        return "×".join(["N", *("?" if d is None else str(d) for d in shape[1:])])
+
+    def _check_shape(self, x: Any) -> None:
+        shape = self.input_shape
+        if shape is None or not isinstance(x, torch.Tensor):
+            return
+        fits = x.dim() == len(shape) and all(
+            d is None or i == 0 or d == x.shape[i] for i, d in enumerate(shape)
+        )
+        if not fits:
+            raise self._wrong_shape(x)
+
+    def _wrong_shape(self, x: torch.Tensor, why: str = "") -> InvalidInputError:
+        got = _shape(x.shape) if x.dim() else "a scalar"
+        return InvalidInputError(
+            f"{self.name} takes inputs of shape {self._expected()}, got {got}{why}; give data "
+            "of the size and channel count the model was exported for"
+        )
+
+    def _run(self, x: torch.Tensor) -> Any:
+        try:
+            return self.program(x)
+        except AssertionError as exc:  # torch.export's input guards (shapes, dtypes, ranks)
+            raise self._wrong_shape(x, f" ({_reason(exc)})") from None
 
 
-def _static_batch(program: torch.export.ExportedProgram) -> int | None:
+def _batched(t: Any, batch: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
+
+
+def _first_rows(t: Any, k: int, batch: int) -> Any:
+    """The first k rows of a per-image output (of `batch` rows); anything else as it is."""
+    return t[:k] if _batched(t, batch) else t
+
+
+def _input_shape(program: torch.export.ExportedProgram) -> tuple[int | None, ...] | None:
+    """The shape of the program's one user input, None for each dynamic dimension."""
     user_inputs = list(program.graph_signature.user_inputs)
     if len(user_inputs) != 1:
         return None
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name == user_inputs[0]:
-            val = node.meta.get("val")
-            shape = getattr(val, "shape", None)
-            if shape is not None and len(shape) > 0 and isinstance(shape[0], int):
-                return int(shape[0])
+            shape = getattr(node.meta.get("val"), "shape", None)
+            if shape is not None:
+                return tuple(int(d) if isinstance(d, int) else None for d in shape)
     return None
+
+
+def _static_batch(program: torch.export.ExportedProgram) -> int | None:
+    shape = _input_shape(program)
+    return shape[0] if shape and shape[0] is not None else None
 
 
 def _load_export(path: Path) -> nn.Module:
@@ -122,7 +186,22 @@ def _load_export(path: Path) -> nn.Module:
     extra = {_METADATA_FILE: ""}
     with path.open("rb") as f:
         program = torch.export.load(f, extra_files=extra)
-    return _ExportedModule(program.module(), _static_batch(program), _parse_metadata(extra))
+    batch = _static_batch(program)
+    if batch is not None:
+        warnings.warn(
+            f"{path} was exported with a fixed batch size of {batch}, so it runs {batch} "
+            "image(s) at a time (often 10× slower); re-export it with bastion.save_model or "
+            "a dynamic batch dimension",
+            BastionWarning,
+            stacklevel=2,
+        )
+    return _ExportedModule(
+        program.module(),
+        batch,
+        _parse_metadata(extra),
+        input_shape=_input_shape(program),
+        name=f"the model {path.name}",
+    )
 
 
 def _load_torchscript(path: Path) -> nn.Module:
@@ -174,21 +253,28 @@ def resolve_arch(arch: str) -> nn.Module:
 
 
 def _import(module_name: str) -> Any:
-    try:
+    with _cwd_on_path():
         return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        top = module_name.split(".")[0]
-        cwd = os.getcwd()
-        # console scripts do not put the working directory on sys.path; users expect
-        # `--arch mynet:Net` to find ./mynet.py, so try it there once
-        if exc.name != top or cwd in sys.path or "" in sys.path:
-            raise
-        sys.path.insert(0, cwd)
-        try:
-            return importlib.import_module(module_name)
-        finally:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
+
+
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """The working directory on sys.path for the duration (if not there already).
+
+    Console scripts do not put the working directory on sys.path, yet users expect
+    `--arch mynet:Net` to find ./mynet.py, and a pickled model to find the class it was
+    saved from in the directory they run Bastion in.
+    """
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        yield
+        return
+    sys.path.append(cwd)  # last: a local file never shadows an installed package
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
 
 
 def _shape(t: torch.Tensor | torch.Size) -> str:
@@ -238,11 +324,18 @@ def _load_onnx(path: Path) -> nn.Module:
 
 def _load_pickle(path: Path) -> nn.Module:
     try:
-        obj = _torch_load(path, weights_only=False)
+        with _cwd_on_path():
+            obj = _torch_load(path, weights_only=False)
     except (ImportError, AttributeError) as exc:
+        where = (
+            "it was pickled from a script run as __main__, so move the class into a module "
+            "(mynet.py) and re-save, or re-save it with torch.export"
+            if "__main__" in str(exc)
+            else "run Bastion in the folder that holds the class's module, add that folder "
+            "to PYTHONPATH, or re-save the model with torch.export"
+        )
         raise ModelLoadError(
-            f"{path} is a pickled model whose code cannot be found ({_reason(exc)}); import "
-            "the module that defines its class first, or re-save it with torch.export"
+            f"{path} is a pickled model whose class cannot be found ({_reason(exc)}); {where}"
         ) from None
     if not isinstance(obj, nn.Module):
         raise ModelLoadError(
@@ -264,11 +357,16 @@ def load_model(
     """Load a model file in any format `detect_format` knows, in eval mode on `device`.
 
     `arch` ("package.module:factory", called with no arguments) builds the network for weight
-    files (safetensors, torch.save state dicts), which are then loaded strictly. Pickled
+    files (safetensors, torch.save state dicts), which are then loaded strictly; with any
+    other format it is a `ConfigError` (the file holds its own architecture). The working
+    directory is on the import path while `arch` and pickled classes are imported. Pickled
     modules run arbitrary code when loaded, so they load only with `trust_pickle=True`;
-    otherwise `UntrustedModelError`, without unpickling anything. With `mean` and `std` the
-    model is wrapped in `Normalized`, so it takes [0, 1] pixels. Parameters are left as they
-    are (requires_grad untouched). Every failure is a `ModelLoadError` with one sentence.
+    otherwise `UntrustedModelError`, without unpickling anything. Zip archives (TorchScript,
+    .pt2, torch.save) must pass their CRC-32 checks. With `mean` and `std` the model is
+    wrapped in `Normalized`, so it takes [0, 1] pixels. Parameters are left as they are
+    (requires_grad untouched). The model's `bastion_source` attribute is the path
+    (`model_source`). A .pt2 with a fixed batch size loads with a `BastionWarning`. Every
+    failure is a `ModelLoadError` with one sentence.
     """
     try:
         target = torch.device(device)
@@ -288,6 +386,11 @@ def load_model(
             f"{p} is a pickled Python object, which can run arbitrary code when loaded; "
             "re-save it with torch.export or safetensors, or pass --trust-pickle if you trust "
             "its source"
+        )
+    if arch is not None and fmt not in ("safetensors", "torch-weights"):
+        raise ConfigError(
+            f"{p} is a {_LABELS[fmt]} file, which holds its own architecture, so --arch "
+            f"{arch!r} would be ignored; drop --arch (it is only for weight files)"
         )
     model: nn.Module
     if fmt == "onnx":
@@ -320,7 +423,23 @@ def load_model(
             f"cannot move the model to device {str(target)!r} ({_reason(exc)}); "
             "choose an available device such as 'cpu'"
         ) from None
+    _tag(model, str(p))
     return model.eval()
+
+
+def _tag(model: nn.Module, source: str) -> None:
+    with contextlib.suppress(AttributeError, RuntimeError, TypeError):  # TorchScript may refuse
+        object.__setattr__(model, SOURCE_ATTR, source)
+
+
+def model_source(model: Any) -> str:
+    """Where a model came from, for reports: the file `load_model` read it from, else its
+    class (`package.module.Class`)."""
+    source = getattr(model, SOURCE_ATTR, None)
+    if isinstance(source, str):
+        return source
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # --- saving and hashing ------------------------------------------------------------------

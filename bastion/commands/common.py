@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, NoReturn
 
 from bastion.errors import ConfigError
@@ -72,7 +73,13 @@ def add_model_and_data(p: argparse.ArgumentParser) -> None:
         help="data spec: digits, mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, "
         "folder:PATH, npz:PATH[#NAME] (default: digits)",
     )
-    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=["test", "train"],
+        help="the split of digits, mnist, fashion-mnist and cifar10 (default test); npz: "
+        "and folder: specs name their data themselves",
+    )
     p.add_argument(
         "--download",
         action="store_true",
@@ -99,6 +106,45 @@ def add_model_and_data(p: argparse.ArgumentParser) -> None:
         "--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available, else cpu)"
     )
     p.add_argument("--seed", type=int, default=0)
+    add_threads_option(p)
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """--threads, read by `set_threads`."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads torch may use (default: half the available cores, at most 4, "
+        "or what OMP_NUM_THREADS says)",
+    )
+
+
+def default_threads() -> int:
+    """Half the cores this process may run on, at least 1 and at most 4.
+
+    torch's own default (every core) oversubscribes a shared machine: on a busy 2-core box
+    it made `bastion attack mcts --n 5` about 20× slower than one thread.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: `threads`, else OMP_NUM_THREADS's choice if it is set,
+    else `default_threads()`. Returns the number in use."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be a positive number, got {threads}")
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return int(torch.get_num_threads())  # the user's environment already chose
+    torch.set_num_threads(threads or default_threads())
+    return int(torch.get_num_threads())
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -140,6 +186,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", action="store_true", help="print the report as JSON on stdout instead of tables"
     )
+    p.set_defaults(out_is_folder=True)  # load_model_and_data checks it is writable first
 
 
 def device(name: str | None) -> str:
@@ -160,15 +207,33 @@ def device(name: str | None) -> str:
 
 
 def load_model_and_data(args: argparse.Namespace, progress: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """The model (or the demo model), the data (`args.n` samples if set) and provenance."""
-    from bastion.data import load_data
+    """The model (or the demo model), the data (`args.n` samples if set) and provenance.
+
+    Before any work: torch's threads are set (--threads), an output folder (--out of a
+    command that sets `out_is_folder`) must be writable, and --split must apply to --data.
+    After loading, the model runs once on two of the images, so a model that cannot take
+    the data fails here with one line rather than inside an attack.
+    """
+    from bastion.data import load_data, takes_split
+    from bastion.fileio import require_writable_dir
     from bastion.model_io import detect_format, file_sha256, load_model, module_fingerprint
     from bastion.normalized import Normalized
+    from bastion.validation import check_model_accepts
     from bastion.zoo import demo_model
 
     if (args.mean is None) != (args.std is None):
         raise ConfigError("--mean and --std go together; give both or neither")
+    set_threads(getattr(args, "threads", None))
+    spec = args.data or "digits"
+    if args.split is not None and not takes_split(spec):
+        raise ConfigError(
+            f"--split picks the split of digits, mnist, fashion-mnist and cifar10, but "
+            f"--data {spec!r} names its data itself; drop --split (write npz:PATH#{args.split} "
+            "to read the arrays x_NAME, y_NAME)"
+        )
     dev = device(args.device)
+    if getattr(args, "out_is_folder", False):
+        require_writable_dir(args.out)
     if args.model is None:
         task = progress.task("training the demo model (first run only)", 1)
         model = demo_model(device=dev, progress=lambda k, m: task.update(k / m))
@@ -195,6 +260,7 @@ def load_model_and_data(args: argparse.Namespace, progress: Any) -> tuple[Any, A
             "sha256": file_sha256(args.model),
         }
     n = getattr(args, "n", None)
-    data = load_data(args.data or "digits", split=args.split, n=n, download=args.download)
+    data = load_data(spec, split=args.split, n=n, download=args.download)
+    check_model_accepts(model, data.x, repr(spec))
     info.update(num_classes=len(data.classes), input_shape=list(data.x.shape[1:]))
     return model, data, info

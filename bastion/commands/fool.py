@@ -67,7 +67,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print fooling.json on stdout instead")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, out_is_folder=True)
 
 
 def _classes(text: str | None) -> list[int] | None:

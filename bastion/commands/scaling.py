@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bastion.commands.common import EXIT_OK
+from bastion.commands.common import EXIT_OK, add_threads_option, set_threads
 from bastion.errors import ConfigError, DataError
 
 _SCORE_FORMAT = {
@@ -61,6 +61,7 @@ def register(sub: Any) -> None:
     att.add_argument("--method", choices=["qp", "penalty"], default="qp")
     att.add_argument("--model", default=None, help="also classify the scaled attack image")
     att.add_argument("--trust-pickle", action="store_true", help="allow a pickled model file")
+    add_threads_option(att)
     att.set_defaults(handler=run_attack)
     det = sub.add_parser(
         "detect",
@@ -91,7 +92,13 @@ def run_attack(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from bastion.attacks.scaling import PenaltyScalingAttack, ScalingAttack
+    from bastion.fileio import require_writable_dir
 
+    set_threads(args.threads)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the image file to write, e.g. attack.png")
+    require_writable_dir(out.parent, "the folder of --out")
     source, target = _read(args.source), _read(args.target)
     resized = target.shape[:2] != args.size
     if resized:
@@ -106,8 +113,6 @@ def run_attack(args: argparse.Namespace) -> int:
     else:
         attack = PenaltyScalingAttack(args.scaler)
     res = attack(source, target, model=model)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(res.attack).save(out)
     metrics = {"out": str(out), "target_resized": resized, **res.metrics()}
     if args.json:  # an exact hit has PSNR inf, which JSON cannot hold: null
