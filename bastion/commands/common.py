@@ -124,8 +124,9 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
 def default_threads() -> int:
     """Half the cores this process may run on, at least 1 and at most 4.
 
-    torch's own default (every core) oversubscribes a shared machine: on a busy 2-core box
-    it made `bastion attack mcts --n 5` about 20× slower than one thread.
+    torch's own default (one thread per core) oversubscribes a shared machine: on a 2-core
+    box at load ≈ 9, `bastion attack mcts --n 5` spent 171 s attacking with 2 threads and
+    3.6 s with 1 (README, --threads).
     """
     try:
         cores = len(os.sched_getaffinity(0))
