@@ -38,7 +38,8 @@ class FeatureGameMCTS(Attack):
     within `max_distance` in `norm` (default L2 10 with τ = 1, DeepGame's README example).
     `mode="safecv"`: SafeCV's L0 search (value replacement by the far extreme,
     `visit_constant` pixels per move, `simulations` new nodes, backtracking in clusters of
-    `backtracking + 1`; defaults from the package's MNIST example: 6, 100, 10).
+    `backtracking + 1`; defaults from the package's MNIST example: 6, 100, 10). SafeCV has
+    no distance budget: `max_distance` defaults to none (∞) there; a number caps its search.
 
     Budgets, per image: `max_queries` images sent (default 2,000, and `time_limit` None: a
     few seconds per image on a small CNN, so `bastion attack mcts --n 10` on the demo model
@@ -55,7 +56,7 @@ class FeatureGameMCTS(Attack):
         mode: str = "mcts",
         player: str = "cooperative",
         norm: str = "l2",
-        max_distance: float = 10.0,
+        max_distance: float | None = None,
         tau: float = 1.0,
         playouts: int | None = None,
         max_queries: int | None = 2000,
@@ -71,8 +72,12 @@ class FeatureGameMCTS(Attack):
         _choice("mode", mode, MODES)
         _choice("player", player, PLAYERS)
         _choice("norm", norm, NORMS)
-        if not (0 < max_distance < math.inf) or not (0 < tau < math.inf):
-            raise ConfigError("max_distance and tau must be finite numbers > 0")
+        if max_distance is None:
+            max_distance = math.inf if mode == "safecv" else 10.0
+        if not max_distance > 0 or (mode != "safecv" and max_distance == math.inf):
+            raise ConfigError("max_distance must be a number > 0, finite for mode 'mcts'")
+        if not (0 < tau < math.inf):
+            raise ConfigError("tau must be a finite number > 0")
         if max_queries is None and time_limit is None:
             raise ConfigError("give max_queries or time_limit (or both): the search needs a budget")
         for name, value in (

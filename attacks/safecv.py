@@ -22,7 +22,8 @@ replacement) and counts manipulated pixels. Each simulation:
 The search stops after `simulations` new nodes, when as many simulations as there are
 keypoints started from a path already as long as the best severity ("saturated"), or when
 the oracle's budget is spent. Pixel draws try 5 times for a new, changeable pixel within
-the distance budget (SafeCV retries the tree's draws 5 times and the rollout's forever).
+the game's distance budget — none by default (`SafeCV(max_distance=None)`: ∞, as the paper;
+a number caps the search) — SafeCV retries the tree's draws 5 times and the rollout's forever.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,21 @@ def test_safecv_finds_sparse_examples(demo, digits) -> None:  # type: ignore[no-
     l0 = result.distances["l0"][result.success]
     assert float(l0.max()) <= 20 and float(l0.mean()) <= 10  # of 64 pixels
     assert SafeCV().mode == "safecv"
+
+
+def test_safecv_has_no_distance_budget_unless_given_one(demo, digits) -> None:  # type: ignore[no-untyped-def]
+    """SafeCV's paper has no distance budget: by default it finds every example, several
+    beyond L2 1.5; with max_distance=1.5 every example stays within it and fewer succeed."""
+    x, y = digits.x[:12], digits.y[:12]
+    free = SafeCV()(demo, x, y)
+    capped = SafeCV(max_distance=1.5)(demo, x, y)
+    assert SafeCV().max_distance == math.inf and FeatureGameMCTS().max_distance == 10.0
+    assert free.success_rate == 1.0
+    assert int((free.distances["l2"] > 1.5).sum()) >= 3
+    assert float(capped.distances["l2"][capped.success].max()) <= 1.5 + 1e-6
+    assert capped.success_rate < free.success_rate
+    with pytest.raises(ConfigError, match="finite for mode 'mcts'"):
+        FeatureGameMCTS(max_distance=math.inf)
 
 
 def test_deterministic_per_sample_and_inputs_untouched(demo, digits) -> None:  # type: ignore[no-untyped-def]
