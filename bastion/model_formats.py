@@ -44,6 +44,11 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def _shape(t: torch.Tensor | torch.Size) -> str:
+    """A shape as `2×3×8×8` ("scalar" for none)."""
+    return "×".join(str(d) for d in t) or "scalar"
+
+
 def _corrupt(
     path: Path, fmt: str | None = None, exc: BaseException | None = None
 ) -> ModelLoadError:
