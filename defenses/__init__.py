@@ -3,7 +3,13 @@
 
 from bastion.defenses import dverge
 from bastion.defenses.decamouflage import Decamouflage
-from bastion.defenses.distillation import Distilled, TemperatureScaled, distill
+from bastion.defenses.distillation import (
+    Distilled,
+    TemperatureScaled,
+    distill,
+    temperature_of,
+    undo_temperature,
+)
 from bastion.defenses.dverge import Ensemble
 from bastion.defenses.raw_isp import RawISP
 from bastion.defenses.scaling_defenses import (
@@ -12,6 +18,7 @@ from bastion.defenses.scaling_defenses import (
     selective_median_filter,
     selective_random_filter,
 )
+from bastion.defenses.training_check import TrainingFailedError
 
 __all__ = [
     "Decamouflage",
@@ -19,10 +26,13 @@ __all__ = [
     "Ensemble",
     "RawISP",
     "TemperatureScaled",
+    "TrainingFailedError",
     "distill",
     "dverge",
     "scaling_advice",
     "scaling_audit",
     "selective_median_filter",
     "selective_random_filter",
+    "temperature_of",
+    "undo_temperature",
 ]

@@ -214,6 +214,15 @@ def distill(
     )
 
 
+def undo_temperature(model: nn.Module) -> nn.Module:
+    """`TemperatureScaled(model, T)` for a model that carries its distillation temperature
+    T (`temperature_of`), the model itself otherwise: what an adaptive attack should target."""
+    t = temperature_of(model)
+    return (
+        model if t is None or isinstance(model, TemperatureScaled) else TemperatureScaled(model, t)
+    )
+
+
 def soft_labels(
     model: nn.Module, x: torch.Tensor, temperature: float, *, batch_size: int = 512
 ) -> torch.Tensor:

@@ -13,7 +13,7 @@ from bastion.attacks import FGSM, CarliniWagnerL2
 from bastion.cli import main
 from bastion.data import Dataset, load_data
 from bastion.defenses import Distilled, TemperatureScaled, distill
-from bastion.defenses.distillation import soft_labels, temperature_of
+from bastion.defenses.distillation import soft_labels, temperature_of, undo_temperature
 from bastion.defenses.training_check import TrainingFailedError, check_trained
 from bastion.errors import ConfigError, InvalidInputError
 from bastion.model_io import load_model, save_model
@@ -211,6 +211,15 @@ def test_temperature_of_reads_models_and_files(distilled: Distilled, tmp_path: P
     assert temperature_of(tmp_path / "w.safetensors") == 100.0
     save_model(DigitsCNN(), tmp_path / "plain.pt2", torch.rand(2, 1, 8, 8))
     assert temperature_of(tmp_path / "plain.pt2") is None
+    scaled = undo_temperature(load_model(tmp_path / "w.safetensors", arch="bastion.zoo:DigitsCNN"))
+    assert not isinstance(scaled, TemperatureScaled)  # weights alone carry no metadata object
+    save_model(distilled.student, tmp_path / "s.pt2", torch.rand(2, 1, 8, 8))
+    scaled = undo_temperature(load_model(tmp_path / "s.pt2"))
+    assert isinstance(scaled, TemperatureScaled) and scaled.temperature == 100.0
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(scaled(x), distilled.student(x) / 100, atol=1e-5)
+    plain = DigitsCNN()
+    assert undo_temperature(plain) is plain
 
 
 @pytest.mark.parametrize(
