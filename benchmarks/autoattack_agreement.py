@@ -124,7 +124,7 @@ def _module_from(path: Path, name: str) -> Any:
 
 def cifar_test(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     with np.load(root / "cifar10" / "cifar10_subset.npz") as npz:
-        x = torch.from_numpy(npz["x_test"]).permute(0, 3, 1, 2).float() / 255
+        x = torch.from_numpy(npz["x_test"]).permute(0, 3, 1, 2).contiguous().float() / 255
         y = torch.from_numpy(npz["y_test"]).long()
     return x, y
 
