@@ -61,9 +61,21 @@ def test_uniform_image_falls_back_to_a_grid() -> None:
 
 
 def test_colour_images_use_all_channels() -> None:
-    img = torch.from_numpy(_blob(32, 32, row=10, col=20)).float()
-    f = features(torch.stack([img, img * 0.5, img * 0.2]))
-    assert not f.grid and f.partition.shape == (32, 32)
+    """A blob in any one channel alone is found where it is (a reader of one channel would
+    see a blank image for the other two and fall back to the grid), and a colour image has
+    the features of its channel mean."""
+    blob = _blob(32, 32, row=10, col=20)
+    for c in range(3):
+        channels = [np.zeros_like(blob)] * 3
+        channels[c] = blob
+        f = features(torch.from_numpy(np.stack(channels)).float())
+        assert not f.grid and f.partition.shape == (32, 32)
+        col, row = f.keypoints[f.keypoints[:, 3].argmax(), :2]
+        assert abs(col - 20) < 2 and abs(row - 10) < 2, (c, col, row)
+    colour = np.stack([blob, 0.5 * blob, _blob(32, 32, row=24, col=8)], axis=-1)
+    mixed, grey = features(colour), features(colour.mean(axis=2))
+    np.testing.assert_allclose(mixed.keypoints, grey.keypoints)
+    assert np.array_equal(mixed.partition, grey.partition)
 
 
 def test_bad_images_are_refused() -> None:
