@@ -172,8 +172,8 @@ def apgd_run(
             on_iteration()
         if early_stop and bool(hit.any()):
             drop(hit)
-    if len(s["pos"]):  # still robust: the best-loss point (the clean image is returned)
-        out[s["pos"]] = s["best_x"]
+    robust = ~broken[s["pos"]]  # still robust: the best-loss point (the base returns x)
+    out[s["pos"][robust]] = s["best_x"][robust]
     return out, broken, passes
 
 

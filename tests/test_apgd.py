@@ -176,3 +176,11 @@ def test_contract_a_sample_alone_gets_what_it_gets_in_a_batch(demo, digits, make
         alone = attack(demo, x[i : i + 1], y[i : i + 1], indices=torch.tensor([i]))
         assert torch.allclose(alone.x_adv[0], batch.x_adv[i], atol=1e-6)
         assert bool(alone.success[0]) == bool(batch.success[i])
+
+
+def test_early_stop_saves_passes_without_changing_success(demo, digits) -> None:
+    x, y = digits.x[:100], digits.y[:100]
+    stop = APGD(0.1, loss="dlr", n_iter=30)(demo, x, y)
+    full = APGD(0.1, loss="dlr", n_iter=30, early_stop=False)(demo, x, y)
+    assert torch.equal(stop.success, full.success) and stop.success.any()
+    assert int(stop.gradients.sum()) < int(full.gradients.sum())
