@@ -8,11 +8,11 @@ z ≥ x_i, z ≤ x_i + (U − l_i)(1 − a_i)). Per disjunct `A y ≤ b` of the 
 program maximises t subject to t ≤ b − A y row by row; a point with t > 0 is a witness
 (replayed on the model by the caller), as deep inside the unsafe set as the time allows.
 
-HiGHS works in floating point with feasibility tolerances (1e-6), and big-M rows with
+HiGHS works in floating point with feasibility tolerances (1e-7), and big-M rows with
 large bounds turn them into large absolute errors (the issue's ×1000 net: presolve said
 "infeasible" with a violation of 82 logits). So "infeasible" alone is never a proof: the
 program asks for t ≥ −2τ, where τ bounds the effect on the outputs of every row being off
-by its tolerance relative to the magnitudes it sums (`slack.output_deviation`, rel 1e-6).
+by its tolerance relative to the magnitudes it sums (`slack.output_deviation`, rel 1e-7).
 Infeasible then means the solver's bound clears zero by 2τ, the scaled tolerance twice
 over: UNSAT. An optimum in [−2τ, 0] is within tolerance of the boundary: UNKNOWN.
 """
@@ -205,7 +205,10 @@ def _maxpool(
     return z
 
 
-TOLERANCE = 1e-6  # HiGHS's mip_feasibility_tolerance, the largest of its defaults
+# HiGHS's primal/dual feasibility tolerance (default 1e-7): the LPs whose bounds prune nodes
+# and prove infeasibility are solved to it. (mip_feasibility_tolerance, 1e-6, only decides
+# whether an incumbent counts, and every incumbent is replayed on the model anyway.)
+TOLERANCE = 1e-7
 MAX_COEFFICIENT = 1e9  # far below HiGHS's large_matrix_value (1e15, read as infinite)
 MAX_BOUND = 1e12  # far below HiGHS's infinite_bound (1e20)
 
