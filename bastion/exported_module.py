@@ -70,8 +70,9 @@ class _ExportedModule(nn.Module):
         return tree_map(lambda *ts: torch.cat(ts) if _batched(ts[0], b) else ts[0], *outputs)
 
     def _expected(self) -> str:
-        shape = self.input_shape or ()  # any batch size runs, a fixed one in chunks
-        return "×".join(["N", *("?" if d is None else str(d) for d in shape[1:])])
+        """The input shape without the batch: `1×8×8` (`?` for a dynamic dimension)."""
+        shape = self.input_shape or ()
+        return "×".join("?" if d is None else str(d) for d in shape[1:]) or "scalar"
 
     def _check_shape(self, x: Any) -> None:
         shape = self.input_shape
@@ -84,10 +85,10 @@ class _ExportedModule(nn.Module):
             raise self._wrong_shape(x)
 
     def _wrong_shape(self, x: torch.Tensor, why: str = "") -> InvalidInputError:
-        got = _shape(x.shape) if x.dim() else "a scalar"
+        got = _shape(x.shape[1:]) if x.dim() else "a scalar"
         return InvalidInputError(
-            f"{self.name} takes inputs of shape {self._expected()}, got {got}{why}; give data "
-            "of the size and channel count the model was exported for"
+            f"{self.name} takes {self._expected()} inputs (batches N×{self._expected()}), got "
+            f"{got}{why}; give data of the size and channel count the model was exported for"
         )
 
     def _run(self, x: torch.Tensor) -> Any:
