@@ -144,7 +144,16 @@ def test_model_file_with_flipped_bytes_is_refused(tmp_path: Path, net: nn.Module
 # --- output folder -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["a-file", "under-a-file", "proc"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "a-file",
+        "under-a-file",
+        pytest.param(
+            "proc", marks=pytest.mark.skipif(not Path("/proc/self").exists(), reason="no /proc")
+        ),
+    ],
+)
 def test_unwritable_out_fails_before_any_work(tmp_path: Path, where: str) -> None:
     (tmp_path / "file").write_text("x")
     out = {
