@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from markupsafe import Markup, escape
 
-from bastion.suites.formatting import NORM_LABELS, NORM_ORDER, _number, fmt_eps, fmt_pct
+from bastion.suites.formatting import NORM_LABELS, NORM_ORDER, fmt_eps, fmt_pct, number
+
+if TYPE_CHECKING:
+    from bastion.suites.report_model import ReportData
+
+Series = tuple[str, list[tuple[float, float]], str, bool]
+"""One line of a chart: name, sorted (eps, accuracy) points, colour, worst case?"""
 
 # One hue per check, the same in its chart line and its table; the worst case is near-black.
 PALETTE = ("#2563eb", "#ea580c", "#059669", "#c026d3", "#0891b2", "#ca8a04", "#dc2626", "#7c3aed")
@@ -34,20 +40,10 @@ def _tick_label(value: float) -> str:
     return f"{round(value, 10):g}"
 
 
-def _series_points(rows: Any) -> list[tuple[float, float]]:
-    points = []
-    for row in rows if isinstance(rows, list) else []:
-        if isinstance(row, Mapping):
-            eps, acc = _number(row.get("eps")), _number(row.get("robust_accuracy"))
-            if eps is not None and acc is not None and math.isfinite(eps) and math.isfinite(acc):
-                points.append((eps, acc))
-    return sorted(points)
-
-
-def _tag(name: str, body: str = "", **attrs: Any) -> str:
+def _tag(name: str, body: str = "", **attrs: object) -> str:
     """One SVG element; attribute values are escaped, `body` must already be markup."""
 
-    def value(v: Any) -> str:
+    def value(v: object) -> str:
         return f"{v:.1f}" if isinstance(v, float) else str(escape(v))
 
     text = " ".join(f'{k.rstrip("_").replace("_", "-")}="{value(v)}"' for k, v in attrs.items())
@@ -56,7 +52,7 @@ def _tag(name: str, body: str = "", **attrs: Any) -> str:
 
 def chart_svg(
     norm: str,
-    series: Sequence[tuple[str, list[tuple[float, float]], str, bool]],
+    series: Sequence[Series],
     clean_accuracy: float | None,
 ) -> Markup:
     """An accuracy-vs-epsilon chart: one line with markers per `(label, points, colour, worst)`.
@@ -110,7 +106,7 @@ def chart_svg(
         ),
     ]
     legend = []
-    clean = _number(clean_accuracy)
+    clean = number(clean_accuracy)
     if clean is not None and math.isfinite(clean):
         tip = _tag("title", f"clean accuracy {fmt_pct(clean)}")
         out.append(
@@ -169,28 +165,28 @@ def chart_svg(
     )
 
 
-def _charts(report: Mapping[str, Any], checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_norm = report.get("robust_accuracy_by_norm")
-    by_norm = by_norm if isinstance(by_norm, Mapping) else {}
-    norms = {c["norm"] for c in checks if c["norm"]} | {str(n) for n in by_norm}
+def charts(report: ReportData, checks: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
+    """One chart per norm: each check's curve (its view's `points`) and the worst case."""
+    by_norm = report.robust_accuracy_by_norm
+    norms = {str(c["norm"]) for c in checks if c["norm"]} | set(by_norm)
     ordered = [n for n in NORM_ORDER if n in norms] + sorted(norms - set(NORM_ORDER))
-    charts = []
+    out: list[dict[str, object]] = []
     for norm in ordered:
-        series = [(c["id"], c["points"], c["color"], False) for c in checks if c["norm"] == norm]
+        series: list[Series] = [
+            (str(c["id"]), _finite(c["points"]), str(c["color"]), False)
+            for c in checks
+            if c["norm"] == norm
+        ]
         series = [s for s in series if s[1]]
-        worst = _series_points(by_norm.get(norm))
-        worst_name = "worst case"
-        if not worst and norm not in by_norm and len(series) > 1:
-            # An older report without the per-sample worst case: the lowest check per eps
-            # is an upper bound on it, and is labelled as such.
-            lowest: dict[float, float] = {}
-            for _, pts, _, _ in series:
-                for e, a in pts:
-                    lowest[e] = min(a, lowest.get(e, a))
-            worst, worst_name = sorted(lowest.items()), "lowest check"
+        worst = _finite([(p.eps, p.robust_accuracy) for p in by_norm.get(norm, [])])
         if worst:
-            series.append((worst_name, worst, WORST_COLOR, True))
+            series.append(("worst case", worst, WORST_COLOR, True))
         if series:
-            svg = chart_svg(norm, series, report.get("clean_accuracy"))
-            charts.append({"norm": norm, "label": NORM_LABELS.get(norm, norm), "svg": svg})
-    return charts
+            svg = chart_svg(norm, series, report.clean_accuracy)
+            out.append({"norm": norm, "label": NORM_LABELS.get(norm, norm), "svg": svg})
+    return out
+
+
+def _finite(points: object) -> list[tuple[float, float]]:
+    pairs = points if isinstance(points, list) else []
+    return sorted((e, a) for e, a in pairs if math.isfinite(e) and math.isfinite(a))

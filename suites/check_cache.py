@@ -22,11 +22,13 @@ import torch
 
 import bastion
 from bastion.data import Dataset
+from bastion.errors import ConfigError
 from bastion.fileio import write_atomic
 from bastion.model_io import module_fingerprint
 from bastion.suites.report import Report
+from bastion.suites.report_model import ReportData
 
-CACHE_FORMAT = "bastion-check-cache/1"
+CACHE_FORMAT = "bastion-check-cache/2"  # 2: the typed report (schema_version 2)
 
 
 def _code_digest(model: torch.nn.Module) -> str:
@@ -115,14 +117,17 @@ class CheckCache:
             or not isinstance(stored.get("report"), dict)
         ):
             return None
-        report = Report(data=stored["report"])
+        try:
+            report = Report(ReportData.from_dict(stored["report"]))
+        except ConfigError:
+            return None  # written by another version: recompute and overwrite
         self._memory[digest] = report
         return report, "directory"
 
     def put(self, digest: str, key: dict[str, Any], report: Report) -> None:
         self._memory[digest] = report
         if self.directory is not None:
-            record = {"format": CACHE_FORMAT, "key": key, "report": report.data}
+            record = {"format": CACHE_FORMAT, "key": key, "report": report.model.to_dict()}
             write_atomic(
                 self.directory / f"{digest}.json", json.dumps(record, indent=1, allow_nan=False)
             )

@@ -5,12 +5,13 @@ for thresholds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from bastion.errors import BastionError
 from bastion.suites.report import Report
+from bastion.suites.report_model import ReportData
 from bastion.suites.session_report import Entry
 from bastion.suites.thresholds import RobustAccuracy, RobustnessFailure, Threshold, explain
 
@@ -42,9 +43,9 @@ class CheckReport(Report):
     ) -> RobustAccuracy:
         value = super().robust_accuracy(attack, eps)
         if eps is None and attack is not None:
-            eps = _largest_eps(self.data, attack)
+            eps = _largest_eps(self.model, attack)
         return RobustAccuracy(
-            value, report=self.data, attack=attack, eps=eps, location=self.location
+            value, report=self.model, attack=attack, eps=eps, location=self.location
         )
 
     def require(
@@ -62,16 +63,16 @@ class CheckReport(Report):
             self.entry.threshold = threshold.to_dict(float(value))
         if value < min_accuracy:
             raise RobustnessFailure(
-                "\n".join(explain(self.data, threshold, float(value), self.location()))
+                "\n".join(explain(self.model, threshold, float(value), self.location()))
             )
         return value
 
 
-def _largest_eps(report: Mapping[str, Any], attack: str) -> float | None:
+def _largest_eps(report: ReportData, attack: str) -> float | None:
     eps = [
-        r["eps"]
-        for c in report.get("checks", [])
-        if attack.lower() in (str(c["id"]).lower(), str(c["attack"]).lower())
-        for r in c.get("results", [])
+        r.eps
+        for c in report.checks
+        if attack.lower() in (c.id.lower(), c.attack.lower())
+        for r in c.results
     ]
     return max(eps) if eps else None

@@ -10,15 +10,17 @@ labels or an untrained model). Flags are reported first and never change the exi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from bastion.suites.report_model import AttackResult, CheckEntry, Flag, ThreatEntry
 from bastion.suites.threat_report import breaks, evaluates
 from bastion.threats import ThreatModel
 
 if TYPE_CHECKING:
-    from bastion.suites.runner import RunState
+    from bastion.suites.results_log import Item
+    from bastion.suites.run_context import RunState
     from bastion.suites.suite import Check, Suite
 
 SINGLE_STEP_GAP = 0.10  # FGSM robust accuracy above the worst case by more than this
@@ -27,8 +29,8 @@ CHANCE_FACTOR = 1.5  # clean accuracy at most this many times chance
 BLACK_BOX = ("Square", "FeatureGameMCTS", "SafeCV")
 
 
-def flag(name: str, message: str) -> dict[str, str]:
-    return {"name": name, "severity": "warning", "message": message}
+def flag(name: str, message: str) -> Flag:
+    return Flag(name=name, severity="warning", message=message)
 
 
 def _uses_dlr(check: Check) -> bool:
@@ -47,13 +49,13 @@ def _uses_ce(check: Check) -> bool:
 def evaluation_flags(
     suite: Suite,
     state: RunState,
-    items: list[dict[str, Any]],
-    checks: list[dict[str, Any]],
-    threats: list[dict[str, Any]],
+    items: list[Item],
+    checks: list[CheckEntry],
+    threats: list[ThreatEntry],
     num_classes: int,
-) -> list[dict[str, str]]:
+) -> list[Flag]:
     """The flags of a finished run, from its per-check figures and per-sample results."""
-    out: list[dict[str, str]] = []
+    out: list[Flag] = []
     n = state.n
     clean = float(state.correct.double().mean()) if n else 0.0
     chance = 1.0 / max(num_classes, 2)
@@ -69,7 +71,7 @@ def evaluation_flags(
             )
         )
     for entry in threats:
-        t = ThreatModel(entry["norm"], entry["eps"])
+        t = ThreatModel(entry.norm, entry.eps)
         mine = [c for c in suite.checks if evaluates(c, t)]
         out += _single_step_gap(t, entry, mine)
         out += _loss_gap(t, mine, items, state)
@@ -78,13 +80,13 @@ def evaluation_flags(
     return out
 
 
-def _single_step_gap(t: ThreatModel, entry: dict[str, Any], mine: list[Check]) -> list[Any]:
+def _single_step_gap(t: ThreatModel, entry: ThreatEntry, mine: list[Check]) -> list[Flag]:
     if t.norm != "linf":  # catastrophic overfitting and sign-gradient masking are L∞ effects;
         return []  # a single L2 step is weak on any model
-    worst = entry["robust_accuracy"]
+    worst = entry.robust_accuracy
     multi = [c for c in mine if c.attack != "FGSM" and c.attack not in BLACK_BOX]
     for c in mine:
-        acc = entry["attacks"][c.id]["robust_accuracy"]
+        acc = entry.attacks[c.id].robust_accuracy
         if c.attack == "FGSM" and multi and acc is not None and acc - worst > SINGLE_STEP_GAP:
             return [
                 flag(
@@ -98,9 +100,7 @@ def _single_step_gap(t: ThreatModel, entry: dict[str, Any], mine: list[Check]) -
     return []
 
 
-def _loss_gap(
-    t: ThreatModel, mine: list[Check], items: list[dict[str, Any]], state: RunState
-) -> list[Any]:
+def _loss_gap(t: ThreatModel, mine: list[Check], items: list[Item], state: RunState) -> list[Flag]:
     ce = [c for c in mine if _uses_ce(c)]
     dlr = [c for c in mine if _uses_dlr(c)]
     if not ce or not dlr or not state.n:
@@ -123,8 +123,8 @@ def _loss_gap(
 
 
 def _black_box_gap(
-    t: ThreatModel, mine: list[Check], items: list[dict[str, Any]], state: RunState
-) -> list[Any]:
+    t: ThreatModel, mine: list[Check], items: list[Item], state: RunState
+) -> list[Flag]:
     box = [c for c in mine if c.attack in BLACK_BOX]
     grad = [c for c in mine if c.attack not in BLACK_BOX]
     if not box or not grad or not state.n:
@@ -145,30 +145,29 @@ def _black_box_gap(
     ]
 
 
-def _union(
-    items: list[dict[str, Any]], checks: list[Check], t: ThreatModel, n: int
-) -> torch.Tensor:
+def _union(items: list[Item], checks: list[Check], t: ThreatModel, n: int) -> torch.Tensor:
     out = torch.zeros(n, dtype=torch.bool)
     for c in checks:
         out |= breaks(items, c.id, t.eps, n)
     return out
 
 
-def _rising(checks: list[dict[str, Any]]) -> list[Any]:
+def _rising(checks: list[CheckEntry]) -> list[Flag]:
+    """Robust accuracy of an attack's curve rising with eps by more than noise."""
     for c in checks:
-        rows = [r for r in c.get("results", []) if r.get("robust_accuracy") is not None]
-        if c.get("kind", "attack") != "attack" or len(rows) < 2:
+        rows = [r for r in c.results if isinstance(r, AttackResult)]
+        if len(rows) < 2:
             continue
-        m = max(int(c.get("n") or 1), 1)
+        m = max(c.n or 1, 1)
         for a, b in zip(rows, rows[1:], strict=False):
-            rise = b["robust_accuracy"] - a["robust_accuracy"]
+            rise = b.robust_accuracy - a.robust_accuracy
             if rise > max(0.01, 1.5 / m):
                 return [
                     flag(
                         "robust_accuracy_rises_with_eps",
-                        f"{c['id']} leaves {b['robust_accuracy']:.1%} robust at eps "
-                        f"{b['eps']:g} but {a['robust_accuracy']:.1%} at the smaller "
-                        f"{a['eps']:g}: a larger budget cannot make a model more robust, so "
+                        f"{c.id} leaves {b.robust_accuracy:.1%} robust at eps "
+                        f"{b.eps:g} but {a.robust_accuracy:.1%} at the smaller "
+                        f"{a.eps:g}: a larger budget cannot make a model more robust, so "
                         "the attack is failing (masked gradients or too few steps)",
                     )
                 ]

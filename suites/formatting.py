@@ -9,38 +9,37 @@ from __future__ import annotations
 import math
 import numbers
 from fractions import Fraction
-from typing import Any
 
 NORM_ORDER = ("linf", "l2", "l1", "l0")
 NORM_LABELS = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
 DASH = "—"
 
 
-def _number(value: Any) -> float | None:
+def number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return None if math.isnan(value) else float(value)
 
 
-def fmt_pct(value: Any, digits: int = 1) -> str:
-    v = _number(value)
+def fmt_pct(value: object, digits: int = 1) -> str:
+    v = number(value)
     return DASH if v is None or math.isinf(v) else f"{100 * v:.{digits}f}%"
 
 
-def fmt_num(value: Any, digits: int = 4) -> str:
-    v = _number(value)
+def fmt_num(value: object, digits: int = 4) -> str:
+    v = number(value)
     if v is None:
         return DASH
     return "∞" if math.isinf(v) else f"{v:.{digits}g}"
 
 
-def fmt_count(value: Any) -> str:
-    v = _number(value)
+def fmt_count(value: object) -> str:
+    v = number(value)
     return DASH if v is None or math.isinf(v) else f"{round(v):,}"
 
 
-def fmt_seconds(value: Any) -> str:
-    v = _number(value)
+def fmt_seconds(value: object) -> str:
+    v = number(value)
     if v is None or math.isinf(v):
         return DASH
     if v < 60:
@@ -53,15 +52,15 @@ def fmt_seconds(value: Any) -> str:
     )
 
 
-def bar_width(value: Any) -> str:
+def bar_width(value: object) -> str:
     """A CSS width for an accuracy bar (`"80.0%"`), or `""` when there is no number."""
-    v = _number(value)
+    v = number(value)
     return "" if v is None or math.isinf(v) else f"{100 * min(max(v, 0.0), 1.0):.1f}%"
 
 
-def fmt_eps(value: Any) -> str:
+def fmt_eps(value: object) -> str:
     """`0.03137` → `0.03137 (8/255)`: pixel budgets are usually chosen as k/255."""
-    v = _number(value)
+    v = number(value)
     if v is None:
         return DASH
     text = f"{v:.4g}"

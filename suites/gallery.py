@@ -59,16 +59,16 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
     return array
 
 
-def png_data_uri(image: np.ndarray, scale: int | None = None) -> str:
-    """A `data:image/png;base64,…` URI of an H×W×C (or H×W) image in [0, 1].
-
-    `scale` is the integer nearest-neighbour upscaling factor; by default
-    `display_scale(H, W)`, so an 8×8 digit becomes 112×112 and a 32×32 image 96×96.
-    Values are rounded to 8 bits; anything outside [0, 1] is shown at the nearest bound.
-    """
-    array = _as_hwc(image)
-    height, width = array.shape[:2]
-    factor = display_scale(height, width) if scale is None else int(scale)
+def png_bytes(image: np.ndarray, scale: int = 1, *, channels_first: bool = False) -> bytes:
+    """8-bit PNG bytes of an H×W×C (or H×W; C×H×W with `channels_first`) image in [0, 1]:
+    grey for one channel, RGB for three; values rounded to 8 bits, anything outside [0, 1]
+    at the nearest bound; `scale` upscales by an integer factor (nearest neighbour). The
+    one PNG encoder of Bastion (the HTML gallery, `bastion attack`, `fool`, `verify`)."""
+    array = np.asarray(image, dtype=np.float64)
+    if channels_first and array.ndim == 3:
+        array = array.transpose(1, 2, 0)
+    array = _as_hwc(array)
+    factor = int(scale)
     if factor < 1:
         raise ValueError(f"scale must be a positive integer, got {scale}")
     pixels = np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -77,7 +77,21 @@ def png_data_uri(image: np.ndarray, scale: int | None = None) -> str:
     picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def png_data_uri(image: np.ndarray, scale: int | None = None) -> str:
+    """A `data:image/png;base64,…` URI of an H×W×C (or H×W) image in [0, 1] (`png_bytes`).
+
+    `scale` is the integer nearest-neighbour upscaling factor; by default
+    `display_scale(H, W)`, so an 8×8 digit becomes 112×112 and a 32×32 image 96×96.
+    """
+    shape = np.shape(image)
+    if len(shape) < 2:
+        _as_hwc(np.asarray(image))  # raises the shape error
+    factor = display_scale(shape[0], shape[1]) if scale is None else scale
+    data = png_bytes(image, factor)
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def amplified_difference(clean: np.ndarray, adv: np.ndarray) -> np.ndarray:

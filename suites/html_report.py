@@ -1,10 +1,10 @@
-"""The HTML report: one self-contained page from a report.json dict and its gallery.
+"""The HTML report: one self-contained page from the typed report and its gallery.
 
 The page has no external resources (inline CSS, inline SVG charts from `charts`, images
 as data URIs) and a Content-Security-Policy that forbids loading any, so it can be mailed,
 attached to a CI run or opened offline. Every string from the report is escaped by
-jinja2's autoescape; the SVG is built from escaped parts. Older or partial reports
-render: every key is optional and every number may be null.
+jinja2's autoescape; the SVG is built from escaped parts. The view reads the model's
+fields; a check kind adds its own parts (`CheckKind.html`). Figures may be null.
 """
 
 from __future__ import annotations
@@ -13,120 +13,116 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import jinja2
 import numpy as np
 
 from bastion.fileio import write_atomic
-from bastion.suites.charts import PALETTE, _charts, _series_points
+from bastion.suites.charts import PALETTE, charts
 from bastion.suites.formatting import (
     NORM_LABELS,
-    _number,
     bar_width,
     fmt_count,
     fmt_eps,
     fmt_num,
     fmt_pct,
     fmt_seconds,
+    number,
 )
+from bastion.suites.json_codec import JsonObject, encode
+from bastion.suites.kinds import kind_of
+from bastion.suites.report_model import CheckEntry, Normalization, ReportData
 
 from .gallery import GalleryItem, amplified_difference, display_scale, png_data_uri
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+View = dict[str, object]
+"""What the template reads for one part of the page (built from the typed report)."""
 
 
 # ---------------------------------------------------------------- view model
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return dict(value) if isinstance(value, Mapping) else {}
-
-
-def _pairs(*items: tuple[str, Any]) -> list[tuple[str, str]]:
+def _pairs(*items: tuple[str, object]) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in items if v is not None and v != ""]
 
 
-def _param(key: str, value: Any) -> str:
+def _param(key: str, value: object) -> str:
     """A suite parameter for display: numbers shortened, eps as k/255 where it is one."""
     if isinstance(value, (list, tuple)):
         return ", ".join(_param(key, v) for v in value)
-    if _number(value) is None:
+    v = number(value)
+    if v is None:
         return str(value)
     if key.startswith("eps"):
-        text = fmt_eps(value)
+        text = fmt_eps(v)
         return text[text.index("(") + 1 : -1] if "(" in text else text
-    return fmt_num(value)
+    return fmt_num(v)
 
 
-def _checks(
-    report: Mapping[str, Any], figures: Mapping[str, Any] | None = None
-) -> list[dict[str, Any]]:
+def _json(value: object) -> JsonObject:
+    out = encode(value)
+    assert isinstance(out, dict)
+    return out
+
+
+def _checks(report: ReportData, figures: Mapping[str, object] | None = None) -> list[View]:
     checks = []
     figures = figures or {}
-    classes = _dict(report.get("data")).get("classes")
-    names = [str(c) for c in classes] if isinstance(classes, list) else []
-    raw = report.get("checks")
-    for i, check in enumerate(raw if isinstance(raw, list) else []):
-        check = _dict(check)
-        results = [_dict(r) for r in check.get("results") or [] if isinstance(r, Mapping)]
-        params = _dict(check.get("params"))
-        checks.append(
-            {
-                "id": str(check.get("id") or check.get("attack") or f"check {i + 1}"),
-                "anchor": f"check-{i + 1}",
-                "attack": check.get("attack"),
-                "norm": str(check["norm"]) if check.get("norm") else None,
-                "params": [(str(k), _param(str(k), v)) for k, v in params.items()],
-                "cascade": check.get("cascade"),
-                "n": check.get("n"),
-                "criterion": check.get("criterion"),
-                "passed": check.get("passed"),
-                "seconds": check.get("seconds"),
-                "kind": check.get("kind", "attack"),
-                "intervals": [_dict(r) for r in check.get("intervals") or []],
-                "fooling": _fooling(check, figures.get(str(check.get("id"))), names),
-                "scaling": _scaling(check, figures.get(str(check.get("id"))), names),
-                "results": results,
-                "points": _series_points(results),
-                "color": PALETTE[i % len(PALETTE)],
-            }
-        )
+    names = [str(c) for c in report.data.classes]
+    for i, check in enumerate(report.checks):
+        results = [_json(r) for r in check.results]
+        view: View = {
+            "id": check.id,
+            "anchor": f"check-{i + 1}",
+            "attack": check.attack,
+            "norm": check.norm or None,
+            "params": [(str(k), _param(str(k), v)) for k, v in check.params.items()],
+            "cascade": check.cascade,
+            "n": check.n,
+            "criterion": check.criterion,
+            "passed": check.passed,
+            "seconds": check.seconds,
+            "kind": check.kind,
+            "intervals": [_json(r) for r in check.intervals or []],
+            "fooling": None,
+            "scaling": None,
+            "results": results,
+            "points": sorted((r.eps, r.robust_accuracy) for r in check.results),
+            "color": PALETTE[i % len(PALETTE)],
+        }
+        view.update(kind_of(check).html(check, figures.get(check.id), names))
+        checks.append(view)
     return checks
 
 
-def _fooling(check: Mapping[str, Any], images: Any, names: list[str]) -> dict[str, Any] | None:
+def fooling_view(check: CheckEntry, images: object, names: list[str]) -> View | None:
     """A fooling check's figures and its per-class tiles (with images when the run kept them)."""
-    fooling = check.get("fooling")
-    if not isinstance(fooling, Mapping):
+    if check.fooling is None:
         return None
-    rows = [_dict(r) for r in fooling.get("classes") or [] if isinstance(r, Mapping)]
     tiles = []
-    for k, row in enumerate(rows):
-        predicted = _number(row.get("predicted"))
+    for k, row in enumerate(check.fooling.classes):
         image = images[k] if isinstance(images, list) and k < len(images) else None
         tiles.append(
             {
-                **row,
-                "predicted_name": _class_name(names, predicted),
-                "fooled": (_number(row.get("confidence")) or 0.0) >= 0.99
-                and predicted == _number(row.get("class")),
+                **_json(row),
+                "predicted_name": _class_name(names, row.predicted),
+                "fooled": row.confidence >= 0.99 and row.predicted == row.klass,
                 "uri": png_data_uri(image) if image is not None else None,
                 "size": png_size(image) if image is not None else None,
             }
         )
-    return {**fooling, "tiles": tiles}
+    return {**_json(check.fooling), "tiles": tiles}
 
 
-def _scaling(check: Mapping[str, Any], examples: Any, names: list[str]) -> dict[str, Any] | None:
+def scaling_view(check: CheckEntry, examples: object, names: list[str]) -> View | None:
     """A scaling check's rows, each with its example triptych when the run kept one."""
-    rows = check.get("scaling")
-    if not isinstance(rows, list):
+    if check.scaling is None:
         return None
     examples = examples if isinstance(examples, Mapping) else {}
     view = []
-    for row in (_dict(r) for r in rows):
-        ex = examples.get(row.get("scaler"))
+    for row in check.scaling:
+        ex = examples.get(row.scaler)
         pictures = None
         if isinstance(ex, Mapping):
             arrays = {
@@ -140,13 +136,13 @@ def _scaling(check: Mapping[str, Any], examples: Any, names: list[str]) -> dict[
                 "attack_uri": png_data_uri(arrays["attack"]),
                 "seen_uri": png_data_uri(arrays["seen"], scale=scale),
                 "size": png_size(arrays["source"]),
-                "source_name": _class_name(names, _number(ex.get("source_class"))),
-                "target_name": _class_name(names, _number(ex.get("target_class"))),
-                "predicted_name": _class_name(names, _number(ex.get("predicted_class"))),
+                "source_name": _class_name(names, number(ex.get("source_class"))),
+                "target_name": _class_name(names, number(ex.get("target_class"))),
+                "predicted_name": _class_name(names, number(ex.get("predicted_class"))),
                 "success": ex.get("success"),
             }
-        view.append({**row, "example": pictures})
-    return {"rows": view, "vulnerable": check.get("vulnerable")}
+        view.append({**_json(row), "example": pictures})
+    return {"rows": view, "vulnerable": check.vulnerable}
 
 
 def _class_name(names: list[str], k: float | None) -> str:
@@ -155,29 +151,24 @@ def _class_name(names: list[str], k: float | None) -> str:
     return names[int(k)] if 0 <= k < len(names) else str(int(k))
 
 
-def _flags(report: Mapping[str, Any]) -> list[dict[str, str]]:
-    flags = []
-    raw = report.get("flags")
-    for flag in raw if isinstance(raw, list) else []:
-        flag = _dict(flag) if isinstance(flag, Mapping) else {"message": str(flag)}
-        severity = str(flag.get("severity") or "warning").lower()
-        flags.append(
-            {
-                "name": str(flag.get("name") or ""),
-                "severity": severity if severity in ("info", "warning", "error") else "warning",
-                "message": str(flag.get("message") or ""),
-            }
-        )
-    return flags
+def _flags(report: ReportData) -> list[View]:
+    return [
+        {
+            "name": f.name,
+            "severity": f.severity if f.severity in ("info", "warning", "error") else "warning",
+            "message": f.message,
+        }
+        for f in report.flags
+    ]
 
 
-def _gallery(items: Sequence[GalleryItem], norms: Mapping[str, str | None]) -> list[dict[str, Any]]:
+def _gallery(items: Sequence[GalleryItem], norms: Mapping[str, object]) -> list[View]:
     view = []
     for item in items:
         view.append(
             {
                 "item": item,
-                "norm": NORM_LABELS.get(norms.get(item.check) or "", ""),
+                "norm": NORM_LABELS.get(str(norms.get(item.check) or ""), ""),
                 "eps": fmt_eps(item.eps),
                 "eps_raw": repr(float(item.eps)),
                 "fooled": item.adv_pred != item.label,
@@ -190,67 +181,56 @@ def _gallery(items: Sequence[GalleryItem], norms: Mapping[str, str | None]) -> l
     return view
 
 
-def png_size(image: Any) -> tuple[int, int]:
+def png_size(image: np.ndarray) -> tuple[int, int]:
     """The (width, height) in pixels of `png_data_uri(image)` at its default scale."""
     h, w = image.shape[0], image.shape[1]
     s = display_scale(h, w)
     return w * s, h * s
 
 
-def _before_after(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _before_after(report: ReportData) -> list[View]:
     """Rows (check, eps, undefended, defended) when the run had a defense."""
-    before = _dict(report.get("undefended"))
-    if not before:
+    before = report.undefended
+    if before is None:
         return []
-    rows = [
+    rows: list[View] = [
         {
             "check": "clean accuracy",
             "eps": None,
-            "before": before.get("clean_accuracy"),
-            "after": report.get("clean_accuracy"),
+            "before": before.clean_accuracy,
+            "after": report.clean_accuracy,
         }
     ]
-    old_checks = _dict(before.get("checks"))
-    for check in report.get("checks") or []:
-        old = {r["eps"]: r.get("robust_accuracy") for r in old_checks.get(check["id"]) or []}
-        for r in check.get("results") or []:
+    for check in report.checks:
+        for r in check.results:
             rows.append(
                 {
-                    "check": check["id"],
-                    "eps": r.get("eps"),
-                    "before": old.get(r.get("eps")),
-                    "after": r.get("robust_accuracy"),
+                    "check": check.id,
+                    "eps": r.eps,
+                    "before": before.robust_at(check.id, r.eps),
+                    "after": r.robust_accuracy,
                 }
             )
     return rows
 
 
-def _defense(model: Mapping[str, Any]) -> str | None:
+def _defense(model: JsonObject) -> str | None:
     if not model.get("defense"):
         return None
     return f"{model['defense']}{' (adaptive: + BPDA)' if model.get('adaptive') else ''}"
 
 
-def _passes(passes: Mapping[str, Any]) -> str | None:
-    if not passes:
-        return None
-    forward, backward = fmt_count(passes.get("forward")), fmt_count(passes.get("backward"))
-    return f"{forward} forward · {backward} backward"
-
-
 def _context(
-    report: Mapping[str, Any],
+    report: ReportData,
     gallery: Sequence[GalleryItem],
-    figures: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    model, data = _dict(report.get("model")), _dict(report.get("data"))
-    env, suite = _dict(report.get("environment")), _dict(report.get("suite"))
-    timings, passes = _dict(report.get("timings")), _dict(report.get("passes"))
+    figures: Mapping[str, object] | None = None,
+) -> View:
+    model, data, env = report.model, report.data, report.environment
     checks = _checks(report, figures)
     flags = _flags(report)
     sha = str(model.get("sha256") or "")
-    classes = data.get("classes")
     shape = model.get("input_shape")
+    passes = report.passes
     details = {
         "Model": _pairs(
             ("Source", model.get("source")),
@@ -259,92 +239,83 @@ def _context(
             ("Defense", _defense(model)),
             ("Classes", model.get("num_classes")),
             ("Input", "×".join(str(s) for s in shape) if isinstance(shape, list) else shape),
-            ("Normalization", _normalization(report)),
+            ("Normalization", _normalization(report.normalization)),
         ),
         "Data": _pairs(
-            ("Spec", data.get("spec")),
-            ("Split", data.get("split")),
-            ("Samples", fmt_count(data["n"]) if "n" in data else None),
-            ("Classes", len(classes) if isinstance(classes, list) else None),
+            ("Spec", data.spec),
+            ("Split", data.split),
+            ("Samples", fmt_count(data.n)),
+            ("Classes", len(data.classes)),
         ),
         "Run": _pairs(
-            ("Suite", suite.get("name")),
-            ("Threat models", ", ".join(t["threat"] for t in _threats(report)) or None),
-            ("Seed", report.get("seed")),
-            ("Created", report.get("created")),
+            ("Suite", report.suite_name),
+            ("Threat models", ", ".join(t.threat for t in report.threat_models) or None),
+            ("Seed", report.seed),
+            ("Created", report.created),
+            ("Total time", fmt_seconds(report.timings.total_seconds)),
             (
-                "Total time",
-                fmt_seconds(timings["total_seconds"]) if "total_seconds" in timings else None,
+                "Passes",
+                f"{fmt_count(passes.forward)} forward · {fmt_count(passes.backward)} backward",
             ),
-            ("Passes", _passes(passes)),
         ),
         "Environment": _pairs(
-            ("Bastion", report.get("bastion_version")),
-            ("Python", env.get("python")),
-            ("PyTorch", env.get("torch")),
-            ("Device", env.get("device")),
-            ("Threads", env.get("threads")),
-            ("Platform", env.get("platform")),
+            ("Bastion", report.bastion_version),
+            ("Python", env.python),
+            ("PyTorch", env.torch),
+            ("Device", env.device),
+            ("Threads", env.threads),
+            ("Platform", env.platform),
         ),
     }
-    clean, robust = _number(report.get("clean_accuracy")), _number(report.get("robust_accuracy"))
-    criteria = [c["passed"] for c in checks if c["passed"] is not None]
+    clean, robust = report.clean_accuracy, report.robust_accuracy
+    criteria = [c.passed for c in report.checks if c.passed is not None]
     return {
-        "version": str(report.get("bastion_version") or ""),
-        "created": report.get("created"),
-        "n_samples": _number(data.get("n")),
-        "total_seconds": _number(timings.get("total_seconds")),
+        "version": report.bastion_version,
+        "created": report.created,
+        "n_samples": data.n,
+        "total_seconds": report.timings.total_seconds,
         "title": str(model.get("source") or "Unnamed model"),
-        "subtitle": " · ".join(
-            str(v) for v in (data.get("spec"), suite.get("name") and f"suite {suite['name']}") if v
-        ),
+        "subtitle": f"{data.spec} · suite {report.suite_name}",
         "details": {k: v for k, v in details.items() if v},
         "sha256": sha,
         "clean": clean,
         "robust": robust,
-        "drop": clean - robust if clean is not None and robust is not None else None,
+        "drop": clean - robust,
         "threats": _threats(report),
         "flags": flags,
         "severity_counts": {
             s: sum(f["severity"] == s for f in flags) for s in ("error", "warning", "info")
         },
-        "passed": report.get("passed"),
+        "passed": report.passed,
         "criteria_met": sum(bool(p) for p in criteria),
         "criteria_total": len(criteria),
         "checks": checks,
         "before_after": _before_after(report),
-        "charts": _charts(report, checks),
+        "charts": charts(report, checks),
         "gallery": _gallery(gallery, {c["id"]: c["norm"] for c in checks}),
         "norm_labels": NORM_LABELS,
     }
 
 
-def _normalization(report: Mapping[str, Any]) -> str | None:
-    norm = report.get("normalization")
-    if "normalization" not in report:
-        return None
-    if not isinstance(norm, Mapping):
+def _normalization(norm: Normalization | None) -> str:
+    if norm is None:
         return "none ([0, 1] pixels)"
-    return f"mean {norm.get('mean')} · std {norm.get('std')}"
+    return f"mean {norm.mean} · std {norm.std}"
 
 
-def _threats(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _threats(report: ReportData) -> list[View]:
     """The headline cards: one per threat model."""
-    out = []
-    for t in report.get("threat_models") or []:
-        if not isinstance(t, Mapping) or "threat" not in t:
-            continue
-        out.append(
-            {
-                "threat": str(t["threat"]),
-                "robust": _number(t.get("robust_accuracy")),
-                "n": _number(t.get("n")),
-                "attacks": len(t.get("attacks") or {}),
-                "passed": t.get("passed"),
-                "fail_under": _number(t.get("fail_under")),
-            }
-        )
-    return out
+    return [
+        {
+            "threat": t.threat,
+            "robust": t.robust_accuracy,
+            "n": t.n,
+            "attacks": len(t.attacks),
+            "passed": t.passed,
+            "fail_under": t.fail_under,
+        }
+        for t in report.threat_models
+    ]
 
 
 @functools.lru_cache(maxsize=1)
@@ -363,9 +334,9 @@ def _environment() -> jinja2.Environment:
 
 
 def render_html(
-    report: Mapping[str, Any],
+    report: ReportData,
     gallery: Sequence[GalleryItem] = (),
-    figures: Mapping[str, Any] | None = None,
+    figures: Mapping[str, object] | None = None,
 ) -> str:
     """The report page as one self-contained HTML string (see the module docstring).
     `figures` holds the images of fooling and scaling checks by check id (`Report.figures`)."""
@@ -374,10 +345,10 @@ def render_html(
 
 
 def write_html(
-    report: Mapping[str, Any],
+    report: ReportData,
     gallery: Sequence[GalleryItem],
     path: str | os.PathLike[str],
-    figures: Mapping[str, Any] | None = None,
+    figures: Mapping[str, object] | None = None,
 ) -> None:
     """Write the page to `path` atomically (a temporary file beside it, then a rename).
 

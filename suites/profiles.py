@@ -16,6 +16,11 @@ from typing import Any
 from bastion.suites.suite import Check, Suite
 
 FAST_N = 64
+# what a one-check command run (`bastion attack`) gives an attack whose paper budget takes
+# minutes per batch on a CPU (CW: 9 × 10,000); a suite file can ask for more
+CPU_BUDGET: dict[str, dict[str, int]] = {
+    "CarliniWagnerL2": {"binary_search_steps": 5, "max_iterations": 1000},
+}
 FAST_CAPS: dict[str, dict[str, int]] = {
     "PGD": {"steps": 10},
     "BIM": {"steps": 10},

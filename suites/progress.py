@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol
 
 
@@ -96,3 +97,9 @@ class RichProgress:
                 progress.update(task_id, completed=total)
 
         return _Task()
+
+
+def command_progress(quiet: bool = False) -> RichProgress:
+    """A command's progress display (use it as a context manager): rich bars on stderr
+    when stderr is a terminal and not `quiet`, else a display that shows nothing."""
+    return RichProgress(enabled=sys.stderr.isatty() and not quiet)

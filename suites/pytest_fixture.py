@@ -31,15 +31,8 @@ from bastion.suites.check_report import CheckReport, surface
 from bastion.suites.profiles import fast_n, fast_suite
 from bastion.suites.pytest_plugin import PluginSession
 from bastion.suites.session_report import Entry
-from bastion.suites.suite import (
-    ATTACKS,
-    BUILTIN,
-    Check,
-    Suite,
-    attack_name,
-    load_suite,
-    validate_check,
-)
+from bastion.suites.suite import BUILTIN, Suite, load_suite
+from bastion.suites.suite import one_check_suite as one_check
 from bastion.suites.thresholds import RobustnessFailure, SanityFlagWarning, robustness_table
 
 DataLike = str | Dataset | tuple[torch.Tensor, torch.Tensor]
@@ -59,18 +52,12 @@ def one_check_suite(
     attack: str, eps: float, norm: str | None = None, params: Mapping[str, Any] | None = None
 ) -> Suite:
     """A suite of one check: `attack` at `eps` (its first norm unless given)."""
-    name = attack_name(attack)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise ConfigError(f"eps must be one number for a single-attack check, got {eps!r}")
-    check = Check(
-        id=attack.lower(),
-        attack=name,
-        eps=(float(eps),),
-        norm=norm or ATTACKS[name].norms[0],
-        params=dict(params or {}),
-    )
-    validate_check(check)
-    return Suite(f"assert-{attack.lower()}", (check,))
+    return one_check(
+        attack, (float(eps),), norm=norm, params=dict(params or {}),
+        name=f"assert-{attack.lower()}",
+    )  # fmt: skip
 
 
 class BastionFixture:
@@ -352,7 +339,7 @@ class BastionFixture:
                 model, dataset, suite, seed=seed, device=dev, batch_size=batch_size,
                 model_info=info, threats=threats or None,
             )  # fmt: skip
-            report.data["profile"] = settings.profile
+            report.model.profile = settings.profile
             if digest is not None and key is not None:
                 self._cache().put(digest, key, report)
         entry = self._session.record(
@@ -360,7 +347,7 @@ class BastionFixture:
                 nodeid=self._nodeid,
                 index=self._session.next_index(self._nodeid),
                 kind="suite",
-                report=report.data,
+                report=report.model,
                 key=digest,
                 cached=hit is not None,
                 cache_source=hit[1] if hit is not None else None,
@@ -368,11 +355,11 @@ class BastionFixture:
                 gallery=report.gallery,
             )
         )
-        result = CheckReport(data=report.data, gallery=report.gallery, entry=entry)
+        result = CheckReport(report.model, gallery=report.gallery, entry=entry)
         result.locate = self._locator(result, entry)
         for flag in report.flags:
             warnings.warn(
-                SanityFlagWarning(f"{self._nodeid}: [{flag.get('name')}] {flag.get('message')}"),
+                SanityFlagWarning(f"{self._nodeid}: [{flag.name}] {flag.message}"),
                 stacklevel=3,  # the test that called check()
             )
         return result
@@ -396,12 +383,12 @@ class BastionFixture:
         return locate
 
     def _criteria_failure(self, report: CheckReport) -> list[str]:
-        failed = [c for c in report.data["checks"] if c.get("passed") is False]
+        failed = [c for c in report.model.checks if c.passed is False]
         lines = [
-            f"suite {report.data['suite']['name']!r}: pass criteria failed: "
-            + "; ".join(f"check {c['id']!r}: {c['criterion']}" for c in failed),
+            f"suite {report.model.suite_name!r}: pass criteria failed: "
+            + "; ".join(f"check {c.id!r}: {c.criterion}" for c in failed),
             "",
-            *robustness_table(report.data),
+            *robustness_table(report.model),
         ]
         location = report.location()
         if location:

@@ -15,6 +15,8 @@ from bastion.errors import ConfigError
 from bastion.fileio import write_atomic
 
 FILENAME = "results.jsonl"
+Item = dict[str, Any]
+"""One results.jsonl record as read back (its keys are the writing kind's own)."""
 
 
 def item_key(kind: str, check: str, eps: float | None, batch: int) -> str:

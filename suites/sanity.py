@@ -4,13 +4,13 @@ and ART's security curve). Flags are reported, never change the exit code."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from bastion.attacks import PGD
 from bastion.data import Dataset
+from bastion.suites.report_model import Flag
 from bastion.validation import looks_like_probabilities
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -21,8 +21,8 @@ LARGE_EPS = 0.5
 _SAMPLES = 64
 
 
-def _flag(name: str, message: str) -> dict[str, str]:
-    return {"name": name, "severity": "warning", "message": message}
+def _flag(name: str, message: str) -> Flag:
+    return Flag(name=name, severity="warning", message=message)
 
 
 def run_sanity_checks(
@@ -32,14 +32,14 @@ def run_sanity_checks(
     batch_size: int,
     dev: torch.device,
     seed: int,
-) -> tuple[list[dict[str, str]], dict[str, Any]]:
+) -> tuple[list[Flag], dict[str, int | float]]:
     """Flags, and the measurements behind them, on up to 64 correctly classified samples."""
     idx = correct.nonzero().flatten()[:_SAMPLES]
     if not len(idx):
         return [], {}
     x = data.x[idx].to(dev)
     y = data.y[idx].to(dev)
-    flags: list[dict[str, str]] = []
+    flags: list[Flag] = []
     with torch.no_grad():
         first = model(x)
         second = model(x)

@@ -26,6 +26,7 @@ from typing import Any
 
 import bastion
 from bastion.fileio import write_atomic
+from bastion.suites.report_model import ReportData
 
 SESSION_FORMAT = "bastion-pytest-session/1"
 PARTS = "parts"
@@ -43,7 +44,7 @@ class Entry:
     nodeid: str
     index: int
     kind: str
-    report: dict[str, Any]
+    report: ReportData
     key: str | None = None
     cached: bool = False
     cache_source: str | None = None
@@ -61,9 +62,9 @@ class Entry:
     def verdict(self) -> str:
         """`passed`/`failed` by its threshold or its suite's criteria; without either, its
         test's outcome (a plain `assert report.robust_accuracy(…) >= …` decides that)."""
-        if self.threshold is not None or self.report.get("passed") is not None:
+        if self.threshold is not None or self.report.passed is not None:
             failed = bool(self.threshold and self.threshold.get("passed") is False) or (
-                self.report.get("passed") is False
+                self.report.passed is False
             )
             return "failed" if failed else "passed"
         return self.test_outcome or "recorded"
@@ -85,7 +86,7 @@ class Entry:
             "test_outcome": self.test_outcome,
             "verdict": self.verdict,
             "worker": self.worker,
-            "report": self.report,
+            "report": self.report.to_dict(),
         }
         if with_html:
             out["html"] = self.html
@@ -97,7 +98,7 @@ class Entry:
             nodeid=str(raw["nodeid"]),
             index=int(raw["index"]),
             kind=str(raw["kind"]),
-            report=dict(raw["report"]),
+            report=ReportData.from_dict(raw["report"]),
             key=raw.get("key"),
             cached=bool(raw.get("cached")),
             cache_source=raw.get("cache_source"),
@@ -211,7 +212,7 @@ def _scoped(fragment: str, prefix: str) -> str:
     return re.sub(r"url\(#([^)]*)\)", rf"url(#{prefix}-\1)", fragment)
 
 
-def _pct(value: Any) -> str:
+def _pct(value: object) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "—"
 
 
@@ -237,10 +238,9 @@ def session_html(data: Mapping[str, Any], entries: Sequence[Entry]) -> str:
         rows.append(
             f'<tr><td><a href="#{e(entry.anchor)}">{e(entry.nodeid)}</a>'
             f"{f' (#{entry.index + 1})' if entry.index else ''}</td>"
-            f"<td>{e(str((rep.get('suite') or {}).get('name', entry.kind)))}</td>"
-            f"<td>{e(str((rep.get('data') or {}).get('spec', '—')))}</td>"
-            f'<td class="num">{_pct(rep.get("clean_accuracy"))}</td>'
-            f'<td class="num">{_pct(rep.get("robust_accuracy"))}</td>'
+            f"<td>{e(rep.suite_name)}</td><td>{e(rep.data.spec)}</td>"
+            f'<td class="num">{_pct(rep.clean_accuracy)}</td>'
+            f'<td class="num">{_pct(rep.robust_accuracy)}</td>'
             f"<td>{e(_threshold_text(entry.threshold))}</td>"
             f'<td class="num">{_pct((entry.threshold or {}).get("value"))}</td>'
             f'<td class="{css}">{e(verdict)}</td><td>{"yes" if entry.cached else "no"}</td></tr>'

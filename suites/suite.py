@@ -59,6 +59,8 @@ check `ID-bpda`), so the suite's worst case covers both.
 
 from __future__ import annotations
 
+import inspect
+import math
 import operator
 import re
 import tomllib
@@ -81,7 +83,7 @@ from bastion.attacks import (
     Square,
 )
 from bastion.errors import ConfigError
-from bastion.results import NORMS
+from bastion.suites.kinds import get_kind, kind_names
 from bastion.threats import FailUnder, ThreatModel, parse_eps, parse_fail_under, parse_threats
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -94,23 +96,6 @@ _METRICS = (
     "robust_accuracy", "success_rate", "mean_l2", "median_l2", "verified_accuracy",
     "fooled_fraction", "detection_rate",
 )  # fmt: skip
-KINDS = ("attack", "verify", "fooling", "scaling")
-# the metrics a criterion of each kind may name (the rest belong to the other kinds)
-_KIND_METRICS = {
-    "attack": _METRICS[:4],
-    "verify": ("verified_accuracy", "robust_accuracy"),
-    "fooling": ("fooled_fraction",),
-    "scaling": ("detection_rate",),
-}
-VERIFY_PARAMS = {"timeout": 10.0, "engine": "auto", "interval": False, "interval_steps": 6}
-FOOLING_PARAMS: dict[str, Any] = {"encoding": "direct", "generations": 100, "population": 100}
-# further FoolingEvolution keywords a suite may set (cppn_params, chunk and seed it may not)
-_FOOLING_EXTRA = (
-    "init_size", "mutation_rate", "halve_every", "eta_m", "crossover_rate", "eta_c",
-    "target_confidence", "time_budget",
-)  # fmt: skip
-SCALING_PARAMS: dict[str, Any] = {"scalers": ["cv2.linear", "cv2.area"], "ratio": 4, "pairs": 8}
-SCALING_N = 32  # images a scaling check audits when it sets no n
 DEFENSES = ("raw_isp",)
 # attacks that follow gradients: the ones an adaptive (BPDA) twin check is worth running for
 GRADIENT_ATTACKS = ("FGSM", "PGD", "BIM", "APGD", "APGDT", "FAB", "CarliniWagnerL2")
@@ -129,7 +114,7 @@ class AttackSpec:
         kwargs = dict(params)
         if self.bounded:
             kwargs.update(eps=eps, norm=norm)
-        if "seed" in self.cls.__init__.__code__.co_varnames:
+        if "seed" in inspect.signature(self.cls).parameters:
             kwargs.setdefault("seed", seed)
         try:
             return self.cls(**kwargs)
@@ -235,12 +220,12 @@ class Check:
     @property
     def bounded(self) -> bool:
         """Run once per eps (eps-bounded attacks and the verifier)."""
-        return self.kind == "verify" or (self.kind == "attack" and self.spec.bounded)
+        return get_kind(self.kind).bounded(self)
 
     @property
     def robustness(self) -> bool:
         """Counts towards robust accuracy (attack and verify checks; not fooling, scaling)."""
-        return self.kind in ("attack", "verify")
+        return get_kind(self.kind).robustness
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -263,7 +248,7 @@ class Check:
     def at_threats(self, threats: tuple[ThreatModel, ...]) -> list[Check]:
         """This check at the threat models: its own norm with the threat radii added to its
         sweep, and a twin `ID-NORM` for each further norm its attack supports."""
-        if not self.threats or not self.robustness or self.kind == "verify":
+        if not self.threats or not get_kind(self.kind).threat_twins:
             return [self]
         norms = [self.norm, *(n for n in self.spec.norms if n != self.norm)]
         if self.threat_norms:
@@ -330,7 +315,7 @@ class Suite:
             raise ConfigError(f"unknown defense {defense!r}; use one of {', '.join(DEFENSES)}")
         if defense is None and adaptive:
             raise ConfigError('adaptive evaluation needs a defense; set defense = "raw_isp"')
-        if defense is not None and any(c.kind == "verify" for c in self.checks):
+        if defense is not None and not all(get_kind(c.kind).sees_defense for c in self.checks):
             raise ConfigError(
                 "verify checks cannot see through a preprocessing defense; "
                 "drop the defense or the verify checks"
@@ -338,7 +323,7 @@ class Suite:
         checks: list[Check] = []
         for c in (c for c in self.checks if not c.bpda):  # twins are rebuilt, never doubled
             checks.append(c)
-            if adaptive and c.kind == "attack" and c.attack in GRADIENT_ATTACKS:
+            if adaptive and c.attack in GRADIENT_ATTACKS:
                 checks.append(replace(c, id=f"{c.id}-bpda", bpda=True))
         return replace(self, checks=tuple(checks), defense=defense, adaptive=adaptive)
 
@@ -353,24 +338,22 @@ class Suite:
 
 
 def validate_check(check: Check) -> None:
-    if check.kind not in KINDS:
+    """Refuse a check that cannot run (ConfigError, one sentence), before any work."""
+    if check.kind not in kind_names():
         raise ConfigError(
-            f"check {check.id!r}: unknown kind {check.kind!r}; use one of {', '.join(KINDS)}"
+            f"check {check.id!r}: unknown kind {check.kind!r}; use one of {', '.join(kind_names())}"
         )
-    if check.criterion is not None and check.criterion.metric not in _KIND_METRICS[check.kind]:
+    kind = get_kind(check.kind)
+    if check.criterion is not None and check.criterion.metric not in kind.metrics:
         raise ConfigError(
             f"check {check.id!r}: a {check.kind} check's criterion reads one of "
-            f"{', '.join(_KIND_METRICS[check.kind])}, not {check.criterion.metric}"
+            f"{', '.join(kind.metrics)}, not {check.criterion.metric}"
         )
-    if check.kind in ("fooling", "scaling"):
-        _validate_generative(check)
-        return
-    norms = ("linf",) if check.kind == "verify" else check.spec.norms
-    if check.norm not in NORMS or check.norm not in norms:
-        raise ConfigError(
-            f"check {check.id!r}: {check.attack} does not support norm "
-            f"{check.norm!r}; use one of {', '.join(norms)}"
-        )
+    kind.validate(check)
+
+
+def check_eps(check: Check) -> None:
+    """The eps sweep, n and criterion_eps of a check that runs at radii."""
     if not check.eps and not check.threats:
         raise ConfigError(
             f"check {check.id!r} needs at least one eps, or threats = true to run at the "
@@ -392,85 +375,38 @@ def validate_check(check: Check) -> None:
         raise ConfigError(
             f"check {check.id!r}: criterion_eps {check.criterion.eps} is not in its eps list"
         )
-    if check.kind == "verify":
-        _validate_verify_params(check)
-        return
-    # build once so bad parameters fail before any work is done
-    check.spec.build(eps=(check.eps or (0.0,))[0], norm=check.norm, params=check.params, seed=0)
 
 
-def _validate_generative(check: Check) -> None:
-    """Fooling and scaling checks: no eps or norm, their own parameters."""
+def check_criterion(check: Check, results: list[Any]) -> bool | None:
+    """Whether the check's criterion holds on its per-eps `results` (JSON rows): at its
+    criterion_eps, or at every eps; None without a criterion."""
+    crit = check.criterion
+    if crit is None:
+        return None
+    rows = [r for r in results if crit.eps is None or math.isclose(r["eps"], crit.eps)]
+    return all(crit.holds(r.get(crit.metric)) for r in rows)
+
+
+def validate_generative(check: Check, min_n: int) -> None:
+    """Fooling and scaling checks: no eps, norm or cascade; n of at least `min_n`."""
     if check.eps or check.norm or check.cascade or check.bpda:
         raise ConfigError(
             f"check {check.id!r}: a {check.kind} check takes no eps, norm or cascade; remove them"
         )
     if check.criterion is not None and check.criterion.eps is not None:
         raise ConfigError(f"check {check.id!r}: a {check.kind} check takes no criterion_eps")
-    if check.n is not None and check.n < (4 if check.kind == "scaling" else 1):
-        raise ConfigError(f"check {check.id!r}: a {check.kind} check needs n >= "
-                          f"{4 if check.kind == 'scaling' else 1}")  # fmt: skip
-    if check.kind == "fooling":
-        _validate_fooling_params(check)
-    else:
-        _validate_scaling_params(check)
+    if check.n is not None and check.n < min_n:
+        raise ConfigError(f"check {check.id!r}: a {check.kind} check needs n >= {min_n}")
 
 
-def _unknown_params(check: Check, allowed: tuple[str, ...]) -> None:
+def unknown_params(check: Check, allowed: tuple[str, ...]) -> None:
+    """Refuse parameters of a check that its kind does not take."""
     unknown = set(check.params) - set(allowed)
     if unknown:
         raise ConfigError(
             f"check {check.id!r}: unknown {check.kind} parameter(s) "
             f"{', '.join(sorted(unknown))}; allowed: {', '.join(allowed)}"
         )
-
-
-def fooling_attack(check: Check, seed: int) -> Any:
-    """The check's `FoolingEvolution` (its parameters over `FOOLING_PARAMS`)."""
-    from bastion.attacks.fooling import FoolingEvolution
-
-    try:
-        return FoolingEvolution(**{**FOOLING_PARAMS, **check.params, "seed": seed})
-    except TypeError as exc:
-        raise ConfigError(f"check {check.id!r}: bad fooling parameters: {exc}") from None
-
-
-def _validate_fooling_params(check: Check) -> None:
-    _unknown_params(check, (*FOOLING_PARAMS, *_FOOLING_EXTRA))
-    fooling_attack(check, 0)  # raises ConfigError on bad values
-
-
-def _validate_scaling_params(check: Check) -> None:
-    from bastion.attacks.scalers import get_scaler
-
-    _unknown_params(check, tuple(SCALING_PARAMS))
-    p = {**SCALING_PARAMS, **check.params}
-    scalers = p["scalers"]
-    if not isinstance(scalers, list) or not scalers:
-        raise ConfigError(f"check {check.id!r}: scalers must be a non-empty list of names")
-    for name in scalers:
-        get_scaler(str(name))  # raises ConfigError naming the known scalers
-    for key, low in (("ratio", 2), ("pairs", 1)):
-        if not isinstance(p[key], int) or p[key] < low:
-            raise ConfigError(f"check {check.id!r}: {key} must be an integer >= {low}")
-
-
-def _validate_verify_params(check: Check) -> None:
-    from bastion.verify.verifier import ENGINES
-
-    unknown = set(check.params) - set(VERIFY_PARAMS)
-    if unknown:
-        raise ConfigError(
-            f"check {check.id!r}: unknown verify parameter(s) {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(VERIFY_PARAMS)}"
-        )
-    p = {**VERIFY_PARAMS, **check.params}
-    if not float(p["timeout"]) > 0:
-        raise ConfigError(f"check {check.id!r}: timeout must be > 0 seconds")
-    if p["engine"] not in ENGINES:
-        raise ConfigError(f"check {check.id!r}: engine must be one of {', '.join(ENGINES)}")
-    if not 1 <= int(p["interval_steps"]) <= 30:
-        raise ConfigError(f"check {check.id!r}: interval_steps must be in 1..30")
 
 
 def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
@@ -485,15 +421,9 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
             f"allowed: {', '.join(sorted(known))}"
         )
     kind = str(raw.get("kind", "attack"))
-    generative = {"fooling": "FoolingEvolution", "scaling": "ScalingAttack"}
-    if kind == "verify":
-        attack = "Verifier"
-    elif kind in generative:
-        attack = generative[kind]
-    elif "attack" not in raw:
-        raise ConfigError(f"{where}: every attack check needs an 'attack'")
-    else:
-        attack = attack_name(str(raw["attack"]))
+    if kind not in kind_names():
+        raise ConfigError(f"{where}: unknown kind {kind!r}; use one of {', '.join(kind_names())}")
+    attack = get_kind(kind).attack_name(raw, where)
     eps = raw.get("eps", [])
     eps = tuple(parse_eps(e) for e in (eps if isinstance(eps, list) else [eps]))
     crit = raw.get("criterion")
@@ -505,7 +435,7 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
         id=str(raw.get("id", attack.lower())),
         attack=attack,
         eps=eps,
-        norm=str(raw.get("norm", _default_norm(kind, attack))),
+        norm=str(raw.get("norm", get_kind(kind).default_norm(attack))),
         params=dict(raw.get("params", {})),
         n=raw.get("n"),
         cascade=bool(raw.get("cascade", False)),
@@ -526,12 +456,6 @@ def _threat_norms(value: Any, where: str) -> tuple[str, ...]:
     if not norms or any(n not in ("linf", "l2") for n in norms):
         raise ConfigError(f"{where}: threats is true or a list of norms (linf, l2), got {value!r}")
     return tuple(str(n) for n in norms)
-
-
-def _default_norm(kind: str, attack: str) -> str:
-    if kind == "attack" and attack in ATTACKS:
-        return ATTACKS[attack].norms[0]
-    return "linf" if kind == "verify" else ""
 
 
 def suite_from_dict(raw: dict[str, Any], name: str) -> Suite:
@@ -561,6 +485,32 @@ def suite_from_dict(raw: dict[str, Any], name: str) -> Suite:
     if defense is None and not raw.get("adaptive", False):
         return suite
     return suite.with_defense(None if defense is None else str(defense), bool(raw.get("adaptive")))
+
+
+def one_check_suite(
+    attack: str,
+    eps: tuple[float, ...] = (),
+    *,
+    norm: str | None = None,
+    params: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Suite:
+    """A suite of one attack check (`bastion attack`, `bastion.assert_robust`): `attack`
+    (a class name or alias) at `eps`, or at the run's threat models when `eps` is empty
+    (of `norm` only, when given); `norm` defaults to the attack's first."""
+    cls = attack_name(attack)
+    chosen = norm or ATTACKS[cls].norms[0]
+    check = Check(
+        id=attack.lower(),
+        attack=cls,
+        eps=tuple(float(e) for e in eps),
+        norm=chosen,
+        params=dict(params or {}),
+        threats=not eps,
+        threat_norms=(chosen,) if norm else (),
+    )
+    validate_check(check)
+    return Suite(name or f"attack-{check.id}", (check,))
 
 
 BUILTIN_DIR = Path(__file__).parent

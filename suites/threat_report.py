@@ -9,15 +9,17 @@ Every threat model is read over the same samples, all the run evaluated.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from bastion.errors import ConfigError
+from bastion.suites.report_model import CheckEntry, ThreatAttack, ThreatEntry
 from bastion.threats import FailUnder, ThreatModel
 
 if TYPE_CHECKING:
-    from bastion.suites.runner import RunState
+    from bastion.suites.results_log import Item
+    from bastion.suites.run_context import RunState
     from bastion.suites.suite import Check, Suite
 
 
@@ -63,45 +65,43 @@ def resolve_threats(
 def threat_entries(
     suite: Suite,
     state: RunState,
-    checks: list[dict[str, Any]],
+    checks: list[CheckEntry],
     threats: tuple[ThreatModel, ...],
     fail_under: tuple[FailUnder, ...],
-) -> list[dict[str, Any]]:
+) -> list[ThreatEntry]:
     """One entry per threat model: worst-case robust accuracy over all n samples, each
     evaluating check's own figure beside it, and the fail-under verdict."""
     n = state.n
     correct = state.correct
-    by_id = {c["id"]: c for c in checks}
+    by_id = {c.id: c for c in checks}
     out = []
     for t in threats:
         broken = state.broken(t.norm)
         robust = correct & ~(broken <= t.eps * (1 + 1e-9))
-        attacks: dict[str, Any] = {}
+        attacks: dict[str, ThreatAttack] = {}
         for c in suite.checks:
             if not evaluates(c, t):
                 continue
-            row = next(
-                (r for r in by_id[c.id].get("results", []) if t.matches(t.norm, r["eps"])),
-                None,
+            entry = by_id[c.id]
+            row = next((r for r in entry.results if t.matches(t.norm, r.eps)), None)
+            attacks[c.id] = ThreatAttack(
+                attack=c.attack,
+                robust_accuracy=None if row is None else row.robust_accuracy,
+                n=entry.n,
             )
-            attacks[c.id] = {
-                "attack": c.attack,
-                "robust_accuracy": None if row is None else row.get("robust_accuracy"),
-                "n": by_id[c.id].get("n"),
-            }
         acc = float(robust.double().mean()) if n else 0.0
         criteria = [f for f in fail_under if f.applies_to(t)]
         out.append(
-            {
-                "threat": str(t),
-                "norm": t.norm,
-                "eps": t.eps,
-                "robust_accuracy": acc,
-                "n": n,
-                "attacks": attacks,
-                "fail_under": max((f.min_accuracy for f in criteria), default=None),
-                "passed": all(acc >= f.min_accuracy for f in criteria) if criteria else None,
-            }
+            ThreatEntry(
+                threat=str(t),
+                norm=t.norm,
+                eps=t.eps,
+                robust_accuracy=acc,
+                n=n,
+                attacks=attacks,
+                fail_under=max((f.min_accuracy for f in criteria), default=None),
+                passed=all(acc >= f.min_accuracy for f in criteria) if criteria else None,
+            )
         )
     return out
 
@@ -117,17 +117,17 @@ def check_fail_under(fail_under: tuple[FailUnder, ...], threats: tuple[ThreatMod
             )
 
 
-def find_threat(entries: list[dict[str, Any]], text: str) -> dict[str, Any]:
+def find_threat(entries: list[ThreatEntry], text: str) -> ThreatEntry:
     """The entry of threat model `text` (`linf:8/255`); ConfigError naming the evaluated ones."""
     t = ThreatModel.parse(text)
     for e in entries:
-        if t.matches(e["norm"], e["eps"]):
+        if t.matches(e.norm, e.eps):
             return e
-    have = ", ".join(e["threat"] for e in entries) or "none"
+    have = ", ".join(e.threat for e in entries) or "none"
     raise ConfigError(f"threat model {t} was not evaluated; evaluated: {have}")
 
 
-def breaks(items: list[dict[str, Any]], check_id: str, eps: float, n: int) -> torch.Tensor:
+def breaks(items: list[Item], check_id: str, eps: float, n: int) -> torch.Tensor:
     """Which of the first n samples check `check_id` itself broke at radius eps."""
     out = torch.zeros(n, dtype=torch.bool)
     for rec in items:

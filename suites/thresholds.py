@@ -6,17 +6,18 @@ prints the robustness table (every check and eps: robust accuracy, success rate,
 attacked), says which attack broke it at which eps, and where the full report is. It is
 what the pytest plugin shows instead of a bare `assert 0.31 >= 0.4`.
 
-Pure Python over report.json dicts: no torch, so the plugin can use it at any time.
+Pure Python over the report model: no torch, so the plugin can use it at any time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from bastion.suites.formatting import NORM_LABELS
+from bastion.suites.json_codec import JsonObject
+from bastion.suites.report_model import AttackResult, CheckEntry, ReportData, VerifyResult
 
 
 class RobustnessFailure(AssertionError):
@@ -43,7 +44,7 @@ class Threshold:
             return what + (f" at eps {_eps(self.eps)}" if self.eps is not None else "")
         return self.attack + (f" at eps {_eps(self.eps)}" if self.eps is not None else "")
 
-    def to_dict(self, value: float | None = None) -> dict[str, Any]:
+    def to_dict(self, value: float | None = None) -> JsonObject:
         return {
             "min_accuracy": self.min_accuracy,
             "attack": self.attack,
@@ -57,7 +58,7 @@ class RobustAccuracy(float):
     """A robust accuracy that remembers where it came from, so that a failing
     `assert report.robust_accuracy("pgd", eps=0.1) >= 0.4` can print the whole table."""
 
-    report: Mapping[str, Any]
+    report: ReportData
     attack: str | None
     eps: float | None
     location: Callable[[], str | None] | None
@@ -66,7 +67,7 @@ class RobustAccuracy(float):
         cls,
         value: float,
         *,
-        report: Mapping[str, Any],
+        report: ReportData,
         attack: str | None = None,
         eps: float | None = None,
         location: Callable[[], str | None] | None = None,
@@ -76,8 +77,8 @@ class RobustAccuracy(float):
         return self
 
 
-def _eps(value: Any) -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+def _eps(value: float | None) -> str:
+    if value is None:
         return "-"
     text = f"{value:.4g}"
     k = value * 255
@@ -86,16 +87,16 @@ def _eps(value: Any) -> str:
     return text
 
 
-def _num(value: Any, spec: str = ".3f") -> str:
+def _num(value: float | None, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(value, spec)
 
 
-def _matches(check: Mapping[str, Any], attack: str | None) -> bool:
+def _matches(check: CheckEntry, attack: str | None) -> bool:
     if attack is None:
         return True
-    names = (str(check.get("id", "")).lower(), str(check.get("attack", "")).lower())
+    names = (check.id.lower(), check.attack.lower())
     return attack.lower() in names or _alias(attack) in names
 
 
@@ -104,57 +105,51 @@ def _alias(attack: str) -> str:
     return {"cw": "carliniwagnerl2", "cw-l2": "carliniwagnerl2"}.get(attack.lower(), attack.lower())
 
 
-def _close(a: Any, b: Any) -> bool:
-    return (
-        isinstance(a, (int, float))
-        and isinstance(b, (int, float))
-        and math.isclose(a, b, rel_tol=1e-6)
-    )
+def _success(r: AttackResult | VerifyResult) -> float | None:
+    return r.success_rate if isinstance(r, AttackResult) else None
 
 
-def robustness_table(report: Mapping[str, Any], threshold: Threshold | None = None) -> list[str]:
+def _attacked(r: AttackResult | VerifyResult) -> float | None:
+    return r.attacked if isinstance(r, AttackResult) else None
+
+
+def robustness_table(report: ReportData, threshold: Threshold | None = None) -> list[str]:
     """One aligned line per (check, eps): robust accuracy, success rate, points attacked;
     rows that fall below the threshold are marked."""
     header = ("check", "attack", "norm", "eps", "robust acc", "success", "attacked", "")
     rows: list[tuple[str, ...]] = []
-    for check in report.get("checks") or []:
+    for check in report.checks:
         relevant = threshold is not None and _matches(check, threshold.attack)
-        for r in check.get("results") or []:
-            acc = r.get("robust_accuracy")
+        for r in check.results:
+            acc = r.robust_accuracy
             mark = ""
-            if (
-                relevant
-                and threshold is not None
-                and isinstance(acc, (int, float))
-                and acc < threshold.min_accuracy
-            ):
+            if relevant and threshold is not None and acc < threshold.min_accuracy:
                 mark = f"<- below {threshold.min_accuracy:g}"
             rows.append(
                 (
-                    str(check.get("id", "?")),
-                    str(check.get("attack", "?")),
-                    NORM_LABELS.get(str(check.get("norm")), str(check.get("norm"))),
-                    _eps(r.get("eps")),
+                    check.id,
+                    check.attack,
+                    NORM_LABELS.get(str(check.norm), str(check.norm)),
+                    _eps(r.eps),
                     _num(acc),
-                    _num(r.get("success_rate")),
-                    _num(r.get("attacked"), "d"),
+                    _num(_success(r)),
+                    _num(_attacked(r), "d"),
                     mark,
                 )
             )
     if threshold is not None and threshold.attack is None:
-        for norm, norm_rows in (report.get("robust_accuracy_by_norm") or {}).items():
-            for r in norm_rows:
-                acc = r.get("robust_accuracy")
-                below = isinstance(acc, (int, float)) and acc < threshold.min_accuracy
+        for norm, points in report.robust_accuracy_by_norm.items():
+            for p in points:
+                below = p.robust_accuracy < threshold.min_accuracy
                 rows.append(
                     (
                         "worst case",
                         "(all checks)",
                         NORM_LABELS.get(norm, norm),
-                        _eps(r.get("eps")),
-                        _num(acc),
+                        _eps(p.eps),
+                        _num(p.robust_accuracy),
                         "-",
-                        _num(r.get("n"), "d"),
+                        _num(p.n, "d"),
                         f"<- below {threshold.min_accuracy:g}" if below else "",
                     )
                 )
@@ -169,26 +164,25 @@ def robustness_table(report: Mapping[str, Any], threshold: Threshold | None = No
     ]
 
 
-def breaking_points(report: Mapping[str, Any], threshold: Threshold) -> list[str]:
+def breaking_points(report: ReportData, threshold: Threshold) -> list[str]:
     """For each relevant check, the smallest eps at which its robust accuracy fell below."""
     lines = []
-    for check in report.get("checks") or []:
+    for check in report.checks:
         if not _matches(check, threshold.attack):
             continue
         below = [
             r
-            for r in sorted(check.get("results") or [], key=lambda r: r.get("eps") or 0.0)
-            if isinstance(r.get("robust_accuracy"), (int, float))
-            and r["robust_accuracy"] < threshold.min_accuracy
+            for r in sorted(check.results, key=lambda r: r.eps)
+            if r.robust_accuracy < threshold.min_accuracy
         ]
         if not below:
             continue
         first = below[0]
-        norm = NORM_LABELS.get(str(check.get("norm")), str(check.get("norm")))
+        norm = NORM_LABELS.get(str(check.norm), str(check.norm))
         lines.append(
-            f"{check.get('attack')} (check {check.get('id')!r}, {norm}) broke it at eps "
-            f"{_eps(first.get('eps'))}: robust accuracy {_num(first.get('robust_accuracy'))} "
-            f"< {threshold.min_accuracy:g}, success rate {_num(first.get('success_rate'))}"
+            f"{check.attack} (check {check.id!r}, {norm}) broke it at eps "
+            f"{_eps(first.eps)}: robust accuracy {_num(first.robust_accuracy)} "
+            f"< {threshold.min_accuracy:g}, success rate {_num(_success(first))}"
         )
     if not lines and threshold.attack is None:
         lines.append(
@@ -198,26 +192,23 @@ def breaking_points(report: Mapping[str, Any], threshold: Threshold) -> list[str
     return lines
 
 
-def _context(report: Mapping[str, Any]) -> str:
-    model = report.get("model") or {}
-    data = report.get("data") or {}
-    suite = report.get("suite") or {}
-    env = report.get("environment") or {}
+def _context(report: ReportData) -> str:
+    model, data = report.model, report.data
     sha = str(model.get("sha256") or "")
     parts = [
         f"model {model.get('source') or '?'}" + (f" (sha256 {sha[:12]}...)" if sha else ""),
-        f"data {data.get('spec', '?')} ({data.get('split', '?')}, {data.get('n', '?')} samples)",
-        f"suite {suite.get('name', '?')}",
-        f"seed {report.get('seed', '?')}",
-        f"device {env.get('device', '?')}",
+        f"data {data.spec} ({data.split or '?'}, {data.n} samples)",
+        f"suite {report.suite_name}",
+        f"seed {report.seed}",
+        f"device {report.environment.device}",
     ]
-    if report.get("profile"):
-        parts.append(f"profile {report['profile']}")
+    if report.profile:
+        parts.append(f"profile {report.profile}")
     return " · ".join(parts)
 
 
 def explain(
-    report: Mapping[str, Any],
+    report: ReportData,
     threshold: Threshold,
     value: float,
     location: str | None = None,
@@ -236,10 +227,10 @@ def explain(
     lines += breaking_points(report, threshold)
     if location:
         lines.append(f"report: {location}")
-    lines += ["", _context(report), f"clean accuracy {_num(report.get('clean_accuracy'))}", ""]
+    lines += ["", _context(report), f"clean accuracy {_num(report.clean_accuracy)}", ""]
     lines += robustness_table(report, threshold)
-    for flag in report.get("flags") or []:
-        lines.append(f"warning [{flag.get('name')}]: {flag.get('message')}")
+    for flag in report.flags:
+        lines.append(f"warning [{flag.name}]: {flag.message}")
     return lines
 
 

@@ -1,10 +1,13 @@
-"""The HTML report: self-contained, escaped, robust to partial reports, and clean in a browser."""
+"""The HTML report: self-contained, escaped, drawn from the typed report model (null
+figures render as a dash; damaged report.json files are refused when read), and clean in a
+browser."""
 
 from __future__ import annotations
 
 import base64
 import copy
 import io
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,127 +15,135 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from bastion.errors import ConfigError
 from bastion.suites.browser import find_chromium, screenshot_html
 from bastion.suites.gallery import GalleryItem, amplified_difference, png_data_uri
 from bastion.suites.html_report import render_html, write_html
+from bastion.suites.report_model import (
+    AttackResult,
+    CheckEntry,
+    DataInfo,
+    Environment,
+    Flag,
+    NormPoint,
+    Passes,
+    ReportData,
+    Timings,
+)
 
 # ---------------------------------------------------------------- fixtures
 
 
-def make_report() -> dict:
-    """A report.json as the runner writes it: two L∞ attacks, one L2 attack, one flag."""
+def make_report() -> ReportData:
+    """A report as the runner builds it: two L∞ attacks, one L2 attack, one flag."""
     linf_eps = [2 / 255, 4 / 255, 8 / 255, 16 / 255]
 
-    def rows(accs: list[float], eps: list[float], backward: int) -> list[dict]:
+    def rows(accs: list[float], eps: list[float], backward: int) -> list[AttackResult]:
         return [
-            {
-                "eps": e,
-                "robust_accuracy": a,
-                "success_rate": round(1 - a / 0.97, 4),
-                "attacked": 194,
-                "mean_l2": None if a >= 0.97 else round(e * 6.1, 4),
-                "mean_linf": None if a >= 0.97 else e,
-                "median_l2": None if a >= 0.97 else round(e * 5.8, 4),
-                "seconds": 0.21 + e,
-                "forward": 194 * (backward + 1),
-                "backward": 194 * backward,
-            }
+            AttackResult(
+                eps=e,
+                robust_accuracy=a,
+                success_rate=round(1 - a / 0.97, 4),
+                attacked=194,
+                mean_l2=None if a >= 0.97 else round(e * 6.1, 4),
+                mean_linf=None if a >= 0.97 else e,
+                median_l2=None if a >= 0.97 else round(e * 5.8, 4),
+                seconds=0.21 + e,
+                forward=194 * (backward + 1),
+                backward=194 * backward,
+            )
             for e, a in zip(eps, accs, strict=True)
         ]
 
-    return {
-        "bastion_version": "0.1.0",
-        "created": "2026-11-21T06:40:00Z",
-        "environment": {
-            "python": "3.11.7",
-            "torch": "2.13.0",
-            "platform": "Linux-6.1.0-x86_64-with-glibc2.36",
-            "device": "cpu",
-            "threads": 2,
-        },
-        "model": {
+    def check(ident: str, attack: str, norm: str, eps: list[float], **rest: object) -> CheckEntry:
+        entry = CheckEntry(
+            id=ident, kind="attack", attack=attack, norm=norm, eps=eps, params={}, n=200,
+            cascade=False, criterion=None,
+        )  # fmt: skip
+        for k, v in rest.items():
+            setattr(entry, k, v)
+        return entry
+
+    return ReportData(
+        bastion_version="0.1.0",
+        created="2026-11-21T06:40:00Z",
+        environment=Environment(
+            python="3.11.7",
+            torch="2.13.0",
+            bastion="0.1.0",
+            platform="Linux-6.1.0-x86_64-with-glibc2.36",
+            device="cpu",
+            threads=2,
+            cpu_count=2,
+            cuda=None,
+        ),  # fmt: skip
+        model={
             "source": "demo",
             "format": "torchscript",
             "sha256": "ab12cd34ef56ab12cd34ef56ab12cd34ef56ab12cd34ef56ab12cd34ef56ab12",
             "num_classes": 10,
             "input_shape": [1, 8, 8],
         },
-        "data": {
-            "spec": "digits",
-            "split": "test",
-            "n": 200,
-            "classes": [str(i) for i in range(10)],
-        },
-        "suite": {"name": "quick"},
-        "seed": 0,
-        "clean_accuracy": 0.97,
-        "robust_accuracy": 0.035,
-        "robust_accuracy_by_norm": {
+        data=DataInfo("digits", "test", 200, [str(i) for i in range(10)], [1, 8, 8]),
+        suite={"name": "quick"},
+        seed=0,
+        normalization=None,
+        clean_accuracy=0.97,
+        threat_models=[],
+        robust_accuracy=0.035,
+        robust_accuracy_n=200,
+        robust_accuracy_by_norm={
             "linf": [
-                {"eps": e, "robust_accuracy": a}
+                NormPoint(e, 200, a)
                 for e, a in zip(linf_eps, [0.81, 0.55, 0.16, 0.035], strict=True)
             ],
-            "l2": [
-                {"eps": e, "robust_accuracy": a}
-                for e, a in [(0.25, 0.74), (0.5, 0.43), (1.0, 0.09)]
-            ],
+            "l2": [NormPoint(e, 200, a) for e, a in [(0.25, 0.74), (0.5, 0.43), (1.0, 0.09)]],
         },
-        "checks": [
-            {
-                "id": "fgsm",
-                "attack": "FGSM",
-                "norm": "linf",
-                "params": {"eps": linf_eps},
-                "cascade": False,
-                "n": 200,
-                "results": rows([0.86, 0.68, 0.37, 0.12], linf_eps, 1),
-                "criterion": None,
-                "passed": None,
-                "seconds": 0.9,
-            },
-            {
-                "id": "pgd",
-                "attack": "PGD",
-                "norm": "linf",
-                "params": {
-                    "eps": linf_eps,
-                    "steps": 40,
-                    "rel_stepsize": 0.0333,
-                    "random_start": True,
-                },
-                "cascade": True,
-                "n": 200,
-                "results": rows([0.81, 0.55, 0.16, 0.035], linf_eps, 40),
-                "criterion": "robust_accuracy >= 0.4",
-                "passed": False,
-                "seconds": 7.4,
-            },
-            {
-                "id": "cw-l2",
-                "attack": "CarliniWagnerL2",
-                "norm": "l2",
-                "params": {"steps": 100, "binary_search_steps": 5},
-                "cascade": False,
-                "n": 200,
-                "results": rows([0.74, 0.43, 0.09], [0.25, 0.5, 1.0], 500),
-                "criterion": None,
-                "passed": None,
-                "seconds": 3.1,
-            },
-        ],
-        "flags": [
-            {
-                "name": "probability_outputs",
-                "severity": "warning",
-                "message": "The model's outputs sum to 1 on every sample: they look like "
+        checks=[
+            check(
+                "fgsm",
+                "FGSM",
+                "linf",
+                linf_eps,
+                params={"eps": linf_eps},
+                results=rows([0.86, 0.68, 0.37, 0.12], linf_eps, 1),
+                seconds=0.9,
+            ),
+            check(
+                "pgd",
+                "PGD",
+                "linf",
+                linf_eps,
+                cascade=True,
+                params={"eps": linf_eps, "steps": 40, "rel_stepsize": 0.0333, "random_start": True},
+                results=rows([0.81, 0.55, 0.16, 0.035], linf_eps, 40),
+                criterion="robust_accuracy >= 0.4",
+                passed=False,
+                seconds=7.4,
+            ),
+            check(
+                "cw-l2",
+                "CarliniWagnerL2",
+                "l2",
+                [0.25, 0.5, 1.0],
+                params={"steps": 100, "binary_search_steps": 5},
+                results=rows([0.74, 0.43, 0.09], [0.25, 0.5, 1.0], 500),
+                seconds=3.1,
+            ),
+        ],  # fmt: skip
+        flags=[
+            Flag(
+                "probability_outputs",
+                "warning",
+                "The model's outputs sum to 1 on every sample: they look like "
                 "probabilities, not logits, which can mask gradients.",
-            }
+            )
         ],
-        "timings": {"total_seconds": 12.3, "load_seconds": 0.4},
-        "passes": {"forward": 123456, "backward": 98765},
-        "passed": False,
-        "gallery": [],
-    }
+        sanity={},
+        timings=Timings(total_seconds=12.3, clean_seconds=0.1, attack_seconds=11.4),
+        passes=Passes(forward=123456, backward=98765),
+        passed=False,
+    )
 
 
 def _glyph(kind: str) -> np.ndarray:
@@ -283,10 +294,10 @@ def test_upscaling_is_nearest_neighbour_and_round_trips_pixels():
 def test_report_text_is_escaped():
     report = make_report()
     evil = "<script>alert(1)</script>"
-    report["data"]["classes"][3] = evil
-    report["model"]["source"] = f'/models/"{evil}.pt'
-    report["checks"][0]["id"] = evil
-    report["flags"][0]["message"] = evil
+    report.data.classes[3] = evil
+    report.model["source"] = f'/models/"{evil}.pt'
+    report.checks[0].id = evil
+    report.flags[0].message = evil
     gallery = make_gallery()
     gallery[0].label = gallery[0].adv_pred = evil
     gallery[0].check = evil
@@ -310,12 +321,13 @@ def test_one_chart_per_norm_with_every_check_and_the_worst_case():
 
 def test_chart_handles_a_single_eps_and_eps_zero():
     report = make_report()
-    report["checks"] = [report["checks"][0]]
-    report["checks"][0]["results"] = [{"eps": 0.0, "robust_accuracy": 0.97}]
-    report["robust_accuracy_by_norm"] = {"linf": [{"eps": 0.0, "robust_accuracy": 0.97}]}
+    report.checks = [report.checks[0]]
+    first = report.checks[0].results[0]
+    report.checks[0].results = [replace(first, eps=0.0, robust_accuracy=0.97)]
+    report.robust_accuracy_by_norm = {"linf": [NormPoint(0.0, 200, 0.97)]}
     page = parse(render_html(report, []))
     assert len(page.charts) == 1
-    report["checks"][0]["results"] = [{"eps": 0.03, "robust_accuracy": 0.5}]
+    report.checks[0].results = [replace(first, eps=0.03, robust_accuracy=0.5)]
     assert "nan" not in render_html(report, []).lower()
 
 
@@ -327,22 +339,26 @@ def test_page_is_self_contained():
     assert "Content-Security-Policy" in html
 
 
+def _nulls(r: ReportData) -> None:
+    """Every figure a check may lack is null (no success, a check without timing)."""
+    for row in r.checks[2].results:
+        row.success_rate = row.mean_l2 = row.median_l2 = row.mean_linf = None
+        row.seconds = row.forward = row.backward = None
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda r: r.clear(),
-        lambda r: [r.pop(k) for k in ("model", "environment", "timings", "passes", "flags")],
-        lambda r: r.update(robust_accuracy_by_norm=None, checks=None, flags=None, passed=None),
-        lambda r: r.pop("robust_accuracy_by_norm"),
-        lambda r: r["checks"][0].update(results=[{}, {"eps": None, "robust_accuracy": None}]),
-        lambda r: r["checks"][1].pop("norm"),
-        lambda r: r["checks"][2]["results"][0].update(
-            {k: None for k in r["checks"][2]["results"][0]}
-        ),
-        lambda r: r.update(flags=["a bare string flag"], model={"input_shape": None}),
+        lambda r: r.checks.clear(),
+        lambda r: setattr(r, "model", {}),
+        lambda r: r.flags.clear(),
+        lambda r: setattr(r, "robust_accuracy_by_norm", {}),
+        lambda r: setattr(r.checks[1], "norm", None),
+        _nulls,
+        lambda r: setattr(r, "model", {"input_shape": None}),
     ],
 )
-def test_missing_or_null_keys_do_not_crash(mutate):
+def test_empty_and_null_parts_render(mutate):
     report = make_report()
     mutate(report)
     html = render_html(report, make_gallery())
@@ -350,12 +366,29 @@ def test_missing_or_null_keys_do_not_crash(mutate):
     assert len(parse(html).items) == 3
 
 
-def test_report_without_worst_case_draws_the_lowest_check_instead():
+def test_report_json_round_trips_and_damaged_files_are_refused():
     report = make_report()
-    del report["robust_accuracy_by_norm"]
+    back = ReportData.from_json(report.to_json())
+    assert back == report
+    assert render_html(back, []) == render_html(report, [])
+    raw = report.to_dict()
+    assert raw["schema_version"] == 2 and raw["checks"][1]["results"][0]["robust_accuracy"] == 0.81
+    with pytest.raises(ConfigError, match="schema version 1"):
+        ReportData.from_dict({k: v for k, v in raw.items() if k != "schema_version"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        ReportData.from_dict({**raw, "checks": [{**raw["checks"][0], "colour": 1}]})
+    with pytest.raises(ConfigError, match="should be a JSON array"):
+        ReportData.from_dict({**raw, "flags": "none"})
+    with pytest.raises(ConfigError, match="not JSON"):
+        ReportData.from_json("{")
+
+
+def test_report_without_worst_case_draws_the_checks_alone():
+    report = make_report()
+    report.robust_accuracy_by_norm = {}
     html = render_html(report, [])
     charts = html[html.index('<svg class="chart"') : html.index('id="checks"')]
-    assert "lowest check" in charts and "worst case" not in charts
+    assert "fgsm" in charts and "worst case" not in charts
 
 
 def test_flags_are_shown_with_their_severity():
@@ -405,7 +438,7 @@ def test_write_html_replaces_atomically_and_leaves_no_temp_files(tmp_path):
     write_html(make_report(), make_gallery(), target)
     assert target.read_text(encoding="utf-8").startswith("<!doctype html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "results.jsonl"]
-    write_html({}, [], target)
+    write_html(replace(make_report(), checks=[], model={"source": "new"}), [], target)
     assert "old report" not in target.read_text(encoding="utf-8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "results.jsonl"]
 

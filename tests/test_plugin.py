@@ -80,7 +80,7 @@ def _warm(demo, digits) -> Iterator[None]:  # type: ignore[no-untyped-def]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     report = run_suite(demo, digits, load_suite_text(TINY_TOML), n=8, gallery=2)
-    bastion.suites.html_report.render_html(report.data, report.gallery)
+    bastion.suites.html_report.render_html(report.model, report.gallery)
     yield
     torch.set_num_threads(threads)
 
@@ -213,7 +213,7 @@ def test_threat_models_through_check_and_marker(pytester: pytest.Pytester) -> No
         def test_check_reads_a_threat_model(bastion):
             report = bastion.check(bastion.zoo.demo_model(), "digits", suite="tiny.toml",
                                    threats=["linf:0.05"], n=32)
-            assert [t["threat"] for t in report.threat_models] == ["linf:0.05"]
+            assert [t.threat for t in report.threat_models] == ["linf:0.05"]
             assert report.robust_accuracy("linf:0.05") >= 0.5
 
         @pytest.mark.robustness(suite="tiny.toml", threats=["linf:0.2"], min_accuracy=0.9, n=32)
@@ -610,10 +610,11 @@ def test_session_page_scopes_each_check_page(demo, digits) -> None:  # type: ign
 
     report = run_suite(demo, digits, load_suite_text(TINY_TOML), n=8, gallery=2)
     entries = [
-        Entry(nodeid=f"t.py::test_{i}", index=0, kind="suite", report=report.data) for i in range(2)
+        Entry(nodeid=f"t.py::test_{i}", index=0, kind="suite", report=report.model)
+        for i in range(2)
     ]
     for entry in entries:
-        entry.html = render_html(report.data, report.gallery)
+        entry.html = render_html(report.model, report.gallery)
     page = session_html({"summary": {"checks": 2}, "options": {}}, entries)
     ids = re.findall(r'\bid="([^"]+)"', page)
     assert len(ids) == len(set(ids)) and "check-t.py-test_1-0-summary" in ids

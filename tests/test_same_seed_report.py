@@ -24,6 +24,8 @@ from bastion.suites.suite import suite_from_dict
 DATA = Path(__file__).resolve().parent / "data"
 # keys whose values change from run to run (wall clock, the machine)
 VOLATILE = {"created", "environment", "timings", "seconds", "time", "load_seconds"}
+# keys added since the stored files were written (new information, no changed number)
+ADDED = {"schema_version"}
 
 KINDS = {
     "check": [
@@ -76,7 +78,7 @@ def _diff(got: object, want: object, path: str = "") -> list[str]:
     """Where `got` differs from `want`: paths with both values (floats to 1e-9 relative)."""
     if isinstance(want, dict) and isinstance(got, dict):
         out = [f"{path}.{k}: missing" for k in want if k not in got]
-        out += [f"{path}.{k}: unexpected" for k in got if k not in want]
+        out += [f"{path}.{k}: unexpected" for k in got if k not in want and k not in ADDED]
         for k in want.keys() & got.keys():
             out += _diff(got[k], want[k], f"{path}.{k}")
         return out

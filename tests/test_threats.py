@@ -224,10 +224,10 @@ def test_flags_dlr_breaking_what_cross_entropy_left(demo, digits) -> None:
         ),
     )
     scaled = run_suite(_Scaled(demo, 1e4), digits, suite, n=64, threats=["linf:0.1"], gallery=0)
-    names = [f["name"] for f in scaled.flags]
+    names = [f.name for f in scaled.flags]
     assert "ce_dlr_disagree" in names
     plain = run_suite(demo, digits, suite, n=64, threats=["linf:0.1"], gallery=0)
-    assert "ce_dlr_disagree" not in [f["name"] for f in plain.flags]
+    assert "ce_dlr_disagree" not in [f.name for f in plain.flags]
     # the worst case does not trust the masked loss: both models are equally (non-)robust
     assert abs(scaled.robust_accuracy("linf:0.1") - plain.robust_accuracy("linf:0.1")) <= 0.1
 
@@ -260,9 +260,9 @@ def test_flags_black_box_breaking_what_gradients_left(demo, digits) -> None:
         ),
     )
     report = run_suite(_Quantized(demo), digits, suite, n=48, threats=["linf:0.1"], gallery=0)
-    assert "black_box_stronger" in [f["name"] for f in report.flags]
+    assert "black_box_stronger" in [f.name for f in report.flags]
     assert "black_box_stronger" not in [
-        f["name"] for f in run_suite(demo, digits, suite, n=48, threats=["linf:0.1"]).flags
+        f.name for f in run_suite(demo, digits, suite, n=48, threats=["linf:0.1"]).flags
     ]
 
 
@@ -271,8 +271,8 @@ def test_flags_clean_accuracy_near_chance(digits) -> None:
     random = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     suite = Suite("f", (Check("fgsm", "FGSM", (0.1,)),))
     report = run_suite(random, digits, suite, n=64, gallery=0)
-    flag = next(f for f in report.flags if f["name"] == "clean_accuracy_near_chance")
-    assert "--mean/--std" in flag["message"]
+    flag = next(f for f in report.flags if f.name == "clean_accuracy_near_chance")
+    assert "--mean/--std" in flag.message
     # the same flag is first in the terminal output
     from io import StringIO
 
@@ -281,7 +281,7 @@ def test_flags_clean_accuracy_near_chance(digits) -> None:
     from bastion.suites.terminal import print_summary
 
     buf = StringIO()
-    print_summary(report.data, Console(file=buf, width=200))
+    print_summary(report.model, Console(file=buf, width=200))
     assert buf.getvalue().splitlines()[0].startswith("warning [")
 
 
@@ -319,28 +319,31 @@ def test_flags_fgsm_far_weaker_than_multi_step_after_fgsm_training(demo, digits)
     )
     overfit = _fgsm_trained(load_data("digits", split="train"), 0.2, 20)
     report = run_suite(overfit, digits, suite, n=128, threats=["linf:0.2"], gallery=0)
-    fgsm = report.threat_models[0]["attacks"]["fgsm"]["robust_accuracy"]
+    fgsm = report.threat_models[0].attacks["fgsm"].robust_accuracy
     assert fgsm - report.robust_accuracy("linf:0.2") > 0.10
-    assert "single_step_much_weaker" in [f["name"] for f in report.flags]
+    assert "single_step_much_weaker" in [f.name for f in report.flags]
     plain = run_suite(demo, digits, suite, n=128, threats=["linf:0.1"], gallery=0)
-    assert "single_step_much_weaker" not in [f["name"] for f in plain.flags]
+    assert "single_step_much_weaker" not in [f.name for f in plain.flags]
 
 
 def test_flags_robust_accuracy_rising_with_eps() -> None:
     from bastion.suites.evaluation_flags import evaluation_flags
+    from bastion.suites.report_model import AttackResult, CheckEntry, VerifyResult
     from bastion.suites.runner import RunState
 
     state = RunState(100, torch.zeros(100, dtype=torch.long))
     state.pred[:] = 0
 
-    def entry(accs: list[float]) -> dict[str, Any]:
-        rows = [
-            {"eps": e, "robust_accuracy": a} for e, a in zip((0.1, 0.2, 0.3), accs, strict=True)
+    def entry(accs: list[float]) -> CheckEntry:
+        rows: list[AttackResult | VerifyResult] = [
+            AttackResult(e, a, None, 100, None, None, None, None, None, None)
+            for e, a in zip((0.1, 0.2, 0.3), accs, strict=True)
         ]
-        return {"id": "pgd", "kind": "attack", "n": 100, "results": rows}
+        return CheckEntry("pgd", "attack", "PGD", "linf", [0.1, 0.2, 0.3], {}, 100, False, None,
+                          results=rows)  # fmt: skip
 
     rising = evaluation_flags(Suite("s", ()), state, [], [entry([0.5, 0.2, 0.4])], [], 10)
-    assert [f["name"] for f in rising] == ["robust_accuracy_rises_with_eps"]
-    assert "0.3" in rising[0]["message"] and "0.2" in rising[0]["message"]
+    assert [f.name for f in rising] == ["robust_accuracy_rises_with_eps"]
+    assert "0.3" in rising[0].message and "0.2" in rising[0].message
     falling = evaluation_flags(Suite("s", ()), state, [], [entry([0.5, 0.2, 0.2])], [], 10)
     assert falling == []

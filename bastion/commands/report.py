@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -86,37 +85,21 @@ def _add_defense(p: argparse.ArgumentParser) -> None:
     )
 
 
-# `bastion attack` defaults: the paper's CW budget (9 × 10,000) takes minutes per batch on
-# a CPU, so the command uses the suites' fast profile; a suite file can ask for more.
-_ATTACK_PARAMS: dict[str, dict[str, Any]] = {
-    "CarliniWagnerL2": {"binary_search_steps": 5, "max_iterations": 1000},
-}
-
-
 def _one_check_suite(args: argparse.Namespace) -> Any:
-    from bastion.suites.suite import ATTACKS, Check, Suite, attack_name, validate_check
+    """`bastion attack`'s suite: without --eps at the threat models (of --norm only, when
+    given), with the CPU budget for attacks whose paper budget takes minutes per batch."""
+    from bastion.suites.profiles import CPU_BUDGET
+    from bastion.suites.suite import attack_name, one_check_suite
 
-    name = attack_name(args.attack)
-    norm = args.norm or ATTACKS[name].norms[0]
-    check = Check(
-        id=args.attack.lower(),
-        attack=name,
-        eps=tuple(args.eps or ()),
-        norm=norm,
-        params=_ATTACK_PARAMS.get(name, {}),
-        # without --eps the attack runs at the threat models (of --norm only, when given)
-        threats=not args.eps,
-        threat_norms=(norm,) if args.norm else (),
-    )
-    validate_check(check)
-    return Suite(name=f"attack-{check.id}", checks=(check,))
+    params = CPU_BUDGET.get(attack_name(args.attack), {})
+    return one_check_suite(args.attack, tuple(args.eps or ()), norm=args.norm, params=params)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite (`report`) or the one-check suite (`attack`) and print the summary."""
     from rich.console import Console
 
-    from bastion.suites.progress import NoProgress, RichProgress
+    from bastion.suites.progress import command_progress
     from bastion.suites.runner import run_suite
     from bastion.suites.terminal import print_summary
 
@@ -125,12 +108,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be a positive number, got {value}")
     if args.gallery < 0:
         raise ConfigError(f"--gallery must be >= 0, got {args.gallery}")
-    interactive = sys.stderr.isatty() and not args.quiet
-    progress: Any = RichProgress() if interactive else NoProgress()
+    progress = command_progress(args.quiet)
     suite = _one_check_suite(args) if args.command == "attack" else args.suite
     eps = args.eps if args.command == "report" else None
     out = Path(args.out)
-    with progress if interactive else nullcontext():
+    with progress:
         model, data, info = load_model_and_data(args, progress)
         report = run_suite(
             model,
@@ -156,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         print(report.to_json())
     else:
         console = Console(soft_wrap=not sys.stdout.isatty())
-        print_summary(report.data, console)
+        print_summary(report.model, console)
         console.print(f"report: {out / 'report.html'} · {out / 'report.json'}", highlight=False)
     if args.command == "attack":
         written = _write_images(report, out)
@@ -167,12 +149,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_images(report: Any, out: Path) -> int:
     """The gallery's adversarial images as `adv-INDEX.png` (8-bit) directly in `out`."""
-    import numpy as np
-    from PIL import Image
+    from bastion.fileio import write_atomic
+    from bastion.suites.gallery import png_bytes
 
     for item in report.gallery:
-        img = (np.clip(item.adv, 0, 1) * 255).round().astype(np.uint8)
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
-            out / f"adv-{item.index}.png"
-        )
+        write_atomic(out / f"adv-{item.index}.png", png_bytes(item.adv))
     return len(report.gallery)

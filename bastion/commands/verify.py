@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -195,13 +194,12 @@ def _write_region(out: Path, verdict: Any, x: Any) -> None:
     write_atomic(out / "verdict.json", json.dumps(verdict.as_dict(), indent=1).encode())
     if verdict.counterexample is not None:
         import numpy as np
-        from PIL import Image
 
-        img = (verdict.counterexample.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(
-            out / "counterexample.png"
-        )
-        np.save(out / "counterexample.npy", verdict.counterexample.numpy())
+        from bastion.suites.gallery import png_bytes
+
+        cex = verdict.counterexample.numpy()
+        write_atomic(out / "counterexample.png", png_bytes(cex, channels_first=True))
+        np.save(out / "counterexample.npy", cex)
 
 
 def _replay_for(path: Any) -> Any:
@@ -251,7 +249,7 @@ _FIELDS = ("onnx", "vnnlib", "result", "expected", "correct", "seconds", "engine
 def _instances(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from bastion.suites.progress import NoProgress, RichProgress
+    from bastion.suites.progress import command_progress
     from bastion.verify.decide import decide_file
     from bastion.verify.extract import load_network
     from bastion.verify.instances import read_instances
@@ -263,8 +261,7 @@ def _instances(args: argparse.Namespace) -> int:
     if out is not None and args.resume and out.exists():
         with out.open(newline="") as f:
             done = {f"{r['onnx']}:{r['vnnlib']}": r for r in csv.DictReader(f)}
-    interactive = sys.stderr.isatty() and not args.quiet
-    progress: Any = RichProgress() if interactive else NoProgress()
+    progress = command_progress(args.quiet)
     rows: list[dict[str, Any]] = []
     networks: dict[Path, Any] = {}
     writer = None
@@ -277,7 +274,7 @@ def _instances(args: argparse.Namespace) -> int:
             writer.writeheader()
     console = Console(soft_wrap=True)
     try:
-        with progress if interactive else _Null():
+        with progress:
             task = progress.task("verifying instances", len(instances))
             for k, inst in enumerate(instances):
                 if inst.name in done:
@@ -326,11 +323,3 @@ def _instances(args: argparse.Namespace) -> int:
         f"median time of solved {median:.2f}s"
     )
     return EXIT_OK
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

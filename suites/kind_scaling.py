@@ -19,11 +19,29 @@ import cv2
 import numpy as np
 import torch
 
-from bastion.suites.results_log import item_key
-from bastion.suites.suite import SCALING_N, SCALING_PARAMS, Check
+from bastion.errors import ConfigError
+from bastion.suites.gallery import GalleryItem
+from bastion.suites.json_codec import JsonObject, decode, encode
+from bastion.suites.kinds import Column, Table
+from bastion.suites.report_builder import check_entry
+from bastion.suites.report_model import CheckEntry, ScalingRow
+from bastion.suites.results_log import Item, item_key
+from bastion.suites.suite import Check, unknown_params, validate_generative
 
 if TYPE_CHECKING:
-    from bastion.suites.runner import _Run
+    from bastion.suites.run_context import RunContext, RunState
+
+SCALING_PARAMS: JsonObject = {"scalers": ["cv2.linear", "cv2.area"], "ratio": 4, "pairs": 8}
+SCALING_N = 32  # images a scaling check audits when it sets no n
+COLUMNS = (
+    Column("scaler", "scaler", "s"),
+    Column("vulnerable", "vulnerable", "s"),
+    Column("attack success", "attack_success_rate", ".3f"),
+    Column("PSNR", "psnr_source", ".2f"),
+    Column("after median", "success_after_median", ".3f"),
+    Column("detection", "detection_rate", ".3f"),
+    Column("false pos.", "false_positive_rate", ".3f"),
+)
 
 EXAMPLE_PIXELS = 256
 _SUMMARY = (
@@ -46,7 +64,85 @@ class _Counting(torch.nn.Module):
         return self.model(x)
 
 
-def run_scaling_check(run: _Run, check: Check) -> None:
+class ScalingKind:
+    name = "scaling"
+    robustness = False
+    metrics = ("detection_rate",)
+    threat_twins = False
+    sees_defense = True
+
+    def attack_name(self, raw: JsonObject, where: str) -> str:
+        return "ScalingAttack"
+
+    def default_norm(self, attack: str) -> str:
+        return ""
+
+    def bounded(self, check: Check) -> bool:
+        return False
+
+    def validate(self, check: Check) -> None:
+        from bastion.attacks.scalers import get_scaler
+
+        validate_generative(check, 4)
+        unknown_params(check, tuple(SCALING_PARAMS))
+        p = {**SCALING_PARAMS, **check.params}
+        scalers = p["scalers"]
+        if not isinstance(scalers, list) or not scalers:
+            raise ConfigError(f"check {check.id!r}: scalers must be a non-empty list of names")
+        for name in scalers:
+            get_scaler(str(name))  # raises ConfigError naming the known scalers
+        for key, low in (("ratio", 2), ("pairs", 1)):
+            value = p[key]
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"check {check.id!r}: {key} must be an integer >= {low}")
+
+    def run(self, ctx: RunContext, check: Check) -> None:
+        _run(ctx, check)
+
+    def summarise(self, check: Check, state: RunState, items: list[Item], total: int) -> CheckEntry:
+        """`scaling`: per scaler (in the check's order) vulnerable?, attack success,
+        PSNR/SSIM to the source, success after the median filter, detection rate,
+        false-positive rate and advice; `vulnerable` is true when any scaler is. A
+        `detection_rate` criterion must hold for every scaler. `results` stays empty."""
+        mine = [r for r in items if r.get("kind") == "scaling" and r["check"] == check.id]
+        # items are keyed `scaling|ID||B` with B the scaler's place in the check
+        mine.sort(key=lambda r: int(r["key"].rsplit("|", 1)[1]))
+        rows = [decode(ScalingRow, r["audit"]) for r in mine]
+        crit = check.criterion
+        return check_entry(
+            check,
+            n=min(check.n or SCALING_N, total),
+            scaling=rows,
+            vulnerable=any(r.vulnerable for r in rows),
+            seconds=sum(r["seconds"] for r in mine),
+            forward=sum(r["forward"] for r in mine),
+            passed=None
+            if crit is None
+            else bool(rows) and all(crit.holds(getattr(r, crit.metric)) for r in rows),
+        )
+
+    def gallery(self, ctx: RunContext, check: Check) -> list[GalleryItem]:
+        return []  # the scaling examples have their own section
+
+    def table(self, entry: CheckEntry) -> Table:
+        title = f"{entry.id}: {entry.attack} (image-scaling audit, n={entry.n})"
+        rows: list[JsonObject] = []
+        for r in entry.scaling or []:
+            row = encode(r)
+            assert isinstance(row, dict)
+            rows.append({**row, "vulnerable": "yes" if r.vulnerable else "no"})
+        return Table(title, COLUMNS, rows)
+
+    def notes(self, entry: CheckEntry) -> list[str]:
+        return [f"{entry.id} {r.scaler}: {r.advice}" for r in entry.scaling or []]
+
+    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> JsonObject:
+        from bastion.suites.html_report import scaling_view
+
+        return {"scaling": scaling_view(entry, figures, names)}
+
+
+def _run(run: RunContext, check: Check) -> None:
     """Audit every scaler of the check (or reload its finished items)."""
     from bastion.defenses.scaling_defenses import scaling_audit
 
@@ -122,3 +218,6 @@ def _example(
         "success": res.success,
         "psnr_source": res.psnr_source,
     }
+
+
+KIND = ScalingKind()

@@ -1,0 +1,303 @@
+"""The `verify` check: verified accuracy and robustness intervals, item by item.
+
+For each correctly classified image and each L∞ eps (increasing), the verifier answers
+SAFE / UNSAFE / UNKNOWN; once an eps is UNSAFE every larger one is too (the same
+counterexample lies in the larger ball), so it is not asked again. With `interval`, the
+robustness interval of the image is then narrowed by bisection: `safe_up_to` is the
+largest eps proved SAFE, `adversarial_at` the smallest L∞ distance of a real adversarial
+example (a verifier counterexample, or any attack of the suite that ran before). Items of
+a few images each go to results.jsonl as they finish, so a run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bastion.errors import ConfigError
+from bastion.suites.gallery import GalleryItem
+from bastion.suites.json_codec import JsonObject
+from bastion.suites.kind_attack import COLUMNS as ATTACK_COLUMNS
+from bastion.suites.kind_attack import fmt
+from bastion.suites.kinds import Column, Table
+from bastion.suites.report_builder import check_entry
+from bastion.suites.report_model import CheckEntry, Interval, VerifyResult
+from bastion.suites.results_log import Item, item_key
+from bastion.suites.suite import Check, check_criterion, check_eps
+
+if TYPE_CHECKING:
+    from bastion.suites.run_context import RunContext, RunState
+
+_PER_ITEM = 4  # images per results.jsonl item
+VERIFY_PARAMS: JsonObject = {
+    "timeout": 10.0,
+    "engine": "auto",
+    "interval": False,
+    "interval_steps": 6,
+}
+COLUMNS = (
+    ATTACK_COLUMNS[0],
+    Column("verified acc", "verified_accuracy", ".3f"),
+    Column("robust acc ≤", "robust_accuracy", ".3f"),
+    Column("unsafe", "unsafe", "d"),
+    Column("unknown", "unknown", "d"),
+)
+
+
+class VerifyKind:
+    name = "verify"
+    robustness = True
+    metrics = ("verified_accuracy", "robust_accuracy")
+    threat_twins = False  # runs at its own eps only
+    sees_defense = False  # cannot see through a preprocessing defense
+
+    def attack_name(self, raw: JsonObject, where: str) -> str:
+        return "Verifier"
+
+    def default_norm(self, attack: str) -> str:
+        return "linf"
+
+    def bounded(self, check: Check) -> bool:
+        return True
+
+    def validate(self, check: Check) -> None:
+        from bastion.verify.verifier import ENGINES
+
+        if check.norm != "linf":
+            raise ConfigError(
+                f"check {check.id!r}: {check.attack} does not support norm "
+                f"{check.norm!r}; use one of linf"
+            )
+        check_eps(check)
+        unknown = set(check.params) - set(VERIFY_PARAMS)
+        if unknown:
+            raise ConfigError(
+                f"check {check.id!r}: unknown verify parameter(s) {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(VERIFY_PARAMS)}"
+            )
+        p = {**VERIFY_PARAMS, **check.params}
+        if not float(str(p["timeout"])) > 0:
+            raise ConfigError(f"check {check.id!r}: timeout must be > 0 seconds")
+        if p["engine"] not in ENGINES:
+            raise ConfigError(f"check {check.id!r}: engine must be one of {', '.join(ENGINES)}")
+        if not 1 <= int(str(p["interval_steps"])) <= 30:
+            raise ConfigError(f"check {check.id!r}: interval_steps must be in 1..30")
+
+    def run(self, ctx: RunContext, check: Check) -> None:
+        _run(ctx, check)
+
+    def summarise(self, check: Check, state: RunState, items: list[Item], total: int) -> CheckEntry:
+        return _summarise(check, state, items, total)
+
+    def gallery(self, ctx: RunContext, check: Check) -> list[GalleryItem]:
+        """The counterexamples found in this run, at the smallest eps with any."""
+        found = sorted((k for k in ctx.shots if k[0] == check.id), key=lambda k: k[1] or 0.0)
+        if not found:
+            return []
+        eps0 = found[0][1]
+        picks = [k[2] for k in found if k[1] == eps0][: ctx.keep]
+        return ctx.gallery_items(check, eps0, picks)
+
+    def table(self, entry: CheckEntry) -> Table:
+        title = f"{entry.id}: {entry.attack} ({entry.norm}, n={entry.n})"
+        return Table(title, COLUMNS, [vars(r).copy() for r in entry.results])
+
+    def notes(self, entry: CheckEntry) -> list[str]:
+        intervals = [r for r in entry.intervals or [] if r.safe_up_to is not None]
+        if not intervals:
+            return []
+        safe = sorted(r.safe_up_to for r in intervals if r.safe_up_to is not None)
+        adv = sorted(r.adversarial_at for r in intervals if r.adversarial_at is not None)
+        return [
+            f"{entry.id} robustness intervals over {len(intervals)} images: median proved "
+            f"safe up to {safe[len(safe) // 2]:.4g}, median adversarial at "
+            f"{fmt(adv[len(adv) // 2] if adv else None, '.4g')} (L∞)"
+        ]
+
+    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> JsonObject:
+        return {}
+
+
+def _run(run: RunContext, check: Check) -> None:
+    """Verify the check's first n images at every eps; fold UNSAFE into the run state."""
+    from bastion.verify.extract import extract
+
+    params = {**VERIFY_PARAMS, **check.params}
+    n = min(check.n or len(run.data), len(run.data))
+    groups = [torch.arange(s, min(s + _PER_ITEM, n)) for s in range(0, n, _PER_ITEM)]
+    task = run.sink.task(f"{check.id} (verifier)", len(groups))
+    network = None
+    broken = run.state.broken(check.norm)
+    for b, idx in enumerate(groups):
+        key = item_key("verify", check.id, None, b)
+        rec = run.log.get(key)
+        if rec is None:
+            if network is None:
+                if not isinstance(run.model, torch.nn.Module):
+                    raise ConfigError(
+                        f"check {check.id!r}: the verifier needs the model as an nn.Module "
+                        "(or a TorchScript/torch.export/ONNX file), not a plain callable"
+                    )
+                network = extract(run.model, tuple(run.data.x.shape[1:]))
+            rec = run.log.put(key, _item(run, check, params, idx, network))
+        for i, at in zip(rec["rows"]["index"], rec["rows"]["adversarial_at"], strict=True):
+            if at is not None:
+                broken[i] = min(float(broken[i]), at)
+        task.update(b + 1)
+    task.close()
+
+
+def _item(
+    run: RunContext, check: Check, params: dict[str, Any], idx: torch.Tensor, network: Any
+) -> Item:
+    from bastion.verify.region import verify_region
+
+    start = time.perf_counter()
+    eps_list = sorted(check.eps)
+    rows: dict[str, list[Any]] = {
+        k: []
+        for k in ("index", "status", "engine", "seconds", "safe_up_to", "adversarial_at", "layers")
+    }
+
+    model = run.model
+    assert isinstance(model, torch.nn.Module)  # run_verify_check refused anything else
+
+    def ask(x: torch.Tensor, label: int, eps: float) -> Any:
+        return verify_region(
+            model, x, eps=eps, label=label, engine=params["engine"],
+            timeout=float(params["timeout"]), seed=run.seed, network=network,
+        )  # fmt: skip
+
+    for i in idx.tolist():
+        rows["index"].append(i)
+        if not bool(run.state.correct[i]):
+            rows["status"].append(["MISCLASSIFIED"] * len(eps_list))
+            rows["engine"].append([None] * len(eps_list))
+            rows["seconds"].append(0.0)
+            rows["safe_up_to"].append(None)
+            rows["adversarial_at"].append(0.0)
+            rows["layers"].append([])
+            continue
+        t0 = time.perf_counter()
+        x, label = run.data.x[i].to(run.dev), int(run.data.y[i])
+        statuses: list[str] = []
+        engines: list[str | None] = []
+        safe, adv = 0.0, math.inf
+        layers: list[dict[str, Any]] = []
+        for eps in eps_list:
+            if adv <= eps:
+                statuses.append("UNSAFE")
+                engines.append("inclusion")
+                continue
+            v = ask(x, label, eps)
+            layers = v.layers  # the bound statistics at the largest eps verified
+            statuses.append(v.status)
+            engines.append(v.engine)
+            if v.status == "SAFE":
+                safe = eps
+            elif v.status == "UNSAFE":
+                adv = min(adv, _distance(v.counterexample, x))
+                run.shots[(check.id, eps, i)] = v.counterexample.cpu()
+        if params["interval"]:
+            attacked = float(run.state.broken("linf")[i])
+            safe, adv = _bisect(ask, x, label, safe, min(adv, attacked), params)
+        rows["status"].append(statuses)
+        rows["engine"].append(engines)
+        rows["seconds"].append(time.perf_counter() - t0)
+        rows["safe_up_to"].append(safe)
+        rows["adversarial_at"].append(adv if math.isfinite(adv) else None)
+        rows["layers"].append(layers)
+    return {
+        "kind": "verify",
+        "check": check.id,
+        "attack": check.attack,
+        "eps": None,
+        "eps_list": eps_list,
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+        "forward": 0,
+        "backward": 0,
+    }
+
+
+def _distance(cex: torch.Tensor, x: torch.Tensor) -> float:
+    """L∞ distance in float64 (float32 subtraction can round it past eps)."""
+    return float((cex.double().cpu() - x.double().cpu()).abs().max())
+
+
+def _bisect(
+    ask: Any, x: torch.Tensor, label: int, safe: float, adv: float, params: dict[str, Any]
+) -> tuple[float, float]:
+    """Narrow [safe, adv]: SAFE raises the lower end, UNSAFE lowers the upper end to the
+    counterexample's distance, UNKNOWN ends the search (nothing more can be proved)."""
+    hi = adv if math.isfinite(adv) else 1.0
+    for _ in range(int(params["interval_steps"])):
+        if hi - safe <= 1e-4:
+            break
+        mid = (safe + hi) / 2
+        v = ask(x, label, mid)
+        if v.status == "SAFE":
+            safe = mid
+        elif v.status == "UNSAFE":
+            adv = min(adv, _distance(v.counterexample, x))
+            hi = min(mid, adv)
+        else:
+            break
+    return safe, adv
+
+
+def _summarise(check: Check, state: RunState, items: list[Item], total: int) -> CheckEntry:
+    """Per eps: verified accuracy (SAFE over all n images), the fractions UNSAFE and
+    UNKNOWN, and `robust_accuracy` (an upper bound: not UNSAFE and correctly classified);
+    per image: the interval [safe_up_to, adversarial_at] and the per-layer bound statistics
+    (unstable neurons, widths) at the largest eps verified."""
+    n = min(check.n or total, total)
+    mine = [r for r in items if r.get("kind") == "verify" and r["check"] == check.id]
+    eps_list = sorted(check.eps)
+    statuses: dict[int, list[str]] = {}
+    intervals: list[dict[str, Any]] = []
+    seconds = 0.0
+    for rec in mine:
+        rows = rec["rows"]
+        seconds += rec["seconds"]
+        for k, i in enumerate(rows["index"]):
+            statuses[i] = rows["status"][k]
+            intervals.append(
+                {
+                    "index": i,
+                    "label": int(state.label[i]),
+                    "safe_up_to": rows["safe_up_to"][k],
+                    "adversarial_at": rows["adversarial_at"][k],
+                    "seconds": rows["seconds"][k],
+                    "layers": rows.get("layers", [[]] * len(rows["index"]))[k],
+                }
+            )
+    results: list[JsonObject] = []
+    for j, eps in enumerate(eps_list):
+        column = [statuses[i][j] for i in sorted(statuses)]
+        count = {s: column.count(s) for s in ("SAFE", "UNSAFE", "UNKNOWN", "MISCLASSIFIED")}
+        results.append(
+            {
+                "eps": eps,
+                "verified_accuracy": count["SAFE"] / n if n else 0.0,
+                "robust_accuracy": (count["SAFE"] + count["UNKNOWN"]) / n if n else 0.0,
+                "unsafe": count["UNSAFE"],
+                "unknown": count["UNKNOWN"],
+                "misclassified": count["MISCLASSIFIED"],
+                "verified": len(column),
+            }
+        )
+    return check_entry(
+        check,
+        n=n,
+        results=[VerifyResult(**r) for r in results],
+        intervals=[Interval(**r) for r in sorted(intervals, key=lambda r: r["index"])],
+        seconds=seconds,
+        passed=check_criterion(check, results),
+    )
+
+
+KIND = VerifyKind()
