@@ -19,6 +19,7 @@ fixed) to bound a sub-problem; a sub-problem whose splits contradict the bounds 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -96,12 +97,27 @@ def _interval(
     return down(low - err), up(high + err)
 
 
+_PARTS: weakref.WeakKeyDictionary[Layer, dict[torch.dtype, tuple[torch.Tensor, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def weights(layer: Layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positive and negative parts of a linear layer's weight (scale)."""
+    """The positive and negative parts of a linear layer's weight (scale), cached."""
+    pos, neg, _ = _parts(layer, dtype)
+    return pos, neg
+
+
+def _parts(layer: Layer, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(W⁺, W⁻, |W|) of a linear layer in `dtype`, computed once per layer."""
     if isinstance(layer, AvgPool2d):
-        return torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)
-    w = (layer.scale if isinstance(layer, Elementwise) else layer.weight).to(dtype)  # type: ignore[union-attr]
-    return w.clamp_min(0), w.clamp_max(0)
+        one, zero = torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)
+        return one, zero, one
+    per_layer = _PARTS.setdefault(layer, {})
+    if dtype not in per_layer:
+        w = (layer.scale if isinstance(layer, Elementwise) else layer.weight).to(dtype)  # type: ignore[union-attr]
+        per_layer[dtype] = (w.clamp_min(0), w.clamp_max(0), w.abs())
+    return per_layer[dtype]
 
 
 def _bias(layer: Layer, dtype: torch.dtype) -> torch.Tensor:
@@ -149,8 +165,7 @@ def _error(layer: Layer, mag: torch.Tensor) -> torch.Tensor:
 
 def abs_image(layer: Layer, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(|W|·mag + |b|, an upper bound of the fold radius' effect Werr·mag + berr)."""
-    pos, neg = weights(layer, mag.dtype)
-    absolute = linear_part(layer, mag, pos - neg) + _bias(layer, mag.dtype).abs()
+    absolute = linear_part(layer, mag, _parts(layer, mag.dtype)[2]) + _bias(layer, mag.dtype).abs()
     radius = getattr(layer, "err", None)
     if radius is None:
         return absolute, torch.zeros_like(absolute)
@@ -316,6 +331,15 @@ def back_substitute(
     return torch.cat(out)
 
 
+def _both(
+    network: Network, lo: list[torch.Tensor], hi: list[torch.Tensor], a: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds of the rows `a` in one back-substitution (rows a and −a)."""
+    m = a.shape[0]
+    both = back_substitute(network, lo, hi, torch.cat([a, -a]), k)
+    return both[:m], -both[m:]
+
+
 def _back_error(layer: Layer, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Error bound of one back step through a linear layer for rows `a` on its output:
     2γₙ·|a|·(|W|·mag + |b|) plus the fold radius' effect, n ≥ the length of every sum."""
@@ -375,8 +399,7 @@ def compute_bounds(
     if method == "crown":
         n = len(network.layers)
         eye = torch.eye(network.num_outputs, dtype=torch.float64).view(-1, *network.shapes[n])
-        low = back_substitute(network, lo, hi, eye, n)
-        high = -back_substitute(network, lo, hi, -eye, n)
+        low, high = _both(network, lo, hi, eye, n)
         lo[n] = torch.maximum(lo[n], low.view(network.shapes[n]))
         hi[n] = torch.minimum(hi[n], high.view(network.shapes[n]))
     return Bounds(lo, hi, stats, infeasible)
@@ -437,8 +460,9 @@ def _tighten(
         a = torch.zeros(len(part), flat_lo.numel(), dtype=torch.float64)
         a[torch.arange(len(part)), part] = 1.0
         a = a.view(len(part), *shape)
-        lows.append(back_substitute(network, lo, hi, a, i))
-        highs.append(-back_substitute(network, lo, hi, -a, i))
+        low_part, high_part = _both(network, lo, hi, a, i)
+        lows.append(low_part)
+        highs.append(high_part)
     low, high = torch.cat(lows), torch.cat(highs)
     flat_lo[rows] = torch.maximum(flat_lo[rows], low)
     flat_hi[rows] = torch.minimum(flat_hi[rows], high)
