@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bastion.commands.common import EXIT_OK, add_model_and_data, load_model_and_data
 from bastion.errors import ConfigError
-from bastion.suites.progress import RichProgress
+from bastion.suites.gallery import png_bytes
+from bastion.suites.progress import RichProgress, command_progress
 
 _JSON = "fooling.json"
 _DEFAULT_STEPS = {"evolution": 200, "ascent": 300}
@@ -97,17 +96,6 @@ def _best_note(
     return update
 
 
-def _png(image: Any) -> bytes:
-    """8-bit PNG bytes of a C×H×W image in [0, 1] (grey for 1 channel, RGB for 3)."""
-    from PIL import Image
-
-    pixels = (image.detach().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the attack, write the PNGs and fooling.json, print one line per class."""
     from bastion.attacks.fooling import FoolingEvolution
@@ -122,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "ascent" and (args.target is not None or args.time_budget is not None):
         raise ConfigError("--target and --time-budget apply to --method evolution only")
     classes = _classes(args.classes)
-    bars = RichProgress(enabled=sys.stderr.isatty() and not args.quiet)
+    bars = command_progress(args.quiet)
     with bars:
         model, data, info = load_model_and_data(args, bars)
         shape = tuple(data.x.shape[1:])
@@ -154,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     summary = _summary(args, result, names, info)
     out = Path(args.out)
     for row, image in zip(summary["classes"], result.images, strict=True):
-        write_atomic(out / row["file"], _png(image))
+        write_atomic(
+            out / row["file"], png_bytes(image.detach().cpu().numpy(), channels_first=True)
+        )
     write_atomic(out / _JSON, json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
