@@ -125,8 +125,8 @@ def default_threads() -> int:
     """Half the cores this process may run on, at least 1 and at most 4.
 
     torch's own default (one thread per core) oversubscribes a shared machine: on a 2-core
-    box at load ≈ 9, `bastion attack mcts --n 5` spent 171 s attacking with 2 threads and
-    3.6 s with 1 (README, --threads).
+    box at load 7–10, `bastion attack mcts --n 5` spent 68–171 s attacking with 2 threads
+    and 2.2–3.6 s with 1 (README, --threads).
     """
     try:
         cores = len(os.sched_getaffinity(0))
