@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from bastion.commands.common import EXIT_BAD_INPUT, EXIT_OK, Parser
@@ -67,10 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.errno not in _WRITE_ERRNOS:
             raise
         # the output folder became unwritable (or full) mid-run
+        log = Path(getattr(args, "out", None) or ".") / "results.jsonl"
         kept = (
-            "; finished work in results.jsonl is kept: fix that, then rerun the same command "
+            f"; the finished work in {log} is kept: fix that, then rerun the same command "
             "with --resume to finish"
-            if getattr(args, "resume", None) is not None
+            if getattr(args, "resume", None) is not None and log.is_file()
             else "; fix that and rerun"
         )
         where = f" {exc.filename}" if exc.filename else ""

@@ -176,7 +176,10 @@ def test_out_unwritable_mid_run_says_resume_keeps_the_work(
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "results.jsonl"))
 
     monkeypatch.setattr(report, "run", fail)
-    assert_bad_input(["report", "--out", str(tmp_path)], "results.jsonl", "--resume")
+    line = assert_bad_input(["report", "--out", str(tmp_path)], "Permission denied", "rerun")
+    assert "--resume" not in line  # nothing finished yet
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    assert_bad_input(["report", "--out", str(tmp_path)], "results.jsonl is kept", "--resume")
 
 
 def test_scale_attack_out_that_is_a_folder(tmp_path: Path) -> None:
