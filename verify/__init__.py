@@ -1,6 +1,7 @@
 """bastion.verify: network extraction, bounds, SMT encoding, DLV search, specs."""
 
 from .bounds import Bounds, compute_bounds
+from .decide import decide_file, onnx_replay
 from .dlv import verify_dlv
 from .extract import UnsupportedLayerError, check_network, extract, load_network
 from .instances import Instance, read_instances
@@ -32,6 +33,8 @@ __all__ = [
     "Property",
     "Verdict",
     "compute_bounds",
+    "decide_file",
+    "onnx_replay",
     "robustness_property",
     "verify",
     "verify_region",

@@ -19,23 +19,18 @@ fixed) to bound a sub-problem; a sub-problem whose splits contradict the bounds 
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from bastion.verify.layer_bounds import back_error, back_linear, interval
 from bastion.verify.network import (
-    AvgPool2d,
-    Conv2d,
-    Dense,
-    Elementwise,
     Flatten,
     Layer,
     MaxPool2d,
     Network,
     ReLU,
-    apply_layer,
 )
 from bastion.verify.rounding import U, down, magnitude, slack, up
 from bastion.verify.spec import Property
@@ -79,146 +74,6 @@ class Bounds:
     def unstable(self, layer: int) -> torch.Tensor:
         """Flat mask of the unstable neurons entering ReLU `layer`."""
         return ((self.lower[layer] < 0) & (self.upper[layer] > 0)).flatten()
-
-
-def _interval(
-    layer: Layer, lo: torch.Tensor, hi: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interval image of a box through one layer (batch axis 1), rounded outward."""
-    if isinstance(layer, ReLU):
-        return lo.clamp_min(0), hi.clamp_min(0)
-    if isinstance(layer, MaxPool2d | Flatten):
-        return apply_layer(layer, lo), apply_layer(layer, hi)
-    pos, neg = weights(layer, lo.dtype)
-    bias = _bias(layer, lo.dtype)
-    low = linear_part(layer, lo, pos) + linear_part(layer, hi, neg) + bias
-    high = linear_part(layer, hi, pos) + linear_part(layer, lo, neg) + bias
-    err = _error(layer, magnitude(lo, hi))
-    return down(low - err), up(high + err)
-
-
-_PARTS: weakref.WeakKeyDictionary[Layer, dict[torch.dtype, tuple[torch.Tensor, ...]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def weights(layer: Layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positive and negative parts of a linear layer's weight (scale), cached."""
-    pos, neg, _ = _parts(layer, dtype)
-    return pos, neg
-
-
-def _parts(layer: Layer, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(W⁺, W⁻, |W|) of a linear layer in `dtype`, computed once per layer."""
-    if isinstance(layer, AvgPool2d):
-        one, zero = torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)
-        return one, zero, one
-    per_layer = _PARTS.setdefault(layer, {})
-    if dtype not in per_layer:
-        w = (layer.scale if isinstance(layer, Elementwise) else layer.weight).to(dtype)  # type: ignore[union-attr]
-        per_layer[dtype] = (w.clamp_min(0), w.clamp_max(0), w.abs())
-    return per_layer[dtype]
-
-
-def _bias(layer: Layer, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(layer, Dense):
-        return layer.bias.to(dtype)
-    if isinstance(layer, Conv2d):
-        return layer.bias.to(dtype)[:, None, None]
-    if isinstance(layer, Elementwise):
-        return layer.shift.to(dtype)
-    return torch.zeros((), dtype=dtype)
-
-
-def linear_part(layer: Layer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The layer's linear part (no bias) with weight (scale) `w`, on a batch x."""
-    if isinstance(layer, Dense):
-        return F.linear(x, w)
-    if isinstance(layer, Conv2d):
-        return F.conv2d(x, w, None, stride=layer.stride, padding=layer.padding)
-    if isinstance(layer, Elementwise):
-        return x * w
-    if isinstance(layer, AvgPool2d):  # w is the scalar 1 (or 0 for its negative part)
-        return F.avg_pool2d(x, layer.kernel, layer.stride, layer.padding) * w
-    raise TypeError(f"not a linear layer: {layer!r}")
-
-
-def _terms(layer: Layer) -> int:
-    """Products summed per output of the layer (forward), plus the bias and two adds."""
-    if isinstance(layer, Dense):
-        n = layer.weight.shape[1]
-    elif isinstance(layer, Conv2d):
-        n = layer.weight[0].numel()
-    elif isinstance(layer, AvgPool2d):
-        n = layer.kernel[0] * layer.kernel[1] + 1  # the sum, then one division
-    else:
-        n = 1
-    return 2 * n + 4
-
-
-def _error(layer: Layer, mag: torch.Tensor) -> torch.Tensor:
-    """Bound of |float64 result − exact result| of the layer on inputs |x| ≤ mag (batch
-    axis 1), including the layer's fold radius: 2γₙ(|W|·mag + |b|) + Werr·mag + berr."""
-    absolute, fold = abs_image(layer, mag)
-    return slack(_terms(layer), absolute) + fold
-
-
-def abs_image(layer: Layer, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|W|·mag + |b|, an upper bound of the fold radius' effect Werr·mag + berr)."""
-    absolute = linear_part(layer, mag, _parts(layer, mag.dtype)[2]) + _bias(layer, mag.dtype).abs()
-    radius = getattr(layer, "err", None)
-    if radius is None:
-        return absolute, torch.zeros_like(absolute)
-    w_err, b_err = (r.to(mag.dtype) for r in radius)
-    fold = linear_part(layer, mag, w_err) + _bias_like(layer, b_err)
-    return absolute, fold * (1 + 8 * _terms(layer) * U)
-
-
-def _bias_like(layer: Layer, b: torch.Tensor) -> torch.Tensor:
-    return b[:, None, None] if isinstance(layer, Conv2d) else b
-
-
-def _back_linear(
-    layer: Layer, a: torch.Tensor, in_shape: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coefficients on the layer's input and the constant, for rows `a` on its output."""
-    m = a.shape[0]
-    if isinstance(layer, Flatten):
-        return a.reshape(m, *in_shape), a.new_zeros(m)
-    if isinstance(layer, Dense):
-        w, b = layer.weight.to(a.dtype), layer.bias.to(a.dtype)
-        return a @ w, a @ b
-    if isinstance(layer, Elementwise):
-        scale = layer.scale.to(a.dtype).expand(in_shape)
-        shift = layer.shift.to(a.dtype).expand(in_shape)
-        return a * scale, (a * shift).flatten(1).sum(1)
-    if isinstance(layer, Conv2d):
-        w, b = layer.weight.to(a.dtype), layer.bias.to(a.dtype)
-        const = (a.sum((2, 3)) * b).sum(1)
-        return _transpose_conv(a, w, layer.stride, layer.padding, in_shape, 1), const
-    if isinstance(layer, AvgPool2d):
-        c = in_shape[0]
-        k = layer.kernel
-        w = a.new_full((c, 1, *k), 1.0 / (k[0] * k[1]))
-        return _transpose_conv(a, w, layer.stride, layer.padding, in_shape, c), a.new_zeros(m)
-    raise TypeError(f"not a linear layer: {layer!r}")
-
-
-def _transpose_conv(
-    a: torch.Tensor,
-    w: torch.Tensor,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    in_shape: tuple[int, ...],
-    groups: int,
-) -> torch.Tensor:
-    out_pad = [
-        in_shape[1 + d] - ((a.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + w.shape[2 + d])
-        for d in range(2)
-    ]
-    return F.conv_transpose2d(
-        a, w, stride=stride, padding=padding, output_padding=out_pad, groups=groups
-    )
 
 
 def _back_relu(
@@ -314,11 +169,11 @@ def back_substitute(
             elif isinstance(layer, MaxPool2d):
                 coeff, c, e = _back_maxpool(layer, coeff, bounds_lo[j], bounds_hi[j])
             elif isinstance(layer, Flatten):
-                coeff, c = _back_linear(layer, coeff, network.shapes[j])
+                coeff, c = back_linear(layer, coeff, network.shapes[j])
                 e = torch.zeros_like(c)
             else:
-                e = _back_error(layer, coeff, bounds_lo[j], bounds_hi[j])
-                coeff, c = _back_linear(layer, coeff, network.shapes[j])
+                e = back_error(layer, coeff, bounds_lo[j], bounds_hi[j])
+                coeff, c = back_linear(layer, coeff, network.shapes[j])
             const = const + c
             err = err + e + 2 * U * const.abs()
         lo, hi = bounds_lo[0].unsqueeze(0), bounds_hi[0].unsqueeze(0)
@@ -338,16 +193,6 @@ def _both(
     m = a.shape[0]
     both = back_substitute(network, lo, hi, torch.cat([a, -a]), k)
     return both[:m], -both[m:]
-
-
-def _back_error(layer: Layer, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Error bound of one back step through a linear layer for rows `a` on its output:
-    2γₙ·|a|·(|W|·mag + |b|) plus the fold radius' effect, n ≥ the length of every sum."""
-    absolute, fold = abs_image(layer, magnitude(lo, hi).unsqueeze(0))
-    n = lo.numel() + a[0].numel() + _terms(layer)
-    rows = a.abs().flatten(1)
-    size = (rows * absolute.flatten(1)).sum(1)
-    return slack(n, size) + (rows * fold.flatten(1)).sum(1) * (1 + 4 * n * U)
 
 
 def compute_bounds(
@@ -393,7 +238,7 @@ def compute_bounds(
                     max_width=float(width.max()) if width.numel() else 0.0,
                 )
             )
-        l_next, h_next = _interval(layer, lo[i][None], hi[i][None])
+        l_next, h_next = interval(layer, lo[i][None], hi[i][None])
         lo.append(l_next[0])
         hi.append(h_next[0])
     if method == "crown":

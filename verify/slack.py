@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bastion.verify.bounds import Bounds, abs_image, linear_part, weights
+from bastion.verify.bounds import Bounds
+from bastion.verify.layer_bounds import abs_image, linear_part, weights
 from bastion.verify.network import Flatten, MaxPool2d, Network, ReLU
 from bastion.verify.rounding import gamma, magnitude, up
 from bastion.verify.spec import Halfspaces
