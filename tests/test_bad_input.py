@@ -99,6 +99,17 @@ def test_pt2_shape_guard_is_a_bastion_error_in_python(pt2: Path) -> None:
         check_model_accepts(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), torch.rand(4, 3, 8, 8))
 
 
+def test_pt2_shape_guard_in_run_suite_is_a_bastion_error(tmp_path: Path, pt2: Path) -> None:
+    """The path of the pytest fixture: run_suite on a loaded .pt2 and data it cannot take."""
+    from bastion.data import load_data
+    from bastion.suites.runner import run_suite
+
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    data = load_data(_npz(tmp_path / "d.npz", x))
+    with pytest.raises(InvalidInputError, match="takes 1×8×8 inputs"):
+        run_suite(load_model(pt2), data, "quick")
+
+
 def test_static_batch_pt2_returning_a_tuple(tmp_path: Path, net: nn.Module) -> None:
     path = _static_export(_TwoOutputs(net), tmp_path / "two.pt2")
     _, warned = _errors_after_warnings(
