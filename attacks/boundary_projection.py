@@ -25,31 +25,28 @@ def project_onto_hyperplane(
     bounds: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """The step d (rows like `t`, N × D) of least `norm` onto {z : w·z = b} ∩ box."""
-    dtype = t.dtype
-    t, w, b = t.double(), w.double(), b.double()
     lo, hi = bounds
     c = b - (w * t).sum(1)
     up = (w > 0) == (c >= 0)[:, None]  # the direction each coordinate moves in
-    c = c.abs()
+    c = c.abs()[:, None]
     room = torch.where(up, hi - t, t - lo).clamp_min(0)
     size = w.abs()
     active = size > 0
-    rate = torch.ones_like(size) if norm == "linf" else size
-    # breakpoints λ_i = room_i / r_i (inactive coordinates never move: +inf)
-    brk = torch.where(active, room / rate.clamp_min(1e-300), torch.inf)
-    order = brk.argsort(1)
-    brk_s = brk.gather(1, order)
-    value = (size * room).gather(1, order)  # the gain of a coordinate once saturated
-    slope = (size * rate).gather(1, order)  # its gain per unit λ before that
-    cum_v, cum_s = value.cumsum(1), slope.cumsum(1)
+    rate = size.masked_fill(~active, 1) if norm == "l2" else None  # r_i (L∞: 1)
+    # breakpoints λ_i = room_i / r_i; a zero weight never moves (a huge breakpoint, no slope)
+    brk = room / rate if rate is not None else room.clone()
+    brk = brk.masked_fill(~active, torch.finfo(t.dtype).max)
+    brk_s, order = brk.sort(1)
+    value = (size * room).gather(1, order)  # a coordinate's gain once at its face
+    slope = (size * rate if rate is not None else size).gather(1, order)  # gain per unit λ
+    zero = torch.zeros_like(c)
+    cum_v = torch.cat([zero, value.cumsum(1)], 1)  # cum_v[:, k]: the first k saturated
+    cum_s = torch.cat([zero, slope.cumsum(1)], 1)
     total_s = cum_s[:, -1:]
-    reach = cum_v[:, -1]  # the gain with every coordinate at its face
-    gain = torch.where(brk_s.isfinite(), cum_v + brk_s * (total_s - cum_s), reach[:, None])
-    k = (gain < c[:, None]).sum(1, keepdim=True)  # breakpoints passed before g reaches c
-    zero = torch.zeros_like(c)[:, None]
-    before_v = torch.where(k > 0, cum_v.gather(1, (k - 1).clamp_min(0)), zero)
-    before_s = torch.where(k > 0, cum_s.gather(1, (k - 1).clamp_min(0)), zero)
-    lam = (c[:, None] - before_v) / (total_s - before_s).clamp_min(1e-300)
-    lam = torch.where((c >= reach)[:, None], torch.inf, lam)
-    d = torch.minimum(lam * rate, room) * torch.where(up, 1.0, -1.0).to(t)
-    return torch.where(active & (c > 0)[:, None], d, torch.zeros_like(d)).to(dtype)
+    gain = cum_v[:, 1:] + brk_s * (total_s - cum_s[:, 1:])  # g at each breakpoint
+    k = (gain < c).sum(1, keepdim=True)  # breakpoints passed before g reaches c
+    lam = (c - cum_v.gather(1, k)) / (total_s - cum_s.gather(1, k)).clamp_min(1e-30)
+    lam = lam.masked_fill(c >= cum_v[:, -1:], torch.inf)  # unreachable: go to the faces
+    step = torch.minimum(lam * rate if rate is not None else lam.expand_as(room), room)
+    step = step * (active & (c > 0)).to(t.dtype)
+    return torch.where(up, step, -step)

@@ -58,9 +58,10 @@ def test_l2_projection_is_the_closed_form_inside_the_box_and_the_authors_at_its_
     assert torch.allclose(d, closed, atol=1e-12)
     proj = pytest.importorskip("pyautoattack.fab_projections")
     t, w, b = _problems(100, 50, 2)
-    mine = project_onto_hyperplane(t.float(), w.float(), b.float(), "l2")
-    theirs = proj.projection_l2(t.float(), w.float().clone(), b.float())
-    assert torch.allclose(mine.norm(dim=1), theirs.norm(dim=1), rtol=1e-4, atol=1e-5)
+    for far in (1.0, 20.0):  # planes that meet the box, and planes that it cannot reach
+        mine = project_onto_hyperplane(t.float(), w.float(), far * b.float(), "l2")
+        theirs = proj.projection_l2(t.float(), w.float().clone(), far * b.float())
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
 class _Linear(nn.Module):
