@@ -221,7 +221,7 @@ def _load_pickle(path: Path) -> nn.Module:
         where = (
             "it was pickled from a script run as __main__, so move the class into a module "
             "(mynet.py) and re-save, or re-save it with torch.export"
-            if "__main__" in str(exc)
+            if _pickled_from_main(exc)
             else "run Bastion in the folder that holds the class's module, add that folder "
             "to PYTHONPATH, or re-save the model with torch.export"
         )
@@ -234,6 +234,14 @@ def _load_pickle(path: Path) -> nn.Module:
             "save the model itself, or its state dict and pass --arch"
         )
     return obj
+
+
+def _pickled_from_main(exc: BaseException) -> bool:
+    """Whether unpickling failed on a class the pickle expects in `__main__` (the script that
+    saved it), which no later program has."""
+    main = sys.modules.get("__main__")
+    text = str(exc)
+    return "__main__" in text or (main is not None and repr(main) in text)
 
 
 def load_model(

@@ -314,3 +314,22 @@ def test_a_loaded_model_is_named_by_its_file(pt2: Path, net: nn.Module) -> None:
     assert model_source(load_model(pt2)) == str(pt2)
     assert model_source(load_model(pt2, mean=[0.5], std=[0.5])) == str(pt2)
     assert model_source(net) == "bastion.zoo.DigitsCNN"
+
+
+def test_pickle_of_a_class_from_main_says_how_to_fix_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Net(nn.Linear):
+        pass
+
+    Net.__module__, Net.__qualname__ = "__main__", "BastionScriptNet"
+    monkeypatch.setattr(sys.modules["__main__"], "BastionScriptNet", Net, raising=False)
+    torch.save(Net(64, 10), tmp_path / "script.pt")
+    monkeypatch.delattr(sys.modules["__main__"], "BastionScriptNet")  # a later process
+    path = str(tmp_path / "script.pt")
+    assert_bad_input(
+        ["attack", "fgsm", path, "--trust-pickle", "--out", str(tmp_path / "o"), "--quiet"],
+        "BastionScriptNet",
+        "__main__",
+        "move the class into a module",
+    )
