@@ -333,3 +333,33 @@ def test_pickle_of_a_class_from_main_says_how_to_fix_it(
         "__main__",
         "move the class into a module",
     )
+
+
+def test_torchvision_resnet18_from_onnx_runs_an_attack(tmp_path: Path) -> None:
+    """Harness level: `bastion attack` on a torchvision ResNet-18 exported to ONNX (this used
+    to fail to load for attacks)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnx2torch")
+    torchvision = pytest.importorskip("torchvision")
+    import contextlib
+    import io
+    import json
+    import warnings
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    path = tmp_path / "resnet18.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (torch.rand(2, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
+            input_names=["x"], dynamic_axes={"x": {0: "batch"}},
+        )  # fmt: skip
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    spec = _npz(tmp_path / "d.npz", x)
+    out = tmp_path / "o"
+    code, _, err = run_cli(["attack", "fgsm", str(path), "--data", spec, "--out", str(out),
+                            "--threat", "linf:8/255", "--quiet"])  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["format"] == "onnx" and report["model"]["source"] == str(path)
