@@ -14,6 +14,7 @@ from bastion.suites.report import Report
 from bastion.suites.report_model import ReportData
 from bastion.suites.session_report import Entry
 from bastion.suites.thresholds import RobustAccuracy, RobustnessFailure, Threshold, explain
+from bastion.threats import parse_eps
 
 
 def surface(exc: BastionError) -> NoReturn:
@@ -39,9 +40,10 @@ class CheckReport(Report):
         return self.locate() if self.locate is not None else None
 
     def robust_accuracy(
-        self, attack: str | None = None, eps: float | None = None
+        self, attack: str | None = None, eps: float | str | None = None
     ) -> RobustAccuracy:
         value = super().robust_accuracy(attack, eps)
+        eps = None if eps is None else parse_eps(eps)
         if eps is None and attack is not None:
             eps = _largest_eps(self.model, attack)
         return RobustAccuracy(

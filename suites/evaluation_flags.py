@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bastion.suites.kind_attack import breaks
 from bastion.suites.report_model import AttackResult, CheckEntry, Flag, ThreatEntry
-from bastion.suites.threat_report import breaks, evaluates
+from bastion.suites.threat_report import evaluates
 from bastion.threats import ThreatModel
 
 if TYPE_CHECKING:

@@ -85,11 +85,10 @@ def _checks(report: ReportData, figures: Mapping[str, object] | None = None) -> 
             "seconds": check.seconds,
             "kind": check.kind,
             "intervals": [_json(r) for r in check.intervals or []],
-            "fooling": None,
-            "scaling": None,
             "results": results,
             "points": sorted((r.eps, r.robust_accuracy) for r in check.results),
             "color": PALETTE[i % len(PALETTE)],
+            "template": "kind_attack.html",  # a per-eps table unless the kind has its own
         }
         view.update(kind_of(check).html(check, figures.get(check.id), names))
         checks.append(view)
@@ -292,7 +291,7 @@ def _context(
         "checks": checks,
         "before_after": _before_after(report),
         "charts": charts(report, checks),
-        "gallery": _gallery(gallery, {c["id"]: c["norm"] for c in checks}),
+        "gallery": _gallery(gallery, {str(c["id"]): c["norm"] for c in checks}),
         "norm_labels": NORM_LABELS,
     }
 

@@ -151,8 +151,8 @@ class AttackKind:
             f"{mn.attacked} seconds {entry.seconds:.1f}"
         ]
 
-    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> JsonObject:
-        return {}
+    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> dict[str, object]:
+        return {"template": "kind_attack.html"}
 
 
 def fmt(value: float | str | None, spec: str) -> str:
@@ -205,7 +205,7 @@ def _item(
         rows.update({k: v.cpu().tolist() for k, v in values.items()})
         forward, backward = int(result.queries.sum()), int(result.gradients.sum())
         for j in result.success.nonzero().flatten()[: ctx.keep].tolist():
-            ctx.shots[(check.id, eps, todo[j].item())] = result.x_adv[j].cpu()
+            ctx.shots[(check.id, eps, int(todo[j]))] = result.x_adv[j].cpu()
     return {
         "kind": "attack",
         "check": check.id,
@@ -288,6 +288,22 @@ def _results(check: Check, state: RunState, mine: list[Item], n: int) -> list[At
                 backward=sum(r["backward"] for r in recs) if bounded else None,
             )
         )
+    return out
+
+
+def breaks(items: list[Item], check_id: str, eps: float, n: int) -> torch.Tensor:
+    """Which of the first n samples check `check_id` itself broke at radius eps."""
+    out = torch.zeros(n, dtype=torch.bool)
+    for rec in items:
+        if rec.get("kind") != "attack" or rec.get("check") != check_id:
+            continue
+        at = rec["eps"]
+        if at is not None and not math.isclose(at, eps, rel_tol=1e-6):
+            continue
+        rows = rec["rows"]
+        for i, s, l2 in zip(rows["index"], rows["success"], rows["l2"], strict=True):
+            if s and i < n and (at is not None or l2 <= eps):
+                out[i] = True
     return out
 
 

@@ -129,10 +129,10 @@ class FoolingKind:
             f"seconds {entry.seconds:.1f}"
         ]
 
-    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> JsonObject:
+    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> dict[str, object]:
         from bastion.suites.html_report import fooling_view
 
-        return {"fooling": fooling_view(entry, figures, names)}
+        return {"template": "kind_fooling.html", "fooling": fooling_view(entry, figures, names)}
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -136,10 +136,10 @@ class ScalingKind:
     def notes(self, entry: CheckEntry) -> list[str]:
         return [f"{entry.id} {r.scaler}: {r.advice}" for r in entry.scaling or []]
 
-    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> JsonObject:
+    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> dict[str, object]:
         from bastion.suites.html_report import scaling_view
 
-        return {"scaling": scaling_view(entry, figures, names)}
+        return {"template": "kind_scaling.html", "scaling": scaling_view(entry, figures, names)}
 
 
 def _run(run: RunContext, check: Check) -> None:

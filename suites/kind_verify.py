@@ -19,7 +19,7 @@ import torch
 
 from bastion.errors import ConfigError
 from bastion.suites.gallery import GalleryItem
-from bastion.suites.json_codec import JsonObject
+from bastion.suites.json_codec import JsonObject, encode
 from bastion.suites.kind_attack import COLUMNS as ATTACK_COLUMNS
 from bastion.suites.kind_attack import fmt
 from bastion.suites.kinds import Column, Table
@@ -117,8 +117,8 @@ class VerifyKind:
             f"{fmt(adv[len(adv) // 2] if adv else None, '.4g')} (L∞)"
         ]
 
-    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> JsonObject:
-        return {}
+    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> dict[str, object]:
+        return {"template": "kind_verify.html"}
 
 
 def _run(run: RunContext, check: Check) -> None:
@@ -275,28 +275,28 @@ def _summarise(check: Check, state: RunState, items: list[Item], total: int) -> 
                     "layers": rows.get("layers", [[]] * len(rows["index"]))[k],
                 }
             )
-    results: list[JsonObject] = []
+    results: list[VerifyResult] = []
     for j, eps in enumerate(eps_list):
         column = [statuses[i][j] for i in sorted(statuses)]
         count = {s: column.count(s) for s in ("SAFE", "UNSAFE", "UNKNOWN", "MISCLASSIFIED")}
         results.append(
-            {
-                "eps": eps,
-                "verified_accuracy": count["SAFE"] / n if n else 0.0,
-                "robust_accuracy": (count["SAFE"] + count["UNKNOWN"]) / n if n else 0.0,
-                "unsafe": count["UNSAFE"],
-                "unknown": count["UNKNOWN"],
-                "misclassified": count["MISCLASSIFIED"],
-                "verified": len(column),
-            }
+            VerifyResult(
+                eps=eps,
+                verified_accuracy=count["SAFE"] / n if n else 0.0,
+                robust_accuracy=(count["SAFE"] + count["UNKNOWN"]) / n if n else 0.0,
+                unsafe=count["UNSAFE"],
+                unknown=count["UNKNOWN"],
+                misclassified=count["MISCLASSIFIED"],
+                verified=len(column),
+            )
         )
     return check_entry(
         check,
         n=n,
-        results=[VerifyResult(**r) for r in results],
+        results=results,
         intervals=[Interval(**r) for r in sorted(intervals, key=lambda r: r["index"])],
         seconds=seconds,
-        passed=check_criterion(check, results),
+        passed=check_criterion(check, [encode(r) for r in results]),
     )
 
 

@@ -3,7 +3,8 @@
 A kind is an object with the `CheckKind` interface: `validate` a check before any work,
 `run` it through the public `RunContext` (results.jsonl items, the per-sample state, the
 gallery shots and figures), `summarise` its items into the report's `CheckEntry`, and
-render that entry (`table` and `notes` for the terminal, `html` for the page's parts).
+render that entry (`table` and `notes` for the terminal; `html` for the page: the
+`template` part of templates/ that shows it, and its view's extra keys).
 To add a kind, write a module with such an object and add it to `_MODULES` below; no other
 file compares kind names (docs/extending.md walks through one).
 """
@@ -76,7 +77,7 @@ class CheckKind(Protocol):
     def gallery(self, ctx: RunContext, check: Check) -> list[GalleryItem]: ...
     def table(self, entry: CheckEntry) -> Table: ...
     def notes(self, entry: CheckEntry) -> list[str]: ...
-    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> JsonObject: ...
+    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> dict[str, object]: ...
 
 
 @cache

@@ -28,6 +28,7 @@ from bastion.errors import BastionError, ConfigError
 from bastion.suites import runner
 from bastion.suites.check_cache import CheckCache, check_key, key_digest, model_fingerprint
 from bastion.suites.check_report import CheckReport, surface
+from bastion.suites.json_codec import JsonObject
 from bastion.suites.profiles import fast_n, fast_suite
 from bastion.suites.pytest_plugin import PluginSession
 from bastion.suites.session_report import Entry
@@ -332,7 +333,10 @@ class BastionFixture:
             report, source = hit
         else:
             cls = type(model)
-            info = {"source": f"{cls.__module__}.{cls.__qualname__}", "format": "in-memory"}
+            info: JsonObject = {
+                "source": f"{cls.__module__}.{cls.__qualname__}",
+                "format": "in-memory",
+            }
             if fingerprint is not None:
                 info["sha256"] = fingerprint
             report = runner.run_suite(

@@ -91,11 +91,15 @@ class Report:
         """Verified accuracy of a `verify` check (by id) at `eps` (its largest when None)."""
         from bastion.suites.report_model import VerifyResult
 
-        entry = self.model.check(check)
-        if entry is None or entry.kind != "verify":
-            names = ", ".join(c.id for c in self.model.checks if c.kind == "verify")
+        verified = {
+            c.id: rows
+            for c in self.model.checks
+            if (rows := [r for r in c.results if isinstance(r, VerifyResult)])
+        }
+        rows = verified.get(check, [])
+        if not rows:
+            names = ", ".join(verified)
             raise ConfigError(f"no verify check {check!r} in this report; verify checks: {names}")
-        rows = [r for r in entry.results if isinstance(r, VerifyResult)]
         eps = max(r.eps for r in rows) if eps is None else eps
         match = [r for r in rows if math.isclose(r.eps, eps, rel_tol=1e-6)]
         if not match:

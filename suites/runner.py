@@ -23,7 +23,7 @@ import torch
 from bastion.data import Dataset
 from bastion.errors import ConfigError
 from bastion.modes import eval_mode
-from bastion.suites.json_codec import JsonObject
+from bastion.suites.json_codec import JsonObject, encode
 from bastion.suites.progress import NoProgress, ProgressSink
 from bastion.suites.report import Report
 from bastion.suites.report_builder import RunOutcome, build_report
@@ -210,7 +210,7 @@ def _header(
         "seed": config.seed,
         "batch_size": config.batch_size,
         "threats": [str(t) for t in config.threats],
-        "normalization": {"mean": norm.mean, "std": norm.std} if norm is not None else None,
+        "normalization": encode(norm) if norm is not None else None,
     }
 
 

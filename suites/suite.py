@@ -228,7 +228,7 @@ class Check:
         return get_kind(self.kind).robustness
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "id": self.id,
             "kind": self.kind,
             "attack": self.attack,
@@ -242,7 +242,7 @@ class Check:
         if self.bpda:
             out["bpda"] = True
         if self.threats:
-            out["threats"] = list(self.threat_norms) or True
+            out["threats"] = [*self.threat_norms] or True
         return out
 
     def at_threats(self, threats: tuple[ThreatModel, ...]) -> list[Check]:

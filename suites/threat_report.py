@@ -8,17 +8,13 @@ Every threat model is read over the same samples, all the run evaluated.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
-
-import torch
 
 from bastion.errors import ConfigError
 from bastion.suites.report_model import CheckEntry, ThreatAttack, ThreatEntry
 from bastion.threats import FailUnder, ThreatModel
 
 if TYPE_CHECKING:
-    from bastion.suites.results_log import Item
     from bastion.suites.run_context import RunState
     from bastion.suites.suite import Check, Suite
 
@@ -125,19 +121,3 @@ def find_threat(entries: list[ThreatEntry], text: str) -> ThreatEntry:
             return e
     have = ", ".join(e.threat for e in entries) or "none"
     raise ConfigError(f"threat model {t} was not evaluated; evaluated: {have}")
-
-
-def breaks(items: list[Item], check_id: str, eps: float, n: int) -> torch.Tensor:
-    """Which of the first n samples check `check_id` itself broke at radius eps."""
-    out = torch.zeros(n, dtype=torch.bool)
-    for rec in items:
-        if rec.get("kind") != "attack" or rec.get("check") != check_id:
-            continue
-        at = rec["eps"]
-        if at is not None and not math.isclose(at, eps, rel_tol=1e-6):
-            continue
-        rows = rec["rows"]
-        for i, s, l2 in zip(rows["index"], rows["success"], rows["l2"], strict=True):
-            if s and i < n and (at is not None or l2 <= eps):
-                out[i] = True
-    return out

@@ -76,7 +76,7 @@ class ConfidentKind:
     def notes(self, entry: CheckEntry) -> list[str]:
         return [f"{entry.id}: {entry.params['sure']} of {entry.n} images classified confidently"]
 
-    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> JsonObject:
+    def html(self, entry: CheckEntry, figures: object, names: list[str]) -> dict[str, object]:
         return {}
 
 
