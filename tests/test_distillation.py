@@ -107,7 +107,7 @@ def test_sanity_check_flags_the_distilled_models_masked_gradients(
     def flags(model: torch.nn.Module) -> set[str]:
         correct = soft_labels(model, test_set.x, 1.0).argmax(1) == test_set.y
         found, _ = run_sanity_checks(model, test_set, correct, 128, torch.device("cpu"), 0)
-        return {f["name"] for f in found}
+        return {f.name for f in found}
 
     assert "zero_gradients" in flags(distilled.student)
     assert "zero_gradients" not in flags(undistilled)
