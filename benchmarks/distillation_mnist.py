@@ -60,7 +60,7 @@ def evaluate(
         "fgsm": {},
         "fgsm_on_logits_over_T": {},
         "fgsm_transfer_from_undistilled": {},
-        "sanity_flags": [f["name"] for f in flags],
+        "sanity_flags": [f.name for f in flags],
         "zero_gradient_samples": measured.get("zero_gradient_samples"),
         "large_eps_accuracy": measured.get("large_eps_accuracy"),
     }
