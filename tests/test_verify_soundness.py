@@ -205,7 +205,7 @@ def plant(
     last = model[-1]
     with decimal.localcontext() as ctx:
         ctx.prec = _PREC
-        target = Decimal(float(last.bias[j])) + (y[label] - y[j])
+        target = Decimal(float(last.bias[j].detach())) + (y[label] - y[j])
         b = np.float32(float(target))
         while Decimal(float(b)) < target:
             b = np.nextafter(b, np.float32(np.inf))
@@ -343,7 +343,7 @@ def test_milp_never_unsat_on_a_net_with_weights_times_1000(seed: int) -> None:
     prop = planted[0]
     network = extract(model, (40,))
     for engine in ("milp", "auto"):
-        verdict = verify(network, prop, model=model, engine=engine, timeout=10, attack=False)
+        verdict = verify(network, prop, model=model, engine=engine, timeout=4, attack=False)
         assert verdict.status != Status.SAFE, verdict.summary()
 
 
