@@ -341,9 +341,8 @@ class BastionFixture:
                 info["sha256"] = fingerprint
             report = runner.run_suite(
                 model, dataset, suite, seed=seed, device=dev, batch_size=batch_size,
-                model_info=info, threats=threats or None,
+                model_info=info, threats=threats or None, profile=settings.profile,
             )  # fmt: skip
-            report.model.profile = settings.profile
             if digest is not None and key is not None:
                 self._cache().put(digest, key, report)
         entry = self._session.record(

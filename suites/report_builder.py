@@ -90,6 +90,7 @@ class RunOutcome:
     normalization: Normalization | None
     gallery: list[GalleryItem]
     undefended: ReportData | None = None
+    profile: str | None = None
 
 
 def build_report(run: RunOutcome) -> ReportData:
@@ -163,6 +164,7 @@ def build_report(run: RunOutcome) -> ReportData:
         gallery=[_gallery_ref(g) for g in run.gallery],
         fail_under=[str(f) for f in run.fail_under] or None,
         undefended=Undefended.of(run.undefended) if run.undefended is not None else None,
+        profile=run.profile,
     )
 
 

@@ -59,6 +59,7 @@ class RunConfig:
     model_info: JsonObject | None = None
     gallery: int = 8
     junit: Path | None = None
+    profile: str | None = None  # the pytest plugin's profile (fast / full), recorded as is
 
     def undefended(self) -> RunConfig:
         """The same run without the suite's defense, into `out/undefended`, no gallery, no
@@ -93,6 +94,7 @@ def run_suite(
     defense: str | None = None,
     adaptive: bool | None = None,
     threats: list[str | ThreatModel] | tuple[str | ThreatModel, ...] | None = None,
+    profile: str | None = None,
 ) -> Report:
     """Run `suite` (a built-in name, a TOML path or a Suite) on `data` and return the Report.
 
@@ -105,7 +107,8 @@ def run_suite(
     report fail when robust accuracy is below it.
     `defense="raw_isp"` runs the suite against `RawISP().wrap(model)` (overriding the
     suite's `defense` key); `adaptive=True` adds a BPDA twin of every gradient attack
-    check (see `Suite.with_defense`).
+    check (see `Suite.with_defense`). `profile` is recorded in the report (the pytest
+    plugin's fast or full profile).
     """
     for name, value in (("batch_size", batch_size), ("n", n if n is not None else 1)):
         if value < 1:
@@ -138,6 +141,7 @@ def run_suite(
         model_info=model_info,
         gallery=gallery,
         junit=Path(junit) if junit is not None else None,
+        profile=profile,
     )
     return run_config(model, data.subset(n) if n is not None else data, config)
 
@@ -189,7 +193,7 @@ def run_config(model: Model, data: Dataset, config: RunConfig) -> Report:
         suite=suite, data=data, state=ctx.state, items=list(ctx.log.items.values()),
         flags=flags, sanity=sanity, model_info=info, seed=config.seed, dev=dev,
         started=started, threats=config.threats, fail_under=config.fail_under,
-        normalization=norm_info, gallery=shown, undefended=undefended,
+        normalization=norm_info, gallery=shown, undefended=undefended, profile=config.profile,
     )  # fmt: skip
     report = Report(build_report(outcome), gallery=shown, figures=ctx.figures)
     if config.out is not None:
