@@ -70,3 +70,8 @@ def fmt_eps(value: object) -> str:
             frac = Fraction(round(k), 255)
             text += f" ({frac.numerator}/{frac.denominator})"
     return text
+
+
+def cell(value: object, spec: str) -> str:
+    """A figure for the terminal (`format(value, spec)`); `–` for a missing one."""
+    return "–" if value is None else format(value, spec)

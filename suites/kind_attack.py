@@ -16,6 +16,7 @@ import torch
 from bastion.attacks.base import Attack
 from bastion.errors import ConfigError
 from bastion.results import NORMS
+from bastion.suites.formatting import cell
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject, encode
 from bastion.suites.kinds import Column, Table
@@ -146,18 +147,13 @@ class AttackKind:
         if mn is None:
             return []
         return [
-            f"{entry.id} {entry.attack}: success_rate {fmt(mn.success_rate, '.3f')} mean_l2 "
-            f"{fmt(mn.mean_l2, '.3f')} median_l2 {fmt(mn.median_l2, '.3f')} attacked "
+            f"{entry.id} {entry.attack}: success_rate {cell(mn.success_rate, '.3f')} mean_l2 "
+            f"{cell(mn.mean_l2, '.3f')} median_l2 {cell(mn.median_l2, '.3f')} attacked "
             f"{mn.attacked} seconds {entry.seconds:.1f}"
         ]
 
     def html(self, entry: CheckEntry, figures: object, names: list[str]) -> dict[str, object]:
         return {"template": "kind_attack.html"}
-
-
-def fmt(value: float | str | None, spec: str) -> str:
-    """A figure for the terminal; `–` for a missing one."""
-    return "–" if value is None else format(value, spec)
 
 
 def _row(result: object) -> JsonObject:

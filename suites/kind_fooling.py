@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bastion.errors import ConfigError
+from bastion.suites.formatting import cell
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject, decode
 from bastion.suites.kinds import Column, Table
@@ -110,7 +111,7 @@ class FoolingKind:
         assert f is not None
         title = (
             f"{entry.id}: {entry.attack} (fooled at 0.99: "
-            f"{_fmt(f.fooled_fraction, '.3f')}, {f.generations} generations)"
+            f"{cell(f.fooled_fraction, '.3f')}, {f.generations} generations)"
         )
         rows: list[JsonObject] = [
             {"name": c.name, "confidence": c.confidence, "predicted": c.predicted,
@@ -123,9 +124,9 @@ class FoolingKind:
         f = entry.fooling
         assert f is not None
         return [
-            f"{entry.id} {entry.attack}: fooled_fraction {_fmt(f.fooled_fraction, '.3f')} "
-            f"(at 0.9999: {_fmt(f.fooled_fraction_strict, '.3f')}) median_confidence "
-            f"{_fmt(f.median_confidence, '.4f')} queries {f.queries} "
+            f"{entry.id} {entry.attack}: fooled_fraction {cell(f.fooled_fraction, '.3f')} "
+            f"(at 0.9999: {cell(f.fooled_fraction_strict, '.3f')}) median_confidence "
+            f"{cell(f.median_confidence, '.4f')} queries {f.queries} "
             f"seconds {entry.seconds:.1f}"
         ]
 
@@ -133,10 +134,6 @@ class FoolingKind:
         from bastion.suites.html_report import fooling_view
 
         return {"template": "kind_fooling.html", "fooling": fooling_view(entry, figures, names)}
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def _number(value: object) -> float | None:

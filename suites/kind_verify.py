@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bastion.errors import ConfigError
+from bastion.suites.formatting import cell
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject, encode
 from bastion.suites.kind_attack import COLUMNS as ATTACK_COLUMNS
-from bastion.suites.kind_attack import fmt
 from bastion.suites.kinds import Column, Table
 from bastion.suites.report_builder import check_entry
 from bastion.suites.report_model import CheckEntry, Interval, VerifyResult
@@ -114,7 +114,7 @@ class VerifyKind:
         return [
             f"{entry.id} robustness intervals over {len(intervals)} images: median proved "
             f"safe up to {safe[len(safe) // 2]:.4g}, median adversarial at "
-            f"{fmt(adv[len(adv) // 2] if adv else None, '.4g')} (L∞)"
+            f"{cell(adv[len(adv) // 2] if adv else None, '.4g')} (L∞)"
         ]
 
     def html(self, entry: CheckEntry, figures: object, names: list[str]) -> dict[str, object]:

@@ -6,12 +6,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bastion.suites.formatting import cell
 from bastion.suites.kinds import kind_of
 from bastion.suites.report_model import CheckEntry, Normalization, ReportData
-
-
-def _fmt(value: object, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def _criterion_note(check: CheckEntry) -> list[str]:
@@ -54,8 +51,8 @@ def _before_after(report: ReportData) -> list[str]:
         for r in check.results:
             lines.append(
                 f"{name} {check.id} eps={r.eps:g} robust_accuracy "
-                f"{_fmt(before.robust_at(check.id, r.eps), '.3f')} → "
-                f"{_fmt(r.robust_accuracy, '.3f')}"
+                f"{cell(before.robust_at(check.id, r.eps), '.3f')} → "
+                f"{cell(r.robust_accuracy, '.3f')}"
             )
     return lines
 
@@ -93,11 +90,11 @@ def print_summary(report: ReportData, console: Console | None = None) -> None:
             for c in view.columns:
                 table.add_column(c.header, justify="right")
             for r in view.rows:
-                table.add_row(*(_fmt(r.get(c.key), c.spec) for c in view.columns))
+                table.add_row(*(cell(r.get(c.key), c.spec) for c in view.columns))
             console.print(table)
         else:
             for r in view.rows:
-                figures = " ".join(f"{c.key}={_fmt(r.get(c.key), c.spec)}" for c in view.columns)
+                figures = " ".join(f"{c.key}={cell(r.get(c.key), c.spec)}" for c in view.columns)
                 where = check.norm or check.kind
                 console.print(f"{check.id} {check.attack} {where} {figures}", highlight=False)
         for note in [*kind.notes(check), *_criterion_note(check)]:
