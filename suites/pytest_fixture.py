@@ -25,6 +25,7 @@ import torch
 import bastion as package
 from bastion.data import Dataset, load_data
 from bastion.errors import BastionError, ConfigError
+from bastion.model_io import model_source
 from bastion.suites import runner
 from bastion.suites.check_cache import CheckCache, check_key, key_digest, model_fingerprint
 from bastion.suites.check_report import CheckReport, surface
@@ -253,7 +254,7 @@ class BastionFixture:
         if isinstance(data, str):
             loaded = self._session.datasets.get(data)
             if loaded is None:
-                loaded = self._session.datasets[data] = load_data(data, split="test")
+                loaded = self._session.datasets[data] = load_data(data)
             return loaded
         if isinstance(data, tuple) and len(data) == 2:
             x, y = data
@@ -332,11 +333,7 @@ class BastionFixture:
         if hit is not None:
             report, source = hit
         else:
-            cls = type(model)
-            info: JsonObject = {
-                "source": f"{cls.__module__}.{cls.__qualname__}",
-                "format": "in-memory",
-            }
+            info: JsonObject = {"source": model_source(model), "format": "in-memory"}
             if fingerprint is not None:
                 info["sha256"] = fingerprint
             report = runner.run_suite(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bastion.data import Dataset
-from bastion.errors import InvalidInputError
+from bastion.errors import BastionError, InvalidInputError
 from bastion.results import distances
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.kinds import kind_of
@@ -117,7 +117,9 @@ class RunContext:
         spec = self.data.spec
         try:
             logits = self.model(x)
-        except RuntimeError as exc:
+        except BastionError:
+            raise
+        except Exception as exc:  # the first forward: a shape guard, an assert, a bad reshape
             text = str(exc).strip()
             first = text.splitlines()[0] if text else type(exc).__name__
             raise InvalidInputError(

@@ -204,6 +204,24 @@ def test_a_plain_assert_on_the_report_prints_the_table(pytester: pytest.Pytester
     result.stdout.fnmatch_lines(["*SanityFlagWarning*"])
 
 
+def test_a_model_loaded_from_a_file_is_named_by_its_path(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import torch
+
+        def test_named(bastion, tmp_path):
+            from bastion.model_io import save_model
+
+            path = tmp_path / "net.pt2"
+            save_model(bastion.zoo.demo_model(), path, torch.rand(2, 1, 8, 8))
+            report = bastion.assert_robust(bastion.load_model(path), "digits", attack="fgsm",
+                                           eps=0.02, min_accuracy=0.5, n=8)
+            assert report.data["model"]["source"] == str(path)
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
 def test_threat_models_through_check_and_marker(pytester: pytest.Pytester) -> None:
     pytester.makefile(".toml", tiny=TINY_TOML.replace("eps = [0.05, 0.1]\n", "threats = true\n"))
     pytester.makepyfile(

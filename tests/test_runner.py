@@ -293,3 +293,18 @@ def test_written_report_holds_the_gallery_and_strict_json(tiny_report, tmp_path:
     assert parser.items == len(tiny_report.gallery) >= 1
     assert sum("adversarial" in c for c in parser.images) == parser.items
     assert (tmp_path / "junit.xml").read_text().count("<testcase") == 3
+
+
+class _Asserting(nn.Module):
+    """A plain-Python model whose forward asserts its input shape (as exported guards do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == 3, "expects RGB"
+        return x.flatten(1)[:, :10]
+
+
+def test_a_model_that_asserts_on_the_data_is_an_input_error(digits) -> None:
+    from bastion.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="cannot take 1×8×8 images"):
+        run_suite(_Asserting(), digits, TINY, n=4)
