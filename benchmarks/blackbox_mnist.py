@@ -13,22 +13,18 @@ records from the authors' runs. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import RESULTS, correctly_classified, machine, mnist_spec, write_json
 from torch import nn
 
 from bastion.attacks import Attack, CarliniWagnerL2, FeatureGameMCTS, SafeCV
-from bastion.data import Dataset, load_data
+from bastion.data import load_data
 from bastion.zoo import cached_model, demo_model, recipe_hash
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data")
 MNIST_RECIPE: dict[str, Any] = {
     "name": "blackbox-mnist-cnn",
     "version": 1,
@@ -69,14 +65,6 @@ class MnistCNN(nn.Module):
         return self.net(x)
 
 
-def correct_images(model: nn.Module, data: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n test images the model classifies correctly, and their labels."""
-    with torch.no_grad():
-        ok = model(data.x).argmax(1) == data.y
-    idx = ok.nonzero().flatten()[:n]
-    return data.x[idx], data.y[idx]
-
-
 def evaluate(name: str, attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     start = time.perf_counter()
     result = attack(model, x, y)
@@ -99,13 +87,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20, help="images per model")
     parser.add_argument("--queries", type=int, default=10_000, help="query budget per image")
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/blackbox_mnist.json"))
+    parser.add_argument("--out", default=str(RESULTS / "blackbox_mnist.json"))
+    parser.add_argument(
+        "--data", default=None, help="data root (default $BASTION_DATA or ../shared/data)"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
-    mnist = cached_model(MNIST_RECIPE, MnistCNN, f"mnist:{DATA}")
+    mnist = cached_model(MNIST_RECIPE, MnistCNN, mnist_spec(args.data))
     train_seconds = time.perf_counter() - start
     cases = {
-        "mnist": (mnist, load_data(f"mnist:{DATA}", split="test", n=1000)),
+        "mnist": (mnist, load_data(mnist_spec(args.data), split="test", n=1000)),
         "demo": (demo_model(), load_data("digits", split="test")),
     }
     attacks: list[tuple[str, Attack]] = [
@@ -118,7 +109,7 @@ def main() -> None:
     for model_name, (model, data) in cases.items():
         with torch.no_grad():
             clean = float((model(data.x).argmax(1) == data.y).float().mean())
-        x, y = correct_images(model, data, args.n)
+        x, y, _ = correctly_classified(model, data.x, data.y, args.n)
         for name, attack in attacks:
             row = {
                 "model": model_name,
@@ -146,16 +137,10 @@ def main() -> None:
         },
         "n": args.n,
         "queries": args.queries,
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "loadavg": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "machine": machine(),
         "seconds": time.perf_counter() - start,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     print(f"wrote {args.out} (load average {os.getloadavg()[0]:.1f})")
 
 

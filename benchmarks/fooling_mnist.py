@@ -6,21 +6,20 @@ query budget, and gradient ascent (the code's decay 0.01, and decay 0). Prints p
 confidences and the first generation reaching 99 % / 99.99 %, writes JSON and a gallery PNG
 (one row per method, one column per class).
 
-    OMP_NUM_THREADS=1 python benchmarks/fooling_mnist.py [--data /work/shared/data]
+    OMP_NUM_THREADS=1 python benchmarks/fooling_mnist.py [--data DATA_ROOT]
         [--generations 500] [--cppn-generations 300] [--out benchmarks/results/fooling_mnist.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import machine, mnist_spec, write_json
 from PIL import Image
 from torch import nn
 
@@ -90,12 +89,12 @@ def gallery(results: list[FoolingResult], path: Path, scale: int = 3) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--data", default="/work/shared/data")
+    parser.add_argument("--data", default=None, help="data root ($BASTION_DATA, ../shared/data)")
     parser.add_argument("--generations", type=int, default=500)
     parser.add_argument("--cppn-generations", type=int, default=300)
     parser.add_argument("--out", default="benchmarks/results/fooling_mnist.json")
     args = parser.parse_args()
-    spec = f"mnist:{args.data}"
+    spec = mnist_spec(args.data)
     start = time.perf_counter()
     model = lenet()  # trained afresh each run, so the training time is measured too
     train_classifier(model, load_data(spec, split="train"), RECIPE)
@@ -126,14 +125,9 @@ def main() -> None:
         "direct_confidence_at_generation_200": [round(float(c), 7) for c in direct_200],
         "rows": rows,
         "gallery": out.with_suffix(".png").name + " (rows: direct, CPPN, ascent decay 0)",
-        "loadavg": os.getloadavg(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
+        "machine": machine(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
     print(f"MNIST CNN test accuracy {accuracy:.4f} (trained in {train_seconds:.1f} s)")
     print(f"{'method':36} {'≥99%':>5} {'≥99.99%':>8} {'median':>9} {'gens':>5} {'s':>7}")
     for r in rows:
