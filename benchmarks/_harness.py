@@ -40,10 +40,20 @@ def cifar_subset_spec(root: str | Path | None = None, split: str = "test") -> st
 
 
 def git_commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    )
-    return out.stdout.strip() or "unknown"
+    """HEAD's short hash, with "+dirty" when the package's code has uncommitted changes
+    (a benchmark measures the working tree, not HEAD)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "attacks", "bastion", "defenses", "verify",
+             "suites"],
+            cwd=REPO, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+    except OSError:
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) or "unknown"
 
 
 def machine(device: torch.device | str = "cpu", **extra: Any) -> dict[str, Any]:

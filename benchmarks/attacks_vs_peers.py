@@ -42,12 +42,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +52,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from _harness import correctly_classified, git_commit, write_json
+from _harness import machine as harness_machine
 from peers import ADAPTERS, INSTALL_HINT, Adapter, AttackSpec, CountingModel, Entry, Unsupported
 from torch import nn
 
@@ -142,13 +141,6 @@ def warmup_spec(spec: AttackSpec) -> AttackSpec:
     """The same attack on the same batch with at most 1 binary step × 100 iterations: it
     wakes the same code paths (allocator, kernels, lazy imports) at a fraction of the cost."""
     return dataclasses.replace(spec, cw_binary_steps=1, cw_iterations=min(spec.cw_iterations, 100))
-
-
-def correctly_classified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int):
-    with torch.no_grad():
-        ok = model(x).argmax(1) == y
-    keep = ok.nonzero().flatten()[:n]
-    return x[keep], y[keep], float(ok.float().mean())
 
 
 def seed_all(seed: int) -> None:
@@ -355,53 +347,6 @@ def summarise(rows: list[dict[str, Any]], spec: AttackSpec) -> None:
             r["l2_ratio"] = r["mean_l2_common"] / best_l2["mean_l2_common"]
 
 
-def machine_info(device: torch.device, adapters: list[Adapter]) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    info["libraries"] = {
-        a.name: (a.version if a.error is None else f"import failed: {a.error}") for a in adapters
-    }
-    return info
-
-
-def git_commit() -> str | None:
-    """HEAD's short hash, with "+dirty" when the package's code has uncommitted changes
-    (the benchmark measures the working tree, not HEAD)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "attacks", "bastion"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
-
-
 # ---- output -------------------------------------------------------------------------------
 
 COLUMNS = (
@@ -603,7 +548,12 @@ def main() -> None:
     root = root if root.is_absolute() else (REPO / root).resolve()
     model_info: dict[str, Any] = {}
     groups: list[list[dict[str, Any]]] = []
-    commit, machine = git_commit(), machine_info(device, adapters)  # what is measured
+    libraries = {a.name: a.version if a.error is None else f"import failed: {a.error}"
+                 for a in adapters}  # fmt: skip
+    commit, machine = (
+        git_commit(),
+        harness_machine(device, numpy=np.__version__, libraries=libraries),
+    )
     started = time.perf_counter()
     for name in models:
         if name == "demo":
@@ -659,8 +609,7 @@ def main() -> None:
     }
     print_table(groups)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        write_json(out, result)
         out.with_suffix(".md").write_text(markdown(result, groups))
         print(f"\nwrote {out} and {out.with_suffix('.md')}")
 
