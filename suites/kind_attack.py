@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks.base import Attack
 from bastion.errors import ConfigError
 from bastion.results import NORMS
+from bastion.suites.executor import Outcome, Progress, Work, WorkEnv
 from bastion.suites.formatting import cell
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject, encode
@@ -68,28 +68,41 @@ class AttackKind:
         check.spec.build(eps=(check.eps or (0.0,))[0], norm=check.norm, params=check.params, seed=0)
 
     def run(self, ctx: RunContext, check: Check) -> None:
-        """Attack the check's first n samples at every eps; fold successes into the state."""
+        """Attack the check's first n samples at every eps; fold successes into the state.
+
+        The items go to the run's executor in waves of independent items: the whole check
+        at once, or for a cascaded check one eps at a time (it attacks only what the earlier
+        checks and its own smaller eps left standing)."""
         n = min(check.n or len(ctx.data), len(ctx.data))
         parts = batches(n, ctx.batch_size)
         eps_list: list[float | None] = [*sorted(check.eps)] if check.spec.bounded else [None]
         task = ctx.sink.task(f"{check.id} ({check.attack})", len(parts) * len(eps_list))
         broken = ctx.state.broken(check.norm)
         done = 0
-        for eps in eps_list:
-            attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=ctx.seed)
-            for b, idx in enumerate(parts):
-                key = item_key("attack", check.id, eps, b)
-                rec = ctx.log.get(key)
-                if rec is None:
+
+        def advance(k: int, m: int) -> None:
+            task.update(done + k / m)
+
+        waves = [[e] for e in eps_list] if check.cascade else [eps_list]
+        for wave in waves:
+            works: list[Work] = []
+            for eps in wave:
+                for b, idx in enumerate(parts):
+                    key = item_key("attack", check.id, eps, b)
+                    rec = ctx.log.get(key)
+                    if rec is not None:  # finished before (resume)
+                        _apply(rec, broken, eps)
+                        done += 1
+                        continue
                     todo = idx[ctx.state.correct[idx]]
                     if check.cascade and eps is not None:
                         todo = todo[~(broken[todo] <= eps)]
-
-                    def advance(k: int, m: int, base: int = done) -> None:
-                        task.update(base + k / m)
-
-                    rec = ctx.log.put(key, _item(ctx, attack, todo, check, eps, advance))
-                _apply(rec, broken, eps)
+                    pred = ctx.state.pred[todo].tolist()
+                    works.append(AttackWork(key, check, eps, todo, pred, ctx.seed, ctx.keep))
+            task.update(done)
+            for work, rec in ctx.execute(works, advance):
+                assert isinstance(work, AttackWork)
+                _apply(rec, broken, work.eps)
                 done += 1
                 task.update(done)
         task.close()
@@ -126,7 +139,7 @@ class AttackKind:
         """Successes at the smallest eps with any. Images kept during this run are shown as
         they are; for items loaded on resume the attack is re-run on the chosen samples
         alone (attacks are per-sample deterministic: the same images)."""
-        recs = sorted(_mine(check, list(ctx.log.items.values())),
+        recs = sorted(_mine(check, ctx.log.ordered()),
                       key=lambda r: (r["eps"] is None, r["eps"] or 0.0))  # fmt: skip
         for rec in recs:
             rows = rec["rows"]
@@ -166,53 +179,64 @@ def _mine(check: Check, items: list[Item]) -> list[Item]:
     return [r for r in items if r.get("kind") == "attack" and r["check"] == check.id]
 
 
-def _item(
-    ctx: RunContext,
-    attack: Attack,
-    todo: torch.Tensor,
-    check: Check,
-    eps: float | None,
-    advance: Callable[[int, int], None],
-) -> Item:
-    start = time.perf_counter()
-    fields = ("pred_adv", "success", "l0", "l2", "linf", "queries", "gradients")
-    rows: dict[str, list[object]] = {
-        "index": todo.tolist(),
-        "label": ctx.data.y[todo].tolist(),
-        "pred_clean": ctx.state.pred[todo].tolist(),
-        **{f: [] for f in fields},
-    }
-    forward = backward = 0
-    if len(todo):
-        result = attack(
-            ctx.attacked_model(check),
-            ctx.data.x[todo].to(ctx.dev),
-            ctx.data.y[todo].to(ctx.dev),
-            indices=todo.to(ctx.dev),
-            progress=advance,
-        )
-        values = {
-            "pred_adv": result.pred_adv,
-            "success": result.success,
-            "queries": result.queries,
-            "gradients": result.gradients,
-            **{k: result.distances[k] for k in ("l0", "l2", "linf")},
+@dataclass(frozen=True)
+class AttackWork:
+    """One attack item: `check` at `eps` on the dataset indices `todo` (one batch's points
+    still standing), computed wherever the executor runs it."""
+
+    key: str
+    check: Check
+    eps: float | None
+    todo: torch.Tensor
+    pred_clean: list[int]
+    seed: int
+    keep: int  # successes kept as gallery images
+
+    def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
+        check, eps, todo = self.check, self.eps, self.todo
+        start = time.perf_counter()
+        fields = ("pred_adv", "success", "l0", "l2", "linf", "queries", "gradients")
+        rows: dict[str, list[object]] = {
+            "index": todo.tolist(),
+            "label": env.data.y[todo].tolist(),
+            "pred_clean": list(self.pred_clean),
+            **{f: [] for f in fields},
         }
-        rows.update({k: v.cpu().tolist() for k, v in values.items()})
-        forward, backward = int(result.queries.sum()), int(result.gradients.sum())
-        for j in result.success.nonzero().flatten()[: ctx.keep].tolist():
-            ctx.shots[(check.id, eps, int(todo[j]))] = result.x_adv[j].cpu()
-    return {
-        "kind": "attack",
-        "check": check.id,
-        "attack": check.attack,
-        "eps": eps,
-        "seed": ctx.seed,
-        "rows": rows,
-        "seconds": time.perf_counter() - start,
-        "forward": forward,
-        "backward": backward,
-    }
+        forward = backward = 0
+        shots = {}
+        if len(todo):
+            attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=self.seed)
+            model = env.bpda_model if check.bpda and env.bpda_model is not None else env.model
+            result = attack(
+                model,
+                env.data.x[todo].to(env.dev),
+                env.data.y[todo].to(env.dev),
+                indices=todo.to(env.dev),
+                progress=progress,
+            )
+            values = {
+                "pred_adv": result.pred_adv,
+                "success": result.success,
+                "queries": result.queries,
+                "gradients": result.gradients,
+                **{k: result.distances[k] for k in ("l0", "l2", "linf")},
+            }
+            rows.update({k: v.cpu().tolist() for k, v in values.items()})
+            forward, backward = int(result.queries.sum()), int(result.gradients.sum())
+            for j in result.success.nonzero().flatten()[: self.keep].tolist():
+                shots[(check.id, eps, int(todo[j]))] = result.x_adv[j].cpu()
+        record = {
+            "kind": "attack",
+            "check": check.id,
+            "attack": check.attack,
+            "eps": eps,
+            "seed": self.seed,
+            "rows": rows,
+            "seconds": time.perf_counter() - start,
+            "forward": forward,
+            "backward": backward,
+        }
+        return Outcome(record, shots)
 
 
 def _replay(ctx: RunContext, check: Check, eps: float | None, picks: list[int]) -> None:

@@ -28,6 +28,7 @@ class ResultsLog:
 
     def __init__(self, out: Path | None, header: dict[str, Any], resume: bool) -> None:
         self.items: dict[str, dict[str, Any]] = {}
+        self._asked: dict[str, None] = {}  # keys in the order the run asked for them
         self._file: TextIO | None = None
         if out is None:
             if resume:
@@ -71,7 +72,15 @@ class ResultsLog:
         self._file.flush()
 
     def get(self, key: str) -> dict[str, Any] | None:
+        self._asked.setdefault(key)
         return self.items.get(key)
+
+    def ordered(self) -> list[dict[str, Any]]:
+        """The items in the order the run asked for them (then any others): the same for a
+        run, a resumed run and a run whose items finished out of order on many workers, so
+        sums over items come out the same to the last bit."""
+        first = [self.items[k] for k in self._asked if k in self.items]
+        return first + [r for k, r in self.items.items() if k not in self._asked]
 
     def put(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
         rec = {"type": "item", "key": key, **record}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,10 +19,18 @@ import torch
 from bastion.data import Dataset
 from bastion.errors import BastionError, InvalidInputError
 from bastion.results import distances
+from bastion.suites.executor import (
+    ExecutorSession,
+    InProcessSession,
+    Outcome,
+    Progress,
+    Work,
+    WorkEnv,
+)
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.kinds import kind_of
 from bastion.suites.progress import ProgressSink
-from bastion.suites.results_log import ResultsLog, item_key
+from bastion.suites.results_log import Item, ResultsLog, item_key
 from bastion.suites.suite import Check, Suite
 from bastion.validation import check_logits
 
@@ -76,12 +84,31 @@ class RunContext:
     log: ResultsLog
     keep: int  # adversarial images kept per item for the gallery
     bpda_model: Model | None = None  # the defended model with BPDA gradients (adaptive twins)
+    executor: ExecutorSession | None = None  # computes the items (default: in this process)
     state: RunState = field(init=False)
     shots: dict[Shot, torch.Tensor] = field(default_factory=dict)
     figures: dict[str, object] = field(default_factory=dict)  # fooling / scaling images
 
     def __post_init__(self) -> None:
         self.state = RunState(len(self.data), self.data.y.clone().long())
+        if self.executor is None:
+            self.executor = InProcessSession(self.env)
+
+    @property
+    def env(self) -> WorkEnv:
+        """What the items of this run need (what an executor ships to its workers)."""
+        return WorkEnv(self.model, self.data, self.dev, self.bpda_model)
+
+    def execute(
+        self, works: list[Work], progress: Progress | None = None
+    ) -> Iterator[tuple[Work, Item]]:
+        """Compute independent `works` with the run's executor; each finished one is written
+        to results.jsonl and its gallery images kept before it is yielded (as it arrives)."""
+        assert self.executor is not None
+        outcome: Outcome
+        for work, outcome in self.executor.map(works, progress):
+            self.shots.update(outcome.shots)
+            yield work, self.log.put(work.key, outcome.record)
 
     def clean_pass(self) -> None:
         """The model's label and confidence on every sample (one item per batch)."""

@@ -23,6 +23,7 @@ import torch
 from bastion.data import Dataset
 from bastion.errors import ConfigError
 from bastion.modes import eval_mode
+from bastion.suites.executor import Executor, InProcessExecutor, WorkEnv
 from bastion.suites.json_codec import JsonObject, encode
 from bastion.suites.progress import NoProgress, ProgressSink
 from bastion.suites.report import Report
@@ -60,6 +61,7 @@ class RunConfig:
     gallery: int = 8
     junit: Path | None = None
     profile: str | None = None  # the pytest plugin's profile (fast / full), recorded as is
+    executor: Executor | None = None  # who computes the items (default: this process)
 
     def undefended(self) -> RunConfig:
         """The same run without the suite's defense, into `out/undefended`, no gallery, no
@@ -95,6 +97,7 @@ def run_suite(
     adaptive: bool | None = None,
     threats: list[str | ThreatModel] | tuple[str | ThreatModel, ...] | None = None,
     profile: str | None = None,
+    executor: Executor | None = None,
 ) -> Report:
     """Run `suite` (a built-in name, a TOML path or a Suite) on `data` and return the Report.
 
@@ -108,7 +111,8 @@ def run_suite(
     `defense="raw_isp"` runs the suite against `RawISP().wrap(model)` (overriding the
     suite's `defense` key); `adaptive=True` adds a BPDA twin of every gradient attack
     check (see `Suite.with_defense`). `profile` is recorded in the report (the pytest
-    plugin's fast or full profile).
+    plugin's fast or full profile). `executor` computes the items: this process by default,
+    or `RayExecutor(...)` (bastion.suites.ray_executor) on Ray workers, same report.
     """
     for name, value in (("batch_size", batch_size), ("n", n if n is not None else 1)):
         if value < 1:
@@ -142,6 +146,7 @@ def run_suite(
         gallery=gallery,
         junit=Path(junit) if junit is not None else None,
         profile=profile,
+        executor=executor,
     )
     return run_config(model, data.subset(n) if n is not None else data, config)
 
@@ -167,6 +172,9 @@ def run_config(model: Model, data: Dataset, config: RunConfig) -> Report:
         undefended = run_config(model, data, config.undefended()).model
         model, bpda_model = _defended(model, suite.defense), _defended(model, suite.defense, True)
         info.update(defense=suite.defense, adaptive=suite.adaptive)
+    log = ResultsLog(config.out, _header(config, data, info, norm_info), config.resume)
+    env = WorkEnv(model, data, dev, bpda_model)
+    session = (config.executor or InProcessExecutor()).session(env)
     ctx = RunContext(
         model,
         data,
@@ -174,9 +182,10 @@ def run_config(model: Model, data: Dataset, config: RunConfig) -> Report:
         config.seed,
         config.batch_size,
         config.progress or NoProgress(),
-        ResultsLog(config.out, _header(config, data, info, norm_info), config.resume),
+        log,
         keep=math.ceil(config.gallery / max(1, sum(c.robustness for c in suite.checks))),
         bpda_model=bpda_model,
+        executor=session,
     )
     try:
         with eval_mode(model):
@@ -188,9 +197,10 @@ def run_config(model: Model, data: Dataset, config: RunConfig) -> Report:
             )
             shown = ctx.gallery(suite, config.gallery)
     finally:
+        session.close()
         ctx.log.close()
     outcome = RunOutcome(
-        suite=suite, data=data, state=ctx.state, items=list(ctx.log.items.values()),
+        suite=suite, data=data, state=ctx.state, items=ctx.log.ordered(),
         flags=flags, sanity=sanity, model_info=info, seed=config.seed, dev=dev,
         started=started, threats=config.threats, fail_under=config.fail_under,
         normalization=norm_info, gallery=shown, undefended=undefended, profile=config.profile,
