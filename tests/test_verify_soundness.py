@@ -467,3 +467,38 @@ def test_two_sum_and_two_prod_are_exact(a: float, b: float) -> None:
 def test_sweep_findings_stay_fixed(family: str, seed: int, engine: str) -> None:
     """Instances the slow sweep once caught answering SAFE (see the commit history)."""
     check_instance(family, seed, engine, timeout=5.0)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(seed=st.integers(0, 10**6), scale=st.sampled_from([1.0, 1e3, 1e6]))
+def test_marabou_counterexamples_are_never_proved_safe(tmp_path_factory, seed, scale) -> None:  # type: ignore[no-untyped-def]
+    """Marabou (test extra) as a third oracle: where it returns a witness that violates the
+    property in exact arithmetic, `verify` must not answer SAFE."""
+    marabou = pytest.importorskip("maraboupy.Marabou")
+    from bastion.verify import write_vnnlib
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    model.eval()
+    _scale_(model, scale)
+    centre = torch.rand(3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        label = int(model(centre[None].float()).argmax())
+    prop = Property(
+        (centre - 0.2).clamp(0, 1), (centre + 0.2).clamp(0, 1), class_unsafe_set(label, 3)
+    )
+    folder = tmp_path_factory.mktemp("marabou")
+    onnx_path, vnnlib = folder / "net.onnx", folder / "p.vnnlib"
+    torch.onnx.export(model, (torch.zeros(1, 3),), str(onnx_path), dynamo=False)
+    write_vnnlib([prop], vnnlib)
+    net = marabou.read_onnx(str(onnx_path))
+    options = marabou.createOptions(verbosity=0, timeoutInSeconds=10)
+    code, values, _ = net.solve(propertyFilename=str(vnnlib), options=options, verbose=False)
+    if code != "sat":
+        return
+    x = torch.tensor([values[v] for v in net.inputVars[0].flatten()], dtype=torch.float64)
+    if not (bool(prop.contains(x[None])[0]) and exact_margin(model, x, label) <= 0):
+        return  # Marabou's witness is off the box or not a counterexample exactly
+    verdict = verify(extract(model, (3,)), prop, model=model, timeout=10)
+    assert verdict.status != Status.SAFE, verdict.summary()
