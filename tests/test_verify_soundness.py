@@ -486,7 +486,7 @@ def test_marabou_counterexamples_are_never_proved_safe(tmp_path_factory, seed, s
     with torch.no_grad():
         label = int(model(centre[None].float()).argmax())
     prop = Property(
-        (centre - 0.2).clamp(0, 1), (centre + 0.2).clamp(0, 1), class_unsafe_set(label, 3)
+        (centre - 0.45).clamp(0, 1), (centre + 0.45).clamp(0, 1), class_unsafe_set(label, 3)
     )
     folder = tmp_path_factory.mktemp("marabou")
     onnx_path, vnnlib = folder / "net.onnx", folder / "p.vnnlib"
