@@ -183,11 +183,51 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "at one (linf:8/255=0.4); repeatable",
     )
     p.add_argument("--gallery", type=int, default=8, help="images in the HTML gallery")
+    add_ray_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--json", action="store_true", help="print the report as JSON on stdout instead of tables"
     )
     p.set_defaults(out_is_folder=True)  # load_model_and_data checks it is writable first
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    """--workers, --ray, --num-cpus, --num-gpus: run the items as Ray tasks (docs/scale-out.md)."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the work items on a local Ray with N workers on this machine",
+    )
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="auto|ADDRESS",
+        help="run the work items as Ray tasks: auto joins the cluster RAY_ADDRESS names (or "
+        "one running here, else starts a local one); or a Ray address such as ray://host:10001",
+    )
+    p.add_argument(
+        "--num-cpus", type=float, default=1, help="CPUs each Ray task asks for (default 1)"
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=float,
+        default=None,
+        help="GPUs each Ray task asks for (default 1 with --device cuda, else 0)",
+    )
+
+
+def ray_executor(args: argparse.Namespace, dev: str) -> Any:
+    """The RayExecutor that --workers/--ray ask for, or None for an in-process run."""
+    if args.workers is None and args.ray is None:
+        return None
+    from bastion.suites.ray_executor import RayExecutor
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be a positive number, got {args.workers}")
+    gpus = args.num_gpus if args.num_gpus is not None else (1.0 if dev.startswith("cuda") else 0.0)
+    return RayExecutor(args.ray, workers=args.workers, num_cpus=args.num_cpus, num_gpus=gpus)
 
 
 def device(name: str | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from bastion.commands.common import (
     device,
     eps_values,
     load_model_and_data,
+    ray_executor,
 )
 from bastion.errors import ConfigError
 
@@ -112,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
     suite = _one_check_suite(args) if args.command == "attack" else args.suite
     eps = args.eps if args.command == "report" else None
     out = Path(args.out)
-    with progress:
+    dev = device(args.device)
+    executor = ray_executor(args, dev)
+    with progress, executor or contextlib.nullcontext():
         model, data, info = load_model_and_data(args, progress)
         report = run_suite(
             model,
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             suite,
             eps=eps,
             batch_size=args.batch_size,
-            device=device(args.device),
+            device=dev,
             seed=args.seed,
             out=out,
             resume=args.resume,
@@ -133,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             defense=args.defense,
             adaptive=args.adaptive,
             threats=args.threat,
+            executor=executor,
         )
     if args.json:
         print(report.to_json())

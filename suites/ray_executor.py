@@ -1,0 +1,194 @@
+"""`RayExecutor`: a run's items as Ray tasks, on the workers of this machine or a cluster.
+
+The run's `WorkEnv` (model, data, device) goes into Ray's object store once per run
+(`ray.put`); each task carries a reference to it, and a worker process deserialises it once
+and keeps it (keyed by the reference), so the model is loaded once per worker, not once per
+item. Every task sets torch's thread count to the driver's (float reductions differ across
+thread counts; the same count gives the same numbers). The driver yields items as they
+finish, and the runner writes them to results.jsonl at once. A worker that dies mid-task has
+its task retried on another (`max_retries`); only a finished task's result reaches the log,
+so nothing is lost or counted twice. On an interrupt (Ctrl-C) the tasks still pending are
+cancelled and the log holds every finished item: `--resume`, with Ray or without, finishes
+the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from bastion.errors import ConfigError
+from bastion.suites.executor import ExecutorSession, Outcome, Progress, Work, WorkEnv
+
+__all__ = ["RayExecutor"]
+
+_ENVS: dict[str, WorkEnv] = {}  # in a worker process: the runs' environments it has loaded
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is in the [ray] and [test] extras
+        raise ConfigError(
+            "Ray is not installed; pip install 'bastion[ray]' to run on Ray workers"
+        ) from None
+    return ray
+
+
+def _env(refs: list[Any]) -> WorkEnv:
+    """The run's environment in this worker: loaded from the object store the first time."""
+    key = refs[0].hex()
+    env = _ENVS.get(key)
+    if env is None:
+        _ENVS.clear()  # one run at a time per worker: drop an earlier run's model
+        env = _ray().get(refs[0])
+        dev = torch.device(env.dev.type)  # Ray maps the GPUs it gives a task to cuda:0…
+        if isinstance(env.model, torch.nn.Module):
+            env.model.to(dev).eval()
+        if isinstance(env.bpda_model, torch.nn.Module):
+            env.bpda_model.to(dev).eval()
+        env = WorkEnv(env.model, env.data, dev, env.bpda_model)
+        _ENVS[key] = env
+    return env
+
+
+def _compute(refs: list[Any], work: Work, threads: int) -> Outcome:
+    """The Ray task: one item at the driver's thread count."""
+    torch.set_num_threads(threads)
+    return work(_env(refs), None)
+
+
+class RaySession:
+    """A `RayExecutor` bound to one run: the environment is in the object store."""
+
+    def __init__(self, executor: RayExecutor, env: WorkEnv) -> None:
+        ray = _ray()
+        self._ray = ray
+        self._options = executor.task_options()
+        self._env_ref = ray.put(env)
+        self._threads = torch.get_num_threads()
+        self._remote = ray.remote(_compute)
+        self._pending: dict[Any, Work] = {}
+
+    def map(
+        self, works: Sequence[Work], progress: Progress | None = None
+    ) -> Iterator[tuple[Work, Outcome]]:
+        ray = self._ray
+        task = self._remote.options(**self._options)
+        pending = {task.remote([self._env_ref], w, self._threads): w for w in works}
+        self._pending = pending
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    work = pending.pop(ref)
+                    yield work, ray.get(ref)
+        finally:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        """Cancel the tasks still pending (after an interrupt or an error they are not wanted)."""
+        for ref in self._pending:
+            self._ray.cancel(ref, force=True)
+        self._pending = {}
+
+    def close(self) -> None:
+        self._cancel()
+        self._env_ref = None
+
+
+class RayExecutor:
+    """Run items as Ray tasks.
+
+    `address`: None starts a local Ray with `workers` CPUs-worth of workers (or joins the
+    Ray already initialised in this process); "auto" joins the cluster `RAY_ADDRESS` names
+    or one running on this machine, else starts a local one; any other string is a Ray
+    address ("ray://host:10001", "host:6379"). Each task asks for `num_cpus` CPUs and
+    `num_gpus` GPUs; `max_retries` is how often a task whose worker died is retried.
+    Use as a context manager (or call `shutdown`) to stop a Ray this executor started.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        workers: int | None = None,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        max_retries: int = 3,
+    ) -> None:
+        if workers is not None and workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}")
+        if num_cpus <= 0 or num_gpus < 0:
+            raise ConfigError(
+                f"a task needs num_cpus > 0 and num_gpus >= 0, got {num_cpus} and {num_gpus}"
+            )
+        if max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {max_retries}")
+        self.address = address
+        self.workers = workers
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.max_retries = max_retries
+        self._started = False
+
+    def task_options(self) -> dict[str, Any]:
+        """The resources and retries of every task."""
+        return {
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "max_retries": self.max_retries,
+        }
+
+    def start(self) -> None:
+        """Connect to (or start) Ray, once."""
+        ray = _ray()
+        if ray.is_initialized():
+            return
+        quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+        if self.address is None or (self.address == "auto" and not _cluster_known()):
+            local = {"num_cpus": (self.workers or os.cpu_count() or 1) * self.num_cpus}
+            if self.num_gpus:
+                local["num_gpus"] = (self.workers or 1) * self.num_gpus
+            ray.init(include_dashboard=False, **local, **quiet)
+        else:
+            try:
+                ray.init(address=self.address, **quiet)
+            except ConnectionError as exc:
+                raise ConfigError(
+                    f"cannot reach a Ray cluster at {self.address!r} ({exc}); start one "
+                    "with `ray start --head` or pass --workers N for a local one"
+                ) from None
+        self._started = True
+
+    def session(self, env: WorkEnv) -> ExecutorSession:
+        self.start()
+        return RaySession(self, env)
+
+    def shutdown(self) -> None:
+        """Stop the Ray this executor started (a Ray it joined keeps running)."""
+        if self._started:
+            _ray().shutdown()
+            self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _cluster_known() -> bool:
+    """Whether "auto" has a cluster to join: RAY_ADDRESS, or a Ray started on this machine."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return bool(find_gcs_addresses())
+    except Exception:  # noqa: BLE001 - a private helper; without it, start a local Ray
+        return False

@@ -1,0 +1,207 @@
+"""Ray scale-out: the report of a run on Ray workers equals a single-process run's in every
+number; an interrupted Ray run resumes (with Ray or without); a worker killed mid-task has
+its item retried, nothing lost or counted twice; `bastion report --workers 2` runs.
+
+A local Ray with 2 CPUs is started once for the module and shut down after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from bastion.suites.runner import run_suite
+from bastion.suites.suite import Check, Suite
+
+ray = pytest.importorskip("ray")
+
+# FGSM at two eps (one wave), then PGD cascaded on what FGSM left standing (one wave per eps)
+SUITE = Suite(
+    "ray-tiny",
+    (
+        Check("fgsm", "FGSM", (0.05, 0.1)),
+        Check("pgd", "PGD", (0.05, 0.1), params={"steps": 5}, cascade=True),
+    ),
+)
+N, BATCH = 48, 16  # 3 batches: 6 items per check
+VOLATILE = {"created", "environment", "timings", "seconds", "time", "load_seconds"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers take the driver's count
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the models below live in this test module, which the workers cannot import
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+def _stable(value: object) -> object:
+    """`value` without timings (at any depth); every other number kept exactly."""
+    if isinstance(value, dict):
+        return {
+            k: _stable(v)
+            for k, v in value.items()
+            if k not in VOLATILE and not k.endswith("_seconds")
+        }
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _report(model: Any, data: Any, out: Path, **kw: Any) -> object:
+    report = run_suite(model, data, SUITE, n=N, batch_size=BATCH, seed=1, gallery=4, out=out, **kw)
+    return _stable(json.loads(report.to_json()))
+
+
+def _items(out: Path) -> list[dict[str, Any]]:
+    lines = (out / "results.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("type") == "item"]
+
+
+def _rows(out: Path) -> dict[str, object]:
+    return {r["key"]: r.get("rows") for r in _items(out)}
+
+
+@pytest.fixture(scope="module")
+def single(demo, digits, tmp_path_factory) -> tuple[object, Path]:  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("single")
+    return _report(demo, digits, out), out
+
+
+def _ray_executor() -> Any:
+    from bastion.suites.ray_executor import RayExecutor
+
+    return RayExecutor(workers=2)
+
+
+def test_two_workers_give_the_single_process_report_bit_for_bit(
+    demo, digits, single, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    want, want_out = single
+    got = _report(demo, digits, tmp_path, executor=_ray_executor())
+    assert got == want
+    # the per-item rows too, and every item once
+    keys = [r["key"] for r in _items(tmp_path)]
+    assert len(keys) == len(set(keys)) == 3 + 12  # clean pass + 2 checks × 2 eps × 3 batches
+    assert _rows(tmp_path) == _rows(want_out)
+    # the cascade held: PGD attacked only points FGSM left standing at that eps
+    rows = {r["key"]: r.get("rows") for r in _items(tmp_path)}
+    broken: set[int] = set()
+    attacked: set[int] = set()
+    for b in range(3):
+        fgsm = rows[f"attack|fgsm|0.1|{b}"]
+        broken |= {i for i, s in zip(fgsm["index"], fgsm["success"], strict=True) if s}
+        attacked |= set(rows[f"attack|pgd|0.1|{b}"]["index"])
+    assert broken and attacked and not broken & attacked
+
+
+class _Interrupt:
+    """A progress sink that presses Ctrl-C once the PGD check has finished `after` items."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def task(self, label: str, total: float) -> Any:
+        sink = self
+
+        class _Task:
+            def update(self, completed: float) -> None:
+                if label.startswith("pgd") and completed >= sink.after:
+                    raise KeyboardInterrupt
+
+            def close(self) -> None:
+                pass
+
+        return _Task()
+
+
+@pytest.mark.parametrize("with_ray", [False, True], ids=["resume-in-process", "resume-on-ray"])
+def test_an_interrupted_ray_run_resumes_to_the_same_report(
+    demo, digits, single, tmp_path, with_ray
+) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(KeyboardInterrupt):
+        _report(demo, digits, tmp_path, executor=_ray_executor(), progress=_Interrupt(after=2))
+    done = [r["key"] for r in _items(tmp_path)]
+    pgd = [k for k in done if k.startswith("attack|pgd")]
+    assert 2 <= len(pgd) < 6  # stopped part-way through the cascaded check
+    executor = _ray_executor() if with_ray else None
+    got = _report(demo, digits, tmp_path, resume=True, executor=executor)
+    assert got == single[0]
+    keys = [r["key"] for r in _items(tmp_path)]
+    assert len(keys) == len(set(keys)) == 15
+    assert all(k in keys for k in done)  # finished items were kept, not redone
+
+
+class KillOnce(nn.Module):
+    """The demo model, except that the first forward pass in a process other than the
+    driver's kills that process (SIGKILL): a worker dying mid-task, once."""
+
+    def __init__(self, inner: nn.Module, marker: Path) -> None:
+        super().__init__()
+        self.inner = inner
+        self.marker = str(marker)
+        self.driver = os.getpid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if os.getpid() != self.driver:
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(x)
+
+
+def test_a_killed_worker_has_its_item_retried_and_nothing_is_counted_twice(
+    demo, digits, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    marker = tmp_path / "killed"
+    model = KillOnce(demo, marker)
+    want = _report(model, digits, tmp_path / "single")  # in the driver: nobody is killed
+    assert not marker.exists()
+    got = _report(model, digits, tmp_path / "ray", executor=_ray_executor())
+    assert marker.exists()  # a worker did die mid-task
+    assert got == want
+    keys = [r["key"] for r in _items(tmp_path / "ray")]
+    assert len(keys) == len(set(keys)) == 15
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "single")
+
+
+def test_report_workers_2_on_the_embedded_default(tmp_path: Path) -> None:
+    from bastion.cli import main
+
+    suite = tmp_path / "tiny.toml"
+    suite.write_text('[[check]]\nid = "fgsm"\nattack = "fgsm"\neps = [0.05, 0.1]\n')
+    args = ["report", "--suite", str(suite), "--n", "32", "--batch-size", "16", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--threads", "1"]) in (0, 1)
+    code = main([*args, "--out", str(tmp_path / "two"), "--threads", "1", "--workers", "2"])
+    assert code in (0, 1)
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert _stable(one) == _stable(two)
+    assert len(_items(tmp_path / "two")) == 2 + 4  # clean pass: 2 batches; FGSM: 2 eps × 2
+
+
+def test_bad_worker_counts_are_refused() -> None:
+    from bastion.errors import ConfigError
+    from bastion.suites.ray_executor import RayExecutor
+
+    with pytest.raises(ConfigError, match="workers"):
+        RayExecutor(workers=0)
+    with pytest.raises(ConfigError, match="num_cpus"):
+        RayExecutor(num_cpus=0)
