@@ -1,0 +1,157 @@
+"""Ray scale-out on this machine: the quick suite in one process, on 1 and on 2 Ray workers.
+
+Each run is the demo model (the embedded default, CPU) on the digits test split with torch
+at 1 thread per process; the same seed, so the three reports must agree in every number
+but the timings (checked here too). Reported: wall time of `run_suite` (Ray start-up
+excluded, measured apart), the 2-worker speed-up over 1 worker and over one process, the
+share of the run that is not item work (clean pass, sanity checks, gallery, report: serial
+on the driver), and Ray's per-task overhead: a no-op item's round trip (one at a time) and
+its cost in a stream of 200 (submitted together), against the mean compute time of an item.
+
+    python benchmarks/ray_scaling.py [--n 128] [--batch-size 16] [--out FILE] [--resume]
+
+Results are written after each configuration; `--resume` skips the ones in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bastion.data import load_data
+from bastion.suites.executor import Outcome, Progress, WorkEnv
+from bastion.suites.runner import run_suite
+from bastion.zoo import demo_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "ray_scaling.json"
+VOLATILE = {"created", "environment", "timings", "seconds", "time", "load_seconds"}
+
+
+@dataclass(frozen=True)
+class NoOp:
+    """An item that computes nothing: what Ray alone costs per task."""
+
+    key: str
+
+    def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
+        return Outcome({"kind": "noop"})
+
+
+def _stable(value: object) -> object:
+    if isinstance(value, dict):
+        return {
+            k: _stable(v)
+            for k, v in value.items()
+            if k not in VOLATILE and not k.endswith("_seconds")
+        }
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def run(workers: int | None, n: int, batch: int) -> dict[str, Any]:
+    """One quick-suite run: in process (`workers` None) or on a fresh local Ray."""
+    from bastion.suites.ray_executor import RayExecutor
+
+    model, data = demo_model(), load_data("digits")
+    executor = RayExecutor(workers=workers) if workers else None
+    startup = 0.0
+    if executor is not None:
+        t = time.perf_counter()
+        executor.start()
+        startup = time.perf_counter() - t
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            t = time.perf_counter()
+            report = run_suite(
+                model, data, "quick", n=n, batch_size=batch, out=out, executor=executor
+            )
+            wall = time.perf_counter() - t
+            lines = (Path(out) / "results.jsonl").read_text().splitlines()
+            items = [r for r in map(json.loads, lines) if r.get("kind") == "attack"]
+        overhead = _overhead(executor) if executor is not None else None
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    item_seconds = [r["seconds"] for r in items]
+    return {
+        "workers": workers,
+        "wall_seconds": wall,
+        "ray_startup_seconds": startup,
+        "items": len(items),
+        "item_seconds_sum": sum(item_seconds),
+        "item_seconds_mean": statistics.mean(item_seconds),
+        # every number of report.json but the timings, hashed: equal hashes, equal reports
+        "report_sha256": hashlib.sha256(
+            json.dumps(_stable(json.loads(report.to_json())), sort_keys=True).encode()
+        ).hexdigest(),
+        "task_overhead": overhead,
+        "load": os.getloadavg(),
+    }
+
+
+def _overhead(executor: Any, tasks: int = 200) -> dict[str, float]:
+    """Ms per no-op task: one at a time (round trip) and 200 submitted together."""
+    model, data = demo_model(), load_data("digits")
+    session = executor.session(WorkEnv(model, data, torch.device("cpu")))
+    list(session.map([NoOp("warm")]))  # the worker loads the environment once
+    t = time.perf_counter()
+    for i in range(20):
+        list(session.map([NoOp(str(i))]))
+    one = (time.perf_counter() - t) / 20
+    t = time.perf_counter()
+    list(session.map([NoOp(str(i)) for i in range(tasks)]))
+    stream = (time.perf_counter() - t) / tasks
+    session.close()
+    return {"round_trip_ms": one * 1e3, "streamed_ms": stream * 1e3}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {}
+    if args.resume and args.out.exists():
+        results = json.loads(args.out.read_text())
+    results.update(n=args.n, batch_size=args.batch_size, threads=1, suite="quick")
+    for name, workers in (("process", None), ("ray_1", 1), ("ray_2", 2)):
+        if name in results.get("runs", {}):
+            continue
+        print(f"{name} …", file=sys.stderr, flush=True)
+        results.setdefault("runs", {})[name] = run(workers, args.n, args.batch_size)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    runs = results["runs"]
+    same = len({r["report_sha256"] for r in runs.values()}) == 1
+    p1, r1, r2 = (runs[k]["wall_seconds"] for k in ("process", "ray_1", "ray_2"))
+    serial = p1 - runs["process"]["item_seconds_sum"]
+    results["summary"] = {
+        "reports_identical": same,
+        "speedup_2_vs_1_worker": r1 / r2,
+        "speedup_2_workers_vs_process": p1 / r2,
+        "not_item_work_seconds": serial,
+        "not_item_work_share": serial / p1,
+        "task_overhead_ms": runs["ray_2"]["task_overhead"],
+        "item_mean_ms": runs["process"]["item_seconds_mean"] * 1e3,
+    }
+    args.out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
