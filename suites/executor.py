@@ -46,7 +46,8 @@ class Outcome:
 class Work(Protocol):
     """One item: its results.jsonl key and how to compute it (picklable)."""
 
-    key: str
+    @property
+    def key(self) -> str: ...
 
     def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome: ...
 
