@@ -6,6 +6,7 @@ both. Wherever both tools decide, the verdicts must agree.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ def _net(seed: int, sizes: tuple[int, ...]) -> nn.Sequential:
 def _marabou(onnx: Path, vnnlib: Path) -> str:
     net = Marabou.read_onnx(str(onnx))
     options = Marabou.createOptions(verbosity=0, timeoutInSeconds=20)
-    code, _, _ = net.solve(propertyFilename=str(vnnlib), options=options, verbose=False)
+    with contextlib.chdir(onnx.parent):  # Marabou writes failedMarabouQuery.ipq into the cwd
+        code, _, _ = net.solve(propertyFilename=str(vnnlib), options=options, verbose=False)
     return {"unsat": "unsat", "sat": "sat"}.get(code, "unknown")
 
 

@@ -16,6 +16,7 @@ robustness property has several disjuncts (one per other class). The fast slice 
 from __future__ import annotations
 
 import collections
+import contextlib
 import decimal
 import math
 from decimal import Decimal
@@ -494,7 +495,8 @@ def test_marabou_counterexamples_are_never_proved_safe(tmp_path_factory, seed, s
     write_vnnlib([prop], vnnlib)
     net = marabou.read_onnx(str(onnx_path))
     options = marabou.createOptions(verbosity=0, timeoutInSeconds=10)
-    code, values, _ = net.solve(propertyFilename=str(vnnlib), options=options, verbose=False)
+    with contextlib.chdir(folder):  # Marabou writes failedMarabouQuery.ipq into the cwd
+        code, values, _ = net.solve(propertyFilename=str(vnnlib), options=options, verbose=False)
     if code != "sat":
         return
     x = torch.tensor([values[v] for v in net.inputVars[0].flatten()], dtype=torch.float64)
