@@ -33,6 +33,7 @@ from bastion.errors import ConfigError, InvalidInputError
 from bastion.results import Norm
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+_BLOCK = 128  # iterations whose random numbers are drawn in one call
 
 
 def p_schedule(iteration: int, p_init: float, n_queries: int, rescale: bool = False) -> float:
@@ -114,9 +115,13 @@ class Square(Attack):
         batch.queries.count(batch.rows, forward=passes, backward=torch.zeros_like(passes))
         return Candidates(x_adv=out, iterations=passes)
 
-    def _draw(self, idx: torch.Tensor, iteration: int, restart: int, k: int) -> torch.Tensor:
-        stream = restart * (self.n_queries + 1) + iteration
-        return rng.uniform(self.seed, idx, (k,), stream=stream, dtype=torch.float64)
+    def _draw(
+        self, idx: torch.Tensor, block: int, restart: int, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Uniforms for the samples `idx`: block 0 is the start, block b ≥ 1 holds the
+        draws of iterations (b − 1)·_BLOCK … b·_BLOCK − 1 (one row per iteration)."""
+        stream = restart * (self.n_queries // _BLOCK + 2) + block
+        return rng.uniform(self.seed, idx, shape, stream=stream, dtype=torch.float64)
 
     def _signs(self, u: torch.Tensor) -> torch.Tensor:
         return torch.where(u < 0.5, -1.0, 1.0)
@@ -131,13 +136,13 @@ class Square(Attack):
         n, c, h, w = x.shape
         lo, hi = self.bounds
         if self.norm == "linf":
-            u = self._draw(idx, 0, restart, c * w).to(dev)
+            u = self._draw(idx, 0, restart, (c * w,)).to(dev)
             stripes = self._signs(u).to(x.dtype).reshape(n, c, 1, w)
             best = (x + eps * stripes).clamp(lo, hi)
         else:
             s0 = max(h // 5, 1)
             tiles = window_grid(h, w, s0)
-            u = self._draw(idx, 0, restart, (c + 1) * len(tiles)).to(dev)
+            u = self._draw(idx, 0, restart, ((c + 1) * len(tiles),)).to(dev)
             delta = torch.zeros_like(x)
             for t, (top, left) in enumerate(tiles):
                 sign = self._signs(u[:, t * (c + 1) : t * (c + 1) + c]).to(x.dtype)
@@ -151,17 +156,20 @@ class Square(Attack):
             margin, loss = _margin_and_loss(model(best), y, target)
         passes = torch.ones(n, dtype=torch.long, device=dev)
         pixels = c * h * w
+        k = 2 + c if self.norm == "linf" else 5 + c  # uniforms per sample and iteration
         for it in range(self.n_queries):
             active = (margin > 0).nonzero().flatten()
             if not len(active):
                 break
             pos = active
-            xs, bs, ia, ea = x[pos], best[pos], idx[pos], eps[pos]
+            if it % _BLOCK == 0:  # draws for a block of iterations at once, for every sample
+                drawn = self._draw(idx, it // _BLOCK + 1, restart, (_BLOCK, k)).to(dev)
+            u = drawn[pos, it % _BLOCK]
+            xs, bs, ea = x[pos], best[pos], eps[pos]
             p = p_schedule(it, self.p_init, self.n_queries, self.rescale_schedule)
             side = max(int(round(math.sqrt(p * pixels / c))), 1)
             if self.norm == "linf":
                 side = min(side, h, w)
-                u = self._draw(ia, it + 1, restart, 2 + c).to(dev)
                 mask = square_mask(u[:, 0], u[:, 1], side, h, w).to(x.dtype)
                 sign = self._signs(u[:, 2:]).to(x.dtype)[:, :, None, None]
                 moved = bs + mask * (2 * ea * sign)
@@ -169,7 +177,6 @@ class Square(Attack):
             else:
                 side = max(side, 3)
                 side = min(side + (side % 2 == 0), h, w)
-                u = self._draw(ia, it + 1, restart, 5 + c).to(dev)
                 cand = self._l2_step(xs, bs, ea, u, side, c)
             with torch.no_grad():
                 m_new, l_new = _margin_and_loss(
