@@ -226,7 +226,7 @@ def load_model(
         def build() -> nn.Module:
             return train_mnist(kind, load_data(f"mnist:{root}", split="train"), epochs)
 
-        return cached(name, build, mnist_cnn), test, [("linf", 0.3)]
+        return cached(f"{name}_e{epochs}", build, mnist_cnn), test, [("linf", 0.3)]
     x, y = cifar_test(root)
     data = Dataset(
         x=x, y=y, spec="cifar10-subset", split="test", classes=[str(i) for i in range(10)]
