@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bastion.errors import ConfigError
+from bastion.suites.executor import Outcome, Progress, Work, WorkEnv
 from bastion.suites.formatting import cell
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject, encode
@@ -94,7 +97,10 @@ class VerifyKind:
 
     def gallery(self, ctx: RunContext, check: Check) -> list[GalleryItem]:
         """The counterexamples found in this run, at the smallest eps with any."""
-        found = sorted((k for k in ctx.shots if k[0] == check.id), key=lambda k: k[1] or 0.0)
+        # by eps, then dataset index: the same whichever order the items finished in
+        found = sorted(
+            (k for k in ctx.shots if k[0] == check.id), key=lambda k: (k[1] or 0.0, k[2])
+        )
         if not found:
             return []
         eps0 = found[0][1]
@@ -122,105 +128,142 @@ class VerifyKind:
 
 
 def _run(run: RunContext, check: Check) -> None:
-    """Verify the check's first n images at every eps; fold UNSAFE into the run state."""
-    from bastion.verify.extract import extract
-
+    """Verify the check's first n images at every eps; fold UNSAFE into the run state. The
+    items (a few images each) are independent: they go to the run's executor together."""
+    if not isinstance(run.model, torch.nn.Module):
+        raise ConfigError(
+            f"check {check.id!r}: the verifier needs the model as an nn.Module "
+            "(or a TorchScript/torch.export/ONNX file), not a plain callable"
+        )
     params = {**VERIFY_PARAMS, **check.params}
     n = min(check.n or len(run.data), len(run.data))
     groups = [torch.arange(s, min(s + _PER_ITEM, n)) for s in range(0, n, _PER_ITEM)]
     task = run.sink.task(f"{check.id} (verifier)", len(groups))
-    network = None
     broken = run.state.broken(check.norm)
-    for b, idx in enumerate(groups):
-        key = item_key("verify", check.id, None, b)
-        rec = run.log.get(key)
-        if rec is None:
-            if network is None:
-                if not isinstance(run.model, torch.nn.Module):
-                    raise ConfigError(
-                        f"check {check.id!r}: the verifier needs the model as an nn.Module "
-                        "(or a TorchScript/torch.export/ONNX file), not a plain callable"
-                    )
-                network = extract(run.model, tuple(run.data.x.shape[1:]))
-            rec = run.log.put(key, _item(run, check, params, idx, network))
+    attacked = run.state.broken("linf")  # the attacks that ran before bound the interval
+    done = 0
+
+    def fold(rec: Item) -> None:
+        nonlocal done
         for i, at in zip(rec["rows"]["index"], rec["rows"]["adversarial_at"], strict=True):
             if at is not None:
                 broken[i] = min(float(broken[i]), at)
-        task.update(b + 1)
+        done += 1
+        task.update(done)
+
+    works: list[Work] = []
+    for b, idx in enumerate(groups):
+        key = item_key("verify", check.id, None, b)
+        rec = run.log.get(key)
+        if rec is not None:  # finished before (resume)
+            fold(rec)
+            continue
+        correct = run.state.correct[idx].tolist()
+        works.append(
+            VerifyWork(key, check, params, idx.tolist(), correct, attacked[idx].tolist(), run.seed)
+        )
+    for _, rec in run.execute(works):
+        fold(rec)
     task.close()
 
 
-def _item(
-    run: RunContext, check: Check, params: dict[str, Any], idx: torch.Tensor, network: Any
-) -> Item:
-    from bastion.verify.region import verify_region
+_NETWORK: list[Any] = []  # [weak reference to the model, its extracted network]: the last one
 
-    start = time.perf_counter()
-    eps_list = sorted(check.eps)
-    rows: dict[str, list[Any]] = {
-        k: []
-        for k in ("index", "status", "engine", "seconds", "safe_up_to", "adversarial_at", "layers")
-    }
 
-    model = run.model
-    assert isinstance(model, torch.nn.Module)  # run_verify_check refused anything else
+def _network(model: torch.nn.Module, shape: tuple[int, ...]) -> Any:
+    """The verifier's network of `model`, extracted once per process and model."""
+    from bastion.verify.extract import extract
 
-    def ask(x: torch.Tensor, label: int, eps: float) -> Any:
-        return verify_region(
-            model, x, eps=eps, label=label, engine=params["engine"],
-            timeout=float(params["timeout"]), seed=run.seed, network=network,
-        )  # fmt: skip
+    if not _NETWORK or _NETWORK[0]() is not model:
+        _NETWORK[:] = [weakref.ref(model), extract(model, shape)]
+    return _NETWORK[1]
 
-    for i in idx.tolist():
-        rows["index"].append(i)
-        if not bool(run.state.correct[i]):
-            rows["status"].append(["MISCLASSIFIED"] * len(eps_list))
-            rows["engine"].append([None] * len(eps_list))
-            rows["seconds"].append(0.0)
-            rows["safe_up_to"].append(None)
-            rows["adversarial_at"].append(0.0)
-            rows["layers"].append([])
-            continue
-        t0 = time.perf_counter()
-        x, label = run.data.x[i].to(run.dev), int(run.data.y[i])
-        statuses: list[str] = []
-        engines: list[str | None] = []
-        safe, adv = 0.0, math.inf
-        layers: list[dict[str, Any]] = []
-        for eps in eps_list:
-            if adv <= eps:
-                statuses.append("UNSAFE")
-                engines.append("inclusion")
+
+@dataclass(frozen=True)
+class VerifyWork:
+    """One verify item: the images `index` at every eps of `check` (and their intervals),
+    computed wherever the executor runs it. `correct` and `attacked` (the smallest L∞ eps
+    an earlier attack broke each at) come from the items before it."""
+
+    key: str
+    check: Check
+    params: dict[str, Any]
+    index: list[int]
+    correct: list[bool]
+    attacked: list[float]
+    seed: int
+
+    def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
+        from bastion.verify.region import verify_region
+
+        start = time.perf_counter()
+        check, params = self.check, self.params
+        eps_list = sorted(check.eps)
+        keys = ("index", "status", "engine", "seconds", "safe_up_to", "adversarial_at", "layers")
+        rows: dict[str, list[Any]] = {k: [] for k in keys}
+        shots: dict[tuple[str, float | None, int], torch.Tensor] = {}
+        model = env.model
+        assert isinstance(model, torch.nn.Module)  # _run refused anything else
+        network = _network(model, tuple(env.data.x.shape[1:]))
+
+        def ask(x: torch.Tensor, label: int, eps: float) -> Any:
+            return verify_region(
+                model, x, eps=eps, label=label, engine=params["engine"],
+                timeout=float(params["timeout"]), seed=self.seed, network=network,
+            )  # fmt: skip
+
+        for i, correct, attacked in zip(self.index, self.correct, self.attacked, strict=True):
+            rows["index"].append(i)
+            if not correct:
+                rows["status"].append(["MISCLASSIFIED"] * len(eps_list))
+                rows["engine"].append([None] * len(eps_list))
+                rows["seconds"].append(0.0)
+                rows["safe_up_to"].append(None)
+                rows["adversarial_at"].append(0.0)
+                rows["layers"].append([])
                 continue
-            v = ask(x, label, eps)
-            layers = v.layers  # the bound statistics at the largest eps verified
-            statuses.append(v.status)
-            engines.append(v.engine)
-            if v.status == "SAFE":
-                safe = eps
-            elif v.status == "UNSAFE":
-                adv = min(adv, _distance(v.counterexample, x))
-                run.shots[(check.id, eps, i)] = v.counterexample.cpu()
-        if params["interval"]:
-            attacked = float(run.state.broken("linf")[i])
-            safe, adv = _bisect(ask, x, label, safe, min(adv, attacked), params)
-        rows["status"].append(statuses)
-        rows["engine"].append(engines)
-        rows["seconds"].append(time.perf_counter() - t0)
-        rows["safe_up_to"].append(safe)
-        rows["adversarial_at"].append(adv if math.isfinite(adv) else None)
-        rows["layers"].append(layers)
-    return {
-        "kind": "verify",
-        "check": check.id,
-        "attack": check.attack,
-        "eps": None,
-        "eps_list": eps_list,
-        "rows": rows,
-        "seconds": time.perf_counter() - start,
-        "forward": 0,
-        "backward": 0,
-    }
+            t0 = time.perf_counter()
+            x, label = env.data.x[i].to(env.dev), int(env.data.y[i])
+            statuses: list[str] = []
+            engines: list[str | None] = []
+            safe, adv = 0.0, math.inf
+            layers: list[dict[str, Any]] = []
+            for eps in eps_list:
+                if adv <= eps:
+                    statuses.append("UNSAFE")
+                    engines.append("inclusion")
+                    continue
+                v = ask(x, label, eps)
+                layers = v.layers  # the bound statistics at the largest eps verified
+                statuses.append(v.status)
+                engines.append(v.engine)
+                if v.status == "SAFE":
+                    safe = eps
+                elif v.status == "UNSAFE":
+                    adv = min(adv, _distance(v.counterexample, x))
+                    shots[(check.id, eps, i)] = v.counterexample.cpu()
+            if params["interval"]:
+                safe, adv = _bisect(ask, x, label, safe, min(adv, attacked), params)
+            rows["status"].append(statuses)
+            rows["engine"].append(engines)
+            rows["seconds"].append(time.perf_counter() - t0)
+            rows["safe_up_to"].append(safe)
+            rows["adversarial_at"].append(adv if math.isfinite(adv) else None)
+            rows["layers"].append(layers)
+            if progress is not None:
+                progress(len(rows["index"]), len(self.index))
+        record = {
+            "kind": "verify",
+            "check": check.id,
+            "attack": check.attack,
+            "eps": None,
+            "eps_list": eps_list,
+            "rows": rows,
+            "seconds": time.perf_counter() - start,
+            "forward": 0,
+            "backward": 0,
+        }
+        return Outcome(record, shots)
 
 
 def _distance(cex: torch.Tensor, x: torch.Tensor) -> float:

@@ -72,7 +72,7 @@ def _items(out: Path) -> list[dict[str, Any]]:
 
 
 def _rows(out: Path) -> dict[str, object]:
-    return {r["key"]: r.get("rows") for r in _items(out)}
+    return {r["key"]: _stable(r.get("rows")) for r in _items(out)}  # per-image seconds out
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,35 @@ def test_a_killed_worker_has_its_item_retried_and_nothing_is_counted_twice(
     assert got == want
     keys = [r["key"] for r in _items(tmp_path / "ray")]
     assert len(keys) == len(set(keys)) == 15
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "single")
+
+
+VERIFY = Suite(
+    "ray-verify",
+    (
+        Check("pgd", "PGD", (0.05,), params={"steps": 5}),
+        Check(
+            "verified",
+            "Verifier",
+            (0.002, 0.3),
+            kind="verify",
+            n=8,
+            params={"timeout": 30},
+        ),
+    ),
+)
+
+
+def test_a_verify_check_distributes_its_regions_to_the_same_report(demo, digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def report(out: Path, **kw: Any) -> object:
+        rep = run_suite(demo, digits, VERIFY, n=16, batch_size=8, seed=2, out=out, **kw)
+        return _stable(json.loads(rep.to_json()))
+
+    want = report(tmp_path / "single")
+    got = report(tmp_path / "ray", executor=_ray_executor())
+    assert got == want
+    verify = [r for r in _items(tmp_path / "ray") if r["kind"] == "verify"]
+    assert sorted(r["key"] for r in verify) == ["verify|verified||0", "verify|verified||1"]
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "single")
 
 
