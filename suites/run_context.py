@@ -3,7 +3,9 @@ finished items say per sample (`RunState`), and the images kept for the report.
 
 The unit of work is one item (a check, an eps, a batch), written to results.jsonl as it
 finishes; a kind's `run` asks `ctx.log.get(key)` first and only computes what is missing,
-which is what makes `resume` exact. Points the model already misclassifies are never
+which is what makes `resume` exact. It computes them as picklable `Work` items through
+`ctx.execute` (the run's executor: this process, or Ray workers; see executor.py), which
+writes each to the log as it arrives. Points the model already misclassifies are never
 attacked.
 """
 

@@ -3,8 +3,10 @@
 The unit of work is one (check, eps, batch) item, seeded by (seed, dataset index) through
 the attacks, written to results.jsonl as it finishes; a run is the merge of its items, which
 is what makes `resume` exact. Each check runs through its kind (`kinds.py`) in a public
-`RunContext`. Points the model already misclassifies are never attacked; `cascade` checks
-attack only points still robust (AutoAttack's scheme). With a defense
+`RunContext`; the items are computed by the run's executor (executor.py: in this process
+by default, or `RayExecutor` on Ray workers, the same report either way). Points the
+model already misclassifies are never attacked; `cascade` checks attack only points still
+robust (AutoAttack's scheme). With a defense
 (`defense="raw_isp"` or the suite's `defense` key) every check runs against the defended
 model; an adaptive suite's `ID-bpda` twins attack it with BPDA gradients. The same suite
 runs on the undefended model first (into `out/undefended`), for the report's before/after
