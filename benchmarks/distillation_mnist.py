@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import mnist_spec
 from torch import nn
 
 from bastion.attacks import FGSM, CarliniWagnerL2
@@ -27,7 +28,7 @@ from bastion.data import load_data
 from bastion.defenses.distillation import DistillationCNN, TemperatureScaled, distill, soft_labels
 from bastion.suites.sanity import run_sanity_checks
 
-DATA = "mnist:/work/shared/data"
+DATA = mnist_spec()
 TEMPERATURES = (1, 20, 100)
 EPS = (0.05, 0.1, 0.2, 0.3)
 OUT = Path(__file__).parent / "results" / "distillation_mnist.json"

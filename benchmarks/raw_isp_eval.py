@@ -23,6 +23,7 @@ from typing import Any
 
 import skimage.data
 import torch
+from _harness import data_root, mnist_spec
 from torch import nn
 
 from bastion.attacks import FGSM, PGD
@@ -37,11 +38,11 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 EOT_SAMPLES = 8
 TASKS = {
     "cifar10-subset": {
-        "data": "npz:/work/shared/data/cifar10/cifar10_subset.npz",
+        "data": f"npz:{data_root() / 'cifar10' / 'cifar10_subset.npz'}",
         "eps": (2 / 255, 8 / 255),
         "epochs": 15,
     },
-    "mnist": {"data": "mnist:/work/shared/data", "eps": (0.1, 0.2), "epochs": 3, "n_train": 6000},
+    "mnist": {"data": mnist_spec(), "eps": (0.1, 0.2), "epochs": 3, "n_train": 6000},
 }
 
 

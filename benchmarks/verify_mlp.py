@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import mnist_spec
 from torch import nn
 from verify_vnncomp import (  # benchmarks/ is on sys.path
     check_witness,
@@ -49,7 +50,7 @@ MODELS: dict[str, dict[str, Any]] = {
                    "seed": 0},
     },
     "mnist-784-32-32-10": {
-        "data": "mnist:/work/shared/data",
+        "data": mnist_spec(),
         "sizes": (784, 32, 32, 10),
         "eps": (0.01, 0.02, 0.03),
         "recipe": {"name": "verify-mnist-mlp", "version": 1, "data": "mnist train (60k)",
