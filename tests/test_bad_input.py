@@ -363,3 +363,9 @@ def test_torchvision_resnet18_from_onnx_runs_an_attack(tmp_path: Path) -> None:
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["format"] == "onnx" and report["model"]["source"] == str(path)
+
+
+@pytest.mark.parametrize("command", [["verify"], ["defend", "distill", "--out", "never.pt2"]])
+def test_threads_are_checked_by_verify_and_defend(command: list[str]) -> None:
+    assert_bad_input([*command, "--threads", "0"], "--threads must be a positive number")
+    assert not Path("never.pt2").exists()

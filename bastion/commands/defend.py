@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from bastion.commands.common import EXIT_OK, Parser, device
+from bastion.commands.common import EXIT_OK, Parser, add_threads_option, device, set_threads
 from bastion.errors import ConfigError
 
 
@@ -53,6 +53,7 @@ def add_training_options(p: argparse.ArgumentParser, *, epochs: int, batch_size:
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
+    add_threads_option(p)
     p.add_argument(
         "--out",
         required=True,
@@ -168,6 +169,7 @@ def save(model: Any, args: argparse.Namespace, example: Any) -> None:
 
 def run_distill(args: argparse.Namespace) -> int:
     """Distil a model on --data and save the student."""
+    set_threads(args.threads)
     import torch
 
     from bastion.defenses.distillation import distill
@@ -213,6 +215,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def run_dverge(args: argparse.Namespace) -> int:
     """Train baseline sub-models on --data, diversify them with DVERGE, save the ensemble."""
+    set_threads(args.threads)
     import dataclasses
 
     from bastion.defenses import dverge

@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion.commands.common import EXIT_OK, add_model_and_data, device, load_model_and_data
+from bastion.commands.common import (
+    EXIT_OK,
+    add_model_and_data,
+    device,
+    load_model_and_data,
+    set_threads,
+)
 from bastion.errors import ConfigError, DataError
 
 _ENGINES = ("auto", "z3", "milp", "bounds")
@@ -80,6 +86,7 @@ def _add_dlv_options(p: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch on the form of the command."""
+    set_threads(args.threads)  # every form runs the model (the region form loads it too)
     if args.timeout is not None and not args.timeout > 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.instances is not None:
