@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from fractions import Fraction
+
+from bastion.threats import format_eps
 
 NORM_ORDER = ("linf", "l2", "l1", "l0")
 NORM_LABELS = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
@@ -59,17 +60,14 @@ def bar_width(value: object) -> str:
 
 
 def fmt_eps(value: object) -> str:
-    """`0.03137` → `0.03137 (8/255)`: pixel budgets are usually chosen as k/255."""
+    """`0.03137` → `0.03137 (8/255)`: pixel budgets are usually chosen as k/255; a short
+    decimal such as 0.2 stays as it is (not `0.2 (1/5)`)."""
     v = number(value)
     if v is None:
         return DASH
     text = f"{v:.4g}"
-    if 0 < v <= 1:
-        k = v * 255
-        if abs(k - round(k)) < 1e-6 and round(k) != 255:
-            frac = Fraction(round(k), 255)
-            text += f" ({frac.numerator}/{frac.denominator})"
-    return text
+    as_fraction = format_eps(v)  # `8/255` where the decimal would not be short and exact
+    return f"{text} ({as_fraction})" if "/" in as_fraction else text
 
 
 def cell(value: object, spec: str) -> str:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bastion.suites.formatting import NORM_LABELS
+from bastion.suites.formatting import NORM_LABELS, fmt_eps
 from bastion.suites.json_codec import JsonObject
 from bastion.suites.report_model import AttackResult, CheckEntry, ReportData, VerifyResult
 
@@ -78,13 +78,7 @@ class RobustAccuracy(float):
 
 
 def _eps(value: float | None) -> str:
-    if value is None:
-        return "-"
-    text = f"{value:.4g}"
-    k = value * 255
-    if 0 < value < 1 and abs(k - round(k)) < 1e-6:
-        text += f" ({round(k)}/255)"
-    return text
+    return "-" if value is None else fmt_eps(value)
 
 
 def _num(value: float | None, spec: str = ".3f") -> str:

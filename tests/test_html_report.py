@@ -495,3 +495,10 @@ def test_console_error_detection_catches_a_script_error(chromium, tmp_path):
     errors = screenshot_html(html_path, tmp_path / "broken.png", chromium)
     assert any("undefinedFunction" in line for line in errors), errors
     assert any("Content Security Policy" in line for line in errors), errors
+
+
+def test_eps_labels_show_k_over_255_only_where_the_decimal_is_not_short() -> None:
+    from bastion.suites.formatting import fmt_eps
+
+    assert fmt_eps(0.2) == "0.2" and fmt_eps(0.1) == "0.1" and fmt_eps(0.5) == "0.5"
+    assert fmt_eps(8 / 255) == "0.03137 (8/255)" and fmt_eps(2 / 255) == "0.007843 (2/255)"

@@ -164,10 +164,10 @@ def test_assert_robust_passes_and_fails_with_the_robustness_table(
     assert "robust accuracy 0.0" in out and "is below the required 0.9: pgd at eps 0.2" in out
     result.stdout.fnmatch_lines(
         [
-            "*PGD (check 'pgd', L∞) broke it at eps 0.2 (51/255): robust accuracy * < 0.9*",
+            "*PGD (check 'pgd', L∞) broke it at eps 0.2: robust accuracy * < 0.9*",
             "*clean accuracy 1.000",
             "*check  attack  norm*eps  robust acc  success  attacked",
-            "*pgd    PGD     L∞*0.2 (51/255)*<- below 0.9",
+            "*pgd    PGD     L∞*0.2 *<- below 0.9",
         ]
     )
     # without --bastion-report the failing check's own report is written under basetemp
