@@ -119,7 +119,23 @@ def train_classifier(
 ) -> None:
     """Train `model` with Adam and cross-entropy as `recipe` says (seed, epochs, batch size,
     lr, weight decay), deterministically: the initial weights and the batch order are drawn
-    from the recipe's seed, not from the global generator."""
+    from the recipe's seed, not from the global generator, and training runs on one torch
+    thread (float reductions depend on the thread count), so every machine gets the same
+    weights; the caller's thread count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train(model, train, recipe, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    model: nn.Module,
+    train: Dataset,
+    recipe: dict[str, Any],
+    progress: Callable[[int, int], None] | None,
+) -> None:
     gen = torch.Generator().manual_seed(recipe["seed"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe["seed"])

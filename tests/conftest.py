@@ -11,6 +11,15 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+_THREADS = torch.get_num_threads()
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Tests that run the CLI in-process (`--threads`) or pin one thread change torch's
+    process-wide thread count; every test starts from the session's."""
+    torch.set_num_threads(_THREADS)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Keep the demo model's cache inside the test session, not in the user's home."""
