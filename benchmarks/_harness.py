@@ -7,11 +7,13 @@ imported as `from _harness import ...` (the script's folder is on sys.path).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,13 @@ def data_root(arg: str | Path | None = None) -> Path:
     """The shared data folder: `arg`, else $BASTION_DATA, else the repository-relative
     ../shared/data (never an absolute path of one machine)."""
     return Path(arg or os.environ.get("BASTION_DATA") or REPO.parent / "shared" / "data")
+
+
+def portable(text: str | Path) -> str:
+    """`text` (a path or a data spec) as results record it: the data root written as the
+    repository-relative `../shared/data`, so no machine's absolute path lands in a JSON."""
+    root = str(data_root())
+    return str(text).replace(root, "../shared/data") if root else str(text)
 
 
 def mnist_spec(root: str | Path | None = None) -> str:
@@ -110,9 +119,21 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
-def write_json(path: str | Path, doc: Any) -> Path:
-    """Write `doc` as indented JSON, atomically (a reader never sees half a file)."""
+def write_json(path: str | Path, doc: Any, indent: int = 2) -> Path:
+    """Write `doc` as indented JSON, atomically (a reader never sees half a file), with the
+    data root written portably (see `portable`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(doc, indent=2) + "\n")
+    write_atomic(path, portable(json.dumps(doc, indent=indent, default=float)) + "\n")
     return path
+
+
+def update_json(path: str | Path, key: str, value: Any) -> None:
+    """Set `key` of the JSON at `path` under a lock (several benchmark processes at once)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(tempfile.gettempdir()) / f"bastion-{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        doc[key] = value
+        write_json(path, doc, indent=1)

@@ -38,21 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _harness import RESULTS, data_root, write_json
 from torch import nn
 
 from bastion.attacks import APGD, APGDT, FAB, FGSM, PGD, Square
 from bastion.attacks.base import Attack
 from bastion.data import Dataset, load_data
 
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "results" / "autoattack_agreement.json"
+OUT = RESULTS / "autoattack_agreement.json"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the VNN-COMP models' normalisation (training set)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
-
-
-def data_root(arg: str | None) -> Path:
-    """--data-root, else $BASTION_DATA, else the repository-relative ../shared/data."""
-    return Path(arg or os.environ.get("BASTION_DATA") or REPO.parent / "shared" / "data")
 
 
 def autoattack_cascade(
@@ -288,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["torch"] = torch.__version__
             results[key] = entry
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(args.out, results)
             print(
                 f"{key}: clean {clean:.3f}  AutoAttack {entry['autoattack_robust_accuracy']:.3f} "
                 f"({entry['autoattack_seconds']:.0f} s)  "

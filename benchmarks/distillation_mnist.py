@@ -13,14 +13,13 @@ sanity flags. Writes `benchmarks/results/distillation_mnist.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _harness import mnist_spec
+from _harness import mnist_spec, write_json
 from torch import nn
 
 from bastion.attacks import FGSM, CarliniWagnerL2
@@ -157,7 +156,7 @@ def main() -> None:
         )
     if not args.quick:
         OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps({"config": config, "results": rows}, indent=2) + "\n")
+        write_json(OUT, {"config": config, "results": rows})
         print(f"wrote {OUT}")
 
 

@@ -24,7 +24,6 @@ baseline ensemble; it reports each sub-model's clean accuracy against the baseli
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import data_root, write_json
 
 from bastion.attacks import PGD
 from bastion.data import Dataset, load_data
@@ -41,7 +41,7 @@ from bastion.defenses.model_families import CIFAR_MEAN, CIFAR_STD, SmallCNN
 from bastion.normalized import Normalized
 from bastion.zoo import train_classifier
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10_subset.npz"
+DATA = data_root() / "cifar10" / "cifar10_subset.npz"
 CONFIG: dict[str, Any] = {
     "data": f"npz:{DATA}",
     "n_train": 2048,
@@ -57,7 +57,7 @@ CONFIG: dict[str, Any] = {
     "matrix_eps": 0.03,
 }
 QUICK = {"n_train": 256, "n_test": 64, "members": 2, "seeds": [0]}
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"
+MNIST = data_root()
 RECIPES: dict[str, dict[str, Any]] = {
     "digits": {"data": "digits", "n_train": None, "n_test": None, "baseline_epochs": 20,
                "epochs": 20, "eps": [0.05, 0.1, 0.15]},
@@ -178,7 +178,7 @@ def run_recipe(name: str, out: str) -> None:
         f"{baseline_seconds:.0f} s + {dverge_seconds:.0f} s; load {load_before[0]:.1f}"
     )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
 
 
 def main() -> None:
@@ -239,7 +239,7 @@ def main() -> None:
         print(f"{label:34} " + " ".join(f"{c:>15}" for c in cells))
     print(f"{record['seconds']:.0f} s, load {load_before[0]:.2f} → {os.getloadavg()[0]:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.out, record)
 
 
 if __name__ == "__main__":

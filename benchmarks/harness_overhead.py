@@ -13,16 +13,15 @@ feature, not bookkeeping: they re-run PGD at L∞ 0.5 and a gradient probe).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import write_json
 
 from bastion.data import load_data
 from bastion.suites.runner import run_suite
@@ -90,7 +89,7 @@ def main() -> None:
         "overhead": med["harness"] / med["bare"] - 1,
         "overhead_without_sanity": (med["harness"] - med["sanity"]) / med["bare"] - 1,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(
         f"bare attacks {med['bare']:.2f} s · run_suite {med['harness']:.2f} s "
         f"(sanity checks {med['sanity']:.2f} s) · overhead {result['overhead']:+.1%}, "

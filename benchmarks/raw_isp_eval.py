@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import skimage.data
 import torch
-from _harness import data_root, mnist_spec
+from _harness import data_root, mnist_spec, write_json
 from torch import nn
 
 from bastion.attacks import FGSM, PGD
@@ -155,7 +154,7 @@ def main() -> None:
     config["seconds"] = time.perf_counter() - start
     if not args.quick:
         OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+        write_json(OUT, {"config": config, "results": results})
         print(f"wrote {OUT}")
 
 

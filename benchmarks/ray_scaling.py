@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import write_json
 
 from bastion.data import load_data
 from bastion.suites.executor import Outcome, Progress, WorkEnv
@@ -135,7 +136,7 @@ def main() -> None:
         print(f"{name} …", file=sys.stderr, flush=True)
         results.setdefault("runs", {})[name] = run(workers, args.n, args.batch_size)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        write_json(args.out, results, indent=1)
     runs = results["runs"]
     same = len({r["report_sha256"] for r in runs.values()}) == 1
     p1, r1, r2 = (runs[k]["wall_seconds"] for k in ("process", "ray_1", "ray_2"))
@@ -149,7 +150,7 @@ def main() -> None:
         "task_overhead_ms": runs["ray_2"]["task_overhead"],
         "item_mean_ms": runs["process"]["item_seconds_mean"] * 1e3,
     }
-    args.out.write_text(json.dumps(results, indent=1))
+    write_json(args.out, results, indent=1)
     print(json.dumps(results["summary"], indent=1))
 
 

@@ -12,13 +12,13 @@ runs first on every core, the rest on one thread).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+from _harness import write_json
 from skimage import data
 
 from bastion.attacks.scalers import SCALERS, get_scaler, psnr
@@ -220,7 +220,7 @@ def main() -> None:
     result["loadavg"] = os.getloadavg()
     result["seconds"] = time.time() - t0
     out = Path(__file__).parent / "results" / "scaling.json"
-    out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    write_json(out, result, indent=1)
     print(f"wrote {out} in {result['seconds']:.0f}s, load {result['loadavg']}")
 
 

@@ -22,14 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _harness import mnist_spec
+from _harness import machine, mnist_spec, update_json
 from torch import nn
 from verify_vnncomp import (  # benchmarks/ is on sys.path
     check_witness,
-    machine,
     read_json_key,
     run_forked,
-    update_json,
     verdict_row,
 )
 

@@ -20,59 +20,28 @@ on AWS) come from the reference file. The JSON is rewritten atomically after eve
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import RESULTS, data_root, machine, update_json
 
-from bastion.fileio import write_atomic
 from bastion.verify import Property, load_network, read_instances, read_vnnlib
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BASTION_DATA", REPO.parent / "shared" / "data")) / "vnncomp2021"
-OUT = REPO / "benchmarks" / "results" / "verify_vnncomp.json"
+DATA = data_root() / "vnncomp2021"
+OUT = RESULTS / "verify_vnncomp.json"
 SUITES = {
     "mnistfc": DATA / "mnistfc" / "mnistfc_instances.csv",
     "acasxu": DATA / "acasxu" / "acasxu_instances.csv",
 }
 MARABOU_TABLE = DATA / "mnistfc" / "marabou_on_this_machine.md"
 GRACE = 30.0  # seconds past the timeout before a child is killed
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were taken on: load averages now, threads, versions."""
-    return {
-        "loadavg": [round(v, 2) for v in os.getloadavg()],
-        "cpus": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_head": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
-    }
-
-
-def update_json(path: Path, key: str, value: Any) -> None:
-    """Set `key` of the JSON at `path`, atomically, under a lock (several writers at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(Path(tempfile.gettempdir()) / f"bastion-{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        doc = json.loads(path.read_text()) if path.exists() else {}
-        doc[key] = value
-        write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def read_json_key(path: Path, key: str) -> Any:
