@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_runner import Interrupt  # tests/ is on sys.path
 from torch import nn
 
 from bastion.suites.runner import run_suite
@@ -108,32 +109,12 @@ def test_two_workers_give_the_single_process_report_bit_for_bit(
     assert broken and attacked and not broken & attacked
 
 
-class _Interrupt:
-    """A progress sink that presses Ctrl-C once the PGD check has finished `after` items."""
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    def task(self, label: str, total: float) -> Any:
-        sink = self
-
-        class _Task:
-            def update(self, completed: float) -> None:
-                if label.startswith("pgd") and completed >= sink.after:
-                    raise KeyboardInterrupt
-
-            def close(self) -> None:
-                pass
-
-        return _Task()
-
-
 @pytest.mark.parametrize("with_ray", [False, True], ids=["resume-in-process", "resume-on-ray"])
 def test_an_interrupted_ray_run_resumes_to_the_same_report(
     demo, digits, single, tmp_path, with_ray
 ) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(KeyboardInterrupt):
-        _report(demo, digits, tmp_path, executor=_ray_executor(), progress=_Interrupt(after=2))
+        _report(demo, digits, tmp_path, executor=_ray_executor(), progress=Interrupt(after=2))
     done = [r["key"] for r in _items(tmp_path)]
     pgd = [k for k in done if k.startswith("attack|pgd")]
     assert 2 <= len(pgd) < 6  # stopped part-way through the cascaded check

@@ -97,8 +97,9 @@ def test_gallery_shows_real_adversarial_examples(demo, digits, tiny_report) -> N
         assert item.adv_pred != item.label
 
 
-class _Interrupt:
-    """A progress sink that interrupts the run inside the `after`-th PGD item."""
+class Interrupt:
+    """A progress sink that interrupts the run (Ctrl-C) inside the `after`-th PGD item (also
+    used by the Ray executor's tests)."""
 
     def __init__(self, after: int) -> None:
         self.after = after
@@ -142,7 +143,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_report(
             batch_size=32,
             out=tmp_path / "b",
             gallery=0,
-            progress=_Interrupt(after=4),
+            progress=Interrupt(after=4),
         )
     log = tmp_path / "b" / "results.jsonl"
     before = log.read_text().splitlines()
