@@ -10,32 +10,27 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image
+
+from bastion.suites.report_model import GalleryRef
 
 #: Small images are upscaled by an integer factor to about this many pixels on their long side.
 TARGET_PIXELS = 112
 
 
 @dataclass
-class GalleryItem:
-    """One attacked sample: its images, the model's predictions and the perturbation size."""
+class GalleryItem(GalleryRef):
+    """One attacked sample: what report.json records of it (`GalleryRef`) and its images."""
 
-    check: str
-    attack: str
-    eps: float
-    index: int
-    label: str
-    clean_pred: str
-    clean_conf: float
-    adv_pred: str
-    adv_conf: float
-    l2: float
-    linf: float
     clean: np.ndarray
     adv: np.ndarray
+
+    def ref(self) -> GalleryRef:
+        """The record without the pixels."""
+        return GalleryRef(**{f.name: getattr(self, f.name) for f in fields(GalleryRef)})
 
 
 def display_scale(height: int, width: int) -> int:

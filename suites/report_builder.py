@@ -20,7 +20,6 @@ from bastion.suites.report_model import (
     DataInfo,
     Environment,
     Flag,
-    GalleryRef,
     Normalization,
     NormPoint,
     Passes,
@@ -161,16 +160,8 @@ def build_report(run: RunOutcome) -> ReportData:
         ),
         passes=Passes(forward, backward),
         passed=all(criteria) if criteria else None,
-        gallery=[_gallery_ref(g) for g in run.gallery],
+        gallery=[g.ref() for g in run.gallery],
         fail_under=[str(f) for f in run.fail_under] or None,
         undefended=Undefended.of(run.undefended) if run.undefended is not None else None,
         profile=run.profile,
     )
-
-
-def _gallery_ref(g: GalleryItem) -> GalleryRef:
-    return GalleryRef(
-        check=g.check, attack=g.attack, eps=g.eps, index=g.index, label=g.label,
-        clean_pred=g.clean_pred, clean_conf=g.clean_conf, adv_pred=g.adv_pred,
-        adv_conf=g.adv_conf, l2=g.l2, linf=g.linf,
-    )  # fmt: skip
