@@ -54,6 +54,9 @@ import numpy as np
 import torch
 from _harness import correctly_classified, git_commit, write_json
 from _harness import machine as harness_machine
+from docs_tables import PEER_COLUMNS
+from docs_tables import peer_row as table_row
+from docs_tables import peer_title as section_title
 from peers import ADAPTERS, INSTALL_HINT, Adapter, AttackSpec, CountingModel, Entry, Unsupported
 from torch import nn
 
@@ -349,66 +352,13 @@ def summarise(rows: list[dict[str, Any]], spec: AttackSpec) -> None:
 
 # ---- output -------------------------------------------------------------------------------
 
-COLUMNS = (
-    "library",
-    "verified s",
-    "attack s",
-    "fwd",
-    "bwd",
-    "success",
-    "L2 common",
-    "L2 own",
-    "×time",
-    "×L2",
-    "anomalies",
-)
-
-
-def _num(v: float | None, fmt: str = ".3g") -> str:
-    return "–" if v is None else format(v, fmt)
-
-
-def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    out = []
-    for r in rows:
-        if r["status"] != "ok":
-            out.append([r["label"], f"{r['status']}: {r.get('reason', '')}"] + [""] * 9)
-            continue
-        counts = r["counts"]
-        shown = ("nan", "out_of_box", "over_budget", "zeros", "unchanged")
-        anomalies = ", ".join(f"{k} {counts[k]}" for k in shown if counts[k]) or "–"
-        if not r.get("deterministic", True):
-            anomalies += " (varies across reps)"
-        out.append(
-            [
-                r["label"],
-                _num(r["median_verified_s"]),
-                _num(r["median_attack_s"]),
-                f"{r['forward']:,}",
-                f"{r['backward']:,}",
-                f"{r['success_rate']:.3f}",
-                _num(r["mean_l2_common"], ".4f"),
-                _num(r["mean_l2_own"], ".4f"),
-                _num(r.get("time_ratio"), ".2f"),
-                _num(r.get("l2_ratio"), ".3f"),
-                anomalies,
-            ]
-        )
-    return out
-
-
-def section_title(rows: list[dict[str, Any]]) -> str:
-    r = rows[0]
-    ok = [x for x in rows if x["status"] == "ok" and "n_common" in x]
-    common = f", {ok[0]['n_common']} succeeded for every row" if ok else ""
-    reps = f", median of {ok[0]['repetitions']}" if ok else ""
-    return f"{r['model']} · {r['attack_label']} · batch {r['batch']}{common}{reps}"
+COLUMNS = PEER_COLUMNS
 
 
 def print_table(groups: list[list[dict[str, Any]]]) -> None:
     for rows in groups:
         print(f"\n{section_title(rows)}")
-        body = table_rows(rows)
+        body = [table_row(r) for r in rows]
         widths = [len(c) for c in COLUMNS]
         for line in body:
             if len(line[1]) > 40 and not line[2]:
@@ -480,7 +430,7 @@ def markdown(result: dict[str, Any], groups: list[list[dict[str, Any]]]) -> str:
         lines += [f"## {section_title(rows)}", ""]
         lines.append("| " + " | ".join(COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
-        for line in table_rows(rows):
+        for line in (table_row(r) for r in rows):
             if not line[2]:
                 line = [line[0], line[1]] + [""] * (len(COLUMNS) - 2)
             lines.append("| " + " | ".join(line) + " |")
