@@ -21,10 +21,12 @@ excludes. Numbers are read as the nearest float64, VNN-COMP's convention.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import math
 import os
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ __all__ = ["VnnlibError", "parse_vnnlib", "read_vnnlib", "write_counterexample",
 _MAX_DISJUNCTS = 100_000
 _VAR = re.compile(r"([XY])_(\d+)$")
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
+_GZIP_MAGIC = b"\x1f\x8b"
 _IGNORED = {"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"}
 
 
@@ -288,24 +291,45 @@ def parse_vnnlib(
     ]
 
 
+def _read_text(path: Path) -> str:
+    """The file's text, gunzipped when its bytes start with gzip's magic number (whatever
+    its name); a damaged gzip stream or bytes that are not UTF-8 text are a `VnnlibError`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise VnnlibError(
+            f"cannot read VNN-LIB file {path} ({exc.strerror}); check the path"
+        ) from None
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise VnnlibError(
+                f"VNN-LIB file {path} is a damaged gzip file ({exc}); download or compress it again"
+            ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise VnnlibError(
+            f"VNN-LIB file {path} is not text (nor gzip-compressed text); give the "
+            ".vnnlib or .vnnlib.gz property file"
+        ) from None
+
+
 def read_vnnlib(
     path: str | os.PathLike[str],
     input_shape: int | Sequence[int] | None = None,
     num_outputs: int | None = None,
 ) -> list[Property]:
-    """The properties of a VNN-LIB 1.0 file, one per distinct input box.
+    """The properties of a VNN-LIB 1.0 file, one per distinct input box. A gzip-compressed
+    file (VNN-COMP ships `.vnnlib.gz`) is recognised by its magic bytes and read as well.
 
     `input_shape` (or the number of inputs) and `num_outputs` are checked against the
     declarations when given; the box is reshaped to `input_shape` (flat by default).
     Raises `VnnlibError` (an `InvalidInputError`) with the line number on malformed files.
     """
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise VnnlibError(
-            f"cannot read VNN-LIB file {p} ({exc.strerror}); check the path"
-        ) from None
+    text = _read_text(p)
     try:
         return parse_vnnlib(text, input_shape, num_outputs)
     except VnnlibError as exc:
