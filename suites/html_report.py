@@ -83,6 +83,11 @@ def _checks(report: ReportData, figures: Mapping[str, object] | None = None) -> 
             "criterion": check.criterion,
             "passed": check.passed,
             "seconds": check.seconds,
+            "forward": check.forward,
+            "backward": check.backward,
+            # a minimum-norm attack (CW) runs once for every eps: its per-eps rows have no
+            # time or passes of their own, so the page shows the run's totals across them
+            "one_run": bool(results) and all(r.get("seconds") is None for r in results),
             "kind": check.kind,
             "intervals": [_json(r) for r in check.intervals or []],
             "results": results,

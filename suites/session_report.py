@@ -186,8 +186,13 @@ _CSP = (
 _STYLE = """
 .session { max-width: 1200px; margin: 0 auto; padding: 24px 28px; }
 .session h1 { font-size: 24px; margin: 0 0 4px; }
-.session .sub { color: #6b7280; margin-bottom: 16px; }
+.session .sub { color: #6b7280; margin-bottom: 16px; overflow-wrap: anywhere; }
+/* the table stays inside its card: long test ids, data specs and thresholds wrap anywhere,
+   and whatever still does not fit scrolls inside the card, never the page */
+.session-table { background: #fff; border: 1px solid #e5e7eb; border-radius: 10px;
+  overflow-x: auto; max-width: 100%; }
 .session table { border-collapse: collapse; width: 100%; background: #fff; font-size: 13px; }
+.session td.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 10ch; }
 .session th, .session td { border-bottom: 1px solid #e5e7eb; padding: 6px 10px; text-align: left; }
 .session td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .session .bad { color: #b91c1c; font-weight: 600; } .session .ok { color: #047857; }
@@ -236,12 +241,12 @@ def session_html(data: Mapping[str, Any], entries: Sequence[Entry]) -> str:
         verdict = entry.verdict
         css = "bad" if verdict == "failed" else "ok" if verdict == "passed" else ""
         rows.append(
-            f'<tr><td><a href="#{e(entry.anchor)}">{e(entry.nodeid)}</a>'
+            f'<tr><td class="wrap"><a href="#{e(entry.anchor)}">{e(entry.nodeid)}</a>'
             f"{f' (#{entry.index + 1})' if entry.index else ''}</td>"
-            f"<td>{e(rep.suite_name)}</td><td>{e(rep.data.spec)}</td>"
+            f'<td class="wrap">{e(rep.suite_name)}</td><td class="wrap">{e(rep.data.spec)}</td>'
             f'<td class="num">{_pct(rep.clean_accuracy)}</td>'
             f'<td class="num">{_pct(rep.robust_accuracy)}</td>'
-            f"<td>{e(_threshold_text(entry.threshold))}</td>"
+            f'<td class="wrap">{e(_threshold_text(entry.threshold))}</td>'
             f'<td class="num">{_pct((entry.threshold or {}).get("value"))}</td>'
             f'<td class="{css}">{e(verdict)}</td><td>{"yes" if entry.cached else "no"}</td></tr>'
         )
@@ -257,9 +262,10 @@ def session_html(data: Mapping[str, Any], entries: Sequence[Entry]) -> str:
     options = data.get("options") or {}
     opts = " · ".join(f"{k} {v}" for k, v in options.items() if v not in (None, False))
     table = (
-        "<table><thead><tr><th>Test</th><th>Suite</th><th>Data</th><th>Clean</th>"
+        '<div class="session-table"><table><thead><tr><th>Test</th><th>Suite</th><th>Data</th>'
+        "<th>Clean</th>"
         "<th>Robust (worst)</th><th>Threshold</th><th>Measured</th><th>Verdict</th>"
-        "<th>Cached</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        "<th>Cached</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
         if rows
         else "<p>No robustness checks ran in this session.</p>"
     )
