@@ -44,6 +44,7 @@ class NoOp:
     """An item that computes nothing: what Ray alone costs per task."""
 
     key: str
+    indices: tuple[int, ...] = ()
 
     def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
         return Outcome({"kind": "noop"})
@@ -105,7 +106,7 @@ def run(workers: int | None, n: int, batch: int) -> dict[str, Any]:
 def _overhead(executor: Any, tasks: int = 200) -> dict[str, float]:
     """Ms per no-op task: one at a time (round trip) and 200 submitted together."""
     model, data = demo_model(), load_data("digits")
-    session = executor.session(WorkEnv(model, data, torch.device("cpu")))
+    session = executor.session(WorkEnv.of(model, data, torch.device("cpu")))
     list(session.map([NoOp("warm")]))  # the worker loads the environment once
     t = time.perf_counter()
     for i in range(20):

@@ -192,13 +192,18 @@ class AttackWork:
     seed: int
     keep: int  # successes kept as gallery images
 
+    @property
+    def indices(self) -> list[int]:
+        return self.todo.tolist()
+
     def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
         check, eps, todo = self.check, self.eps, self.todo
         start = time.perf_counter()
+        x, y = env.samples.take(todo)
         fields = ("pred_adv", "success", "l0", "l2", "linf", "queries", "gradients")
         rows: dict[str, list[object]] = {
             "index": todo.tolist(),
-            "label": env.data.y[todo].tolist(),
+            "label": y.tolist(),
             "pred_clean": list(self.pred_clean),
             **{f: [] for f in fields},
         }
@@ -206,11 +211,10 @@ class AttackWork:
         shots = {}
         if len(todo):
             attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=self.seed)
-            model = env.bpda_model if check.bpda and env.bpda_model is not None else env.model
             result = attack(
-                model,
-                env.data.x[todo].to(env.dev),
-                env.data.y[todo].to(env.dev),
+                env.attacked(check.bpda),
+                x.to(env.dev),
+                y.to(env.dev),
                 indices=todo.to(env.dev),
                 progress=progress,
             )

@@ -193,6 +193,10 @@ class VerifyWork:
     attacked: list[float]
     seed: int
 
+    @property
+    def indices(self) -> list[int]:
+        return self.index
+
     def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
         from bastion.verify.region import verify_region
 
@@ -204,7 +208,8 @@ class VerifyWork:
         shots: dict[tuple[str, float | None, int], torch.Tensor] = {}
         model = env.model
         assert isinstance(model, torch.nn.Module)  # _run refused anything else
-        network = _network(model, tuple(env.data.x.shape[1:]))
+        network = _network(model, env.samples.shape)
+        images, labels = env.samples.take(self.index)
 
         def ask(x: torch.Tensor, label: int, eps: float) -> Any:
             return verify_region(
@@ -212,7 +217,9 @@ class VerifyWork:
                 timeout=float(params["timeout"]), seed=self.seed, network=network,
             )  # fmt: skip
 
-        for i, correct, attacked in zip(self.index, self.correct, self.attacked, strict=True):
+        for k, (i, correct, attacked) in enumerate(
+            zip(self.index, self.correct, self.attacked, strict=True)
+        ):
             rows["index"].append(i)
             if not correct:
                 rows["status"].append(["MISCLASSIFIED"] * len(eps_list))
@@ -223,7 +230,7 @@ class VerifyWork:
                 rows["layers"].append([])
                 continue
             t0 = time.perf_counter()
-            x, label = env.data.x[i].to(env.dev), int(env.data.y[i])
+            x, label = images[k].to(env.dev), int(labels[k])
             statuses: list[str] = []
             engines: list[str | None] = []
             safe, adv = 0.0, math.inf

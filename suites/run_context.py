@@ -99,7 +99,7 @@ class RunContext:
     @property
     def env(self) -> WorkEnv:
         """What the items of this run need (what an executor ships to its workers)."""
-        return WorkEnv(self.model, self.data, self.dev, self.bpda_model)
+        return WorkEnv.of(self.model, self.data, self.dev, self.bpda_model)
 
     def execute(
         self, works: list[Work], progress: Progress | None = None

@@ -175,7 +175,7 @@ def run_config(model: Model, data: Dataset, config: RunConfig) -> Report:
         model, bpda_model = _defended(model, suite.defense), _defended(model, suite.defense, True)
         info.update(defense=suite.defense, adaptive=suite.adaptive)
     log = ResultsLog(config.out, _header(config, data, info, norm_info), config.resume)
-    env = WorkEnv(model, data, dev, bpda_model)
+    env = WorkEnv.of(model, data, dev, bpda_model)
     session = (config.executor or InProcessExecutor()).session(env)
     ctx = RunContext(
         model,

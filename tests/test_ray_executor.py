@@ -1,6 +1,8 @@
 """Ray scale-out: the report of a run on Ray workers equals a single-process run's in every
 number; an interrupted Ray run resumes (with Ray or without); a worker killed mid-task has
-its item retried, nothing lost or counted twice; `bastion report --workers 2` runs.
+its item retried, nothing lost or counted twice; a task gets only the data shards its item
+reads; `workers` caps the tasks in flight on a Ray the executor joined; `bastion report
+--workers 2` runs.
 
 A local Ray with 2 CPUs is started once for the module and shut down after it.
 """
@@ -11,7 +13,9 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ import torch
 from test_runner import Interrupt  # tests/ is on sys.path
 from torch import nn
 
+from bastion.suites.executor import Outcome, Progress, WorkEnv
 from bastion.suites.runner import run_suite
 from bastion.suites.suite import Check, Suite
 
@@ -85,7 +90,9 @@ def single(demo, digits, tmp_path_factory) -> tuple[object, Path]:  # type: igno
 def _ray_executor() -> Any:
     from bastion.suites.ray_executor import RayExecutor
 
-    return RayExecutor(workers=2)
+    # shards of 10 digits (64 float32 pixels and a label each) across batches of 16: an item
+    # reads two or three shards, and no task gets the whole dataset
+    return RayExecutor(workers=2, shard_bytes=10 * (64 * 4 + 8))
 
 
 def test_two_workers_give_the_single_process_report_bit_for_bit(
@@ -215,3 +222,80 @@ def test_bad_worker_counts_are_refused() -> None:
         RayExecutor(workers=0)
     with pytest.raises(ConfigError, match="num_cpus"):
         RayExecutor(num_cpus=0)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """An item that reports what its task was shipped: the rows it holds, the rows it reads,
+    and when it ran (in which process)."""
+
+    key: str
+    indices: tuple[int, ...]
+    sleep: float = 0.0
+
+    def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
+        start = time.time()
+        x, y = env.samples.take(self.indices)
+        time.sleep(self.sleep)
+        return Outcome({"held": len(env.samples), "x": x, "y": y, "span": (start, time.time())})
+
+
+def test_a_task_is_shipped_only_the_shards_its_item_reads(digits) -> None:  # type: ignore[no-untyped-def]
+    from bastion.suites.ray_executor import RayExecutor
+
+    env = WorkEnv.of(nn.Identity(), digits, torch.device("cpu"))
+    row = 64 * 4 + 8  # bytes of one digit and its label
+    session = RayExecutor(shard_bytes=100 * row).session(env)
+    try:
+        works = [Probe("a", (5, 0, 99)), Probe("b", (150, 101, 7)), Probe("c", ())]
+        got = {w.key: o.record for w, o in session.map(works)}
+    finally:
+        session.close()
+    assert got["a"]["held"] == 100  # one shard of 100 of the 360 digits
+    assert got["b"]["held"] == 200  # two
+    assert got["c"]["held"] == 0
+    for w in works[:2]:
+        idx = list(w.indices)
+        assert torch.equal(got[w.key]["x"], digits.x[idx])  # in the item's order
+        assert torch.equal(got[w.key]["y"], digits.y[idx])
+
+
+def test_samples_take_rows_by_dataset_index_from_shards(digits) -> None:  # type: ignore[no-untyped-def]
+    from bastion.suites.executor import Samples
+
+    whole = Samples.of(digits)
+    shards = whole.split(7)
+    assert sum(len(s) for s in shards) == len(digits) and len(shards) == -(-len(digits) // 7)
+    some = Samples((shards[2], shards[5], shards[6]), whole.shape)
+    idx = [44, 14, 20, 35, 15]  # shards 6, 2, 2, 5, 2
+    x, y = some.take(idx)
+    assert torch.equal(x, digits.x[idx]) and torch.equal(y, digits.y[idx])
+    assert some.take([])[0].shape == (0, *digits.x.shape[1:])
+    for missing in ([13], [21], [49], [10_000]):
+        with pytest.raises(LookupError):
+            some.take(missing)
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_caps_the_tasks_in_flight_on_a_joined_ray(digits, workers) -> None:  # type: ignore[no-untyped-def]
+    from bastion.suites.ray_executor import RayExecutor
+
+    executor = RayExecutor("auto", workers=workers)  # joins the module's Ray (2 CPUs)
+    session = executor.session(WorkEnv.of(nn.Identity(), digits, torch.device("cpu")))
+    try:
+        works = [Probe(str(i), (i,), sleep=0.3) for i in range(6)]
+        spans = [o.record["span"] for _, o in session.map(works)]
+    finally:
+        session.close()
+    executor.shutdown()
+    assert ray.is_initialized()  # a Ray it joined keeps running
+    assert _most_at_once(spans) == workers
