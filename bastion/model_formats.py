@@ -9,6 +9,7 @@ Every failure is a one-sentence `ModelLoadError`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -139,7 +140,53 @@ def _torch_save_format(path: Path) -> tuple[str, Any]:
     return ("torch-weights", state) if state is not None else ("pickle", None)
 
 
+# bytes per element of each safetensors dtype (the format's own list)
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _damaged(path: Path, fmt: str, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path} is a damaged {_LABELS[fmt]} file ({why}; a bad download or disk?); "
+        "re-save or re-download it"
+    )
+
+
+def _safetensors_layout(meta: dict[str, Any], data_size: int) -> str | None:
+    """What is wrong with a safetensors header's tensor table, or None: each tensor's byte
+    range must hold exactly its dtype × shape, and the ranges must tile the data section."""
+    spans = []
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, (begin, end) = info["dtype"], info["data_offsets"]
+            dims = [int(d) for d in info["shape"]]
+        except (TypeError, KeyError, ValueError):
+            return f"tensor {name!r} has a malformed entry in the header"
+        if dtype not in _SAFETENSORS_ITEMSIZE or any(d < 0 for d in dims):
+            return f"tensor {name!r} has an unknown dtype or a negative dimension"
+        count = math.prod(dims)
+        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != (
+            count * _SAFETENSORS_ITEMSIZE[dtype]
+        ):
+            return f"tensor {name!r} does not fill its byte range"
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            return "the tensors' byte ranges overlap or leave gaps"
+        position = end
+    if position != data_size:
+        return f"the tensors hold {position} bytes but the file has {data_size}"
+    return None
+
+
 def _is_safetensors(head: bytes, size: int, path: Path) -> bool:
+    """Whether the file is safetensors; raises for one whose header announces safetensors
+    (a plausible length, then a JSON object) but does not parse or does not fit the file."""
     if len(head) < 10:
         return False
     n = int.from_bytes(head[:8], "little")
@@ -151,19 +198,33 @@ def _is_safetensors(head: bytes, size: int, path: Path) -> bool:
     try:
         meta = json.loads(header)
     except (UnicodeDecodeError, ValueError):
-        return False
+        raise _damaged(path, "safetensors", "its header is not valid JSON") from None
     if not isinstance(meta, dict):
-        return False
-    # the tensors' byte ranges must cover the rest of the file exactly
-    try:
-        end = max(
-            (int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0
-        )
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise _corrupt(path, "safetensors") from None
-    if end != size - 8 - n:
-        raise _corrupt(path, "safetensors")
+        raise _damaged(path, "safetensors", "its header is not a JSON object")
+    problem = _safetensors_layout(meta, size - 8 - n)
+    if problem is not None:
+        raise _damaged(path, "safetensors", problem)
     return True
+
+
+def _onnx_initializer_problem(proto: Any) -> str | None:
+    """An initializer whose raw bytes do not match its dtype and shape, or None."""
+    from onnx import helper
+
+    for tensor in proto.graph.initializer:
+        if not tensor.raw_data:
+            continue
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return f"initializer {tensor.name!r} has an unknown data type {tensor.data_type}"
+        count = math.prod(tensor.dims)
+        if len(tensor.raw_data) != count * itemsize:
+            return (
+                f"initializer {tensor.name!r} holds {len(tensor.raw_data)} bytes where its "
+                f"shape needs {count * itemsize}"
+            )
+    return None
 
 
 def _looks_like_onnx(head: bytes, path: Path) -> bool:
@@ -176,9 +237,16 @@ def _looks_like_onnx(head: bytes, path: Path) -> bool:
         return True  # cannot check further; load_model will ask for the extra
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - a failed parse just means "not ONNX"
+    except Exception as exc:  # noqa: BLE001 - protobuf raises many kinds
+        # it starts as ONNX does, but its protobuf does not parse
+        raise _damaged(path, "onnx", f"its protobuf does not parse: {_reason(exc)}") from None
+    if not (proto.ir_version > 0 and proto.HasField("graph") and len(proto.graph.node) > 0):
         return False
-    return bool(proto.ir_version > 0 and proto.HasField("graph") and len(proto.graph.node) > 0)
+    # ONNX has no checksum: flipped weight bytes parse; a wrong length at least is caught
+    problem = _onnx_initializer_problem(proto)
+    if problem is not None:
+        raise _damaged(path, "onnx", problem)
+    return True
 
 
 def _detect(path: Path) -> tuple[str, Any]:

@@ -54,9 +54,13 @@ __all__ = [
     "module_fingerprint",
     "read_metadata",
     "save_model",
+    "weights_sha256",
 ]
 
 SAVE_FORMATS = ("export", "torchscript", "safetensors")
+# the key of the weights' SHA-256 in a safetensors file's metadata (zip archives carry
+# CRC-32s per member, which load_model checks)
+CHECKSUM_KEY = "bastion_weights_sha256"
 SOURCE_ATTR = "bastion_source"
 """The attribute `load_model` sets on the model it returns: the path it was read from."""
 _METADATA_FILE = "bastion.json"  # the extra file of .pt2 and TorchScript archives
@@ -202,9 +206,20 @@ def _load_weights(
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; when Bastion wrote it, checked against the
+    SHA-256 it recorded (safetensors itself has no checksum: flipped bytes would load)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return load_file(str(path), device="cpu")
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(CHECKSUM_KEY)
+    state = load_file(str(path), device="cpu")
+    if recorded is not None and weights_sha256(state) != recorded:
+        raise ModelLoadError(
+            f"{path} is damaged: its weights do not match the SHA-256 Bastion recorded when "
+            "it saved the file (a bad download or disk?); re-save or re-download it"
+        )
+    return state
 
 
 def _load_onnx(path: Path) -> nn.Module:
@@ -261,11 +276,12 @@ def load_model(
     directory is on the import path while `arch` and pickled classes are imported. Pickled
     modules run arbitrary code when loaded, so they load only with `trust_pickle=True`;
     otherwise `UntrustedModelError`, without unpickling anything. Zip archives (TorchScript,
-    .pt2, torch.save) must pass their CRC-32 checks. With `mean` and `std` the model is
-    wrapped in `Normalized`, so it takes [0, 1] pixels. Parameters are left as they are
-    (requires_grad untouched). The model's `bastion_source` attribute is the path
-    (`model_source`). A .pt2 with a fixed batch size loads with a `BastionWarning`. Every
-    failure is a `ModelLoadError` with one sentence.
+    .pt2, torch.save) must pass their CRC-32 checks, a safetensors file Bastion wrote its
+    recorded SHA-256, and safetensors headers and ONNX initializers must fit their bytes.
+    With `mean` and `std` the model is wrapped in `Normalized`, so it takes [0, 1] pixels.
+    Parameters are left as they are (requires_grad untouched). The model's `bastion_source`
+    attribute is the path (`model_source`). A .pt2 with a fixed batch size loads with a
+    `BastionWarning`. Every failure is a `ModelLoadError` with one sentence.
     """
     try:
         target = torch.device(device)
@@ -299,6 +315,8 @@ def load_model(
         net = resolve_arch(arch)
         try:
             state = payload if payload is not None else _load_safetensors(p)
+        except ModelLoadError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise _corrupt(p, fmt, exc) from None
         model = _load_weights(net, state, p, arch)
@@ -356,10 +374,11 @@ def save_model(
 
     "export" (the recommended `.pt2`) writes a torch.export program with a dynamic batch
     dimension; "torchscript" traces the model on `example_input`; "safetensors" writes only
-    the state dict (load it back with `arch=`). `metadata` (default: the model's
-    `bastion_metadata` attribute, if any) is stored beside the weights as strings and read
-    back by `read_metadata`. Errors raised by torch while exporting or tracing (unsupported
-    Python in the model) are not caught.
+    the state dict (load it back with `arch=`) and the weights' SHA-256 (`weights_sha256`),
+    which `load_model` verifies: the format has no checksum of its own. `metadata` (default:
+    the model's `bastion_metadata` attribute, if any) is stored beside the weights as
+    strings and read back by `read_metadata`. Errors raised by torch while exporting or
+    tracing (unsupported Python in the model) are not caught.
     """
     if format not in SAVE_FORMATS:
         raise ConfigError(
@@ -379,7 +398,7 @@ def save_model(
 
         # clone: safetensors refuses tensors that share storage (tied or sliced weights)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, out, metadata=meta or None)
+        save_file(state, out, metadata={**meta, CHECKSUM_KEY: weights_sha256(state)})
         return
     with eval_mode(model), torch.no_grad():
         if format == "torchscript":
@@ -410,7 +429,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
             from safetensors import safe_open
 
             with safe_open(str(p), framework="pt") as f:
-                return dict(f.metadata() or {})
+                stored = dict(f.metadata() or {})
+            stored.pop(CHECKSUM_KEY, None)  # Bastion's own record, not the caller's metadata
+            return stored
         if fmt in ("export", "torchscript"):
             with zipfile.ZipFile(p) as z:
                 names = [n for n in z.namelist() if n.endswith(f"/extra/{_METADATA_FILE}")]
@@ -450,10 +471,22 @@ def module_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     cls = type(model)
     digest.update(f"{cls.__module__}.{cls.__qualname__}\n".encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    _hash_state(digest, model.state_dict())
+    return digest.hexdigest()
+
+
+def weights_sha256(state: Mapping[str, Any]) -> str:
+    """A SHA-256 over a state dict's names, dtypes, shapes and bytes (the checksum
+    `save_model` records in a safetensors file and `load_model` verifies)."""
+    digest = hashlib.sha256()
+    _hash_state(digest, state)
+    return digest.hexdigest()
+
+
+def _hash_state(digest: Any, state: Mapping[str, Any]) -> None:
+    for name, tensor in sorted(state.items()):
         if not isinstance(tensor, torch.Tensor):
             continue  # extra state is not a weight
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}\0{t.dtype}\0{_shape(tensor.shape)}\n".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
