@@ -9,6 +9,11 @@ The loss is the cross-entropy unless the caller passes its own `Loss` (as Foolbo
 `get_loss_fn`): a callable `(logits, y, target) -> per-sample loss` that the loop ascends,
 so other code can reuse the loop with another objective (DLR, a margin, a property's
 violation) instead of writing its own sign-step loop.
+
+`momentum` (default 0: none) accumulates the per-sample L1-normalised gradient,
+g ← μ·g + ∇/‖∇‖₁, and steps along g (MI-FGSM, Dong et al., CVPR 2018). `ascend` runs the
+loop alone on any differentiable function and per-sample reference, without the attack's
+harness: DVERGE's feature distillation is this loop with a feature-distance loss.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ def _direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     if norm == "linf":
         return grad.sign()
     return grad / _flat_norm(grad).clamp_min(1e-12)
+
+
+def accumulate_momentum(g: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Dong et al.'s momentum: `momentum·g + grad / ‖grad‖₁`, the L1 norm per sample."""
+    l1 = grad.flatten(1).abs().sum(1).clamp_min(1e-12)
+    return momentum * g + grad / l1.view(-1, *[1] * (grad.dim() - 1))
 
 
 def _ball(
@@ -104,6 +115,7 @@ class GradientDescentAttack(Attack):
     `rel_stepsize` is the step as a fraction of eps; `abs_stepsize` overrides it. With
     `early_stop` a sample stops as soon as an iterate is adversarial, which saves its
     remaining gradient passes without changing whether the attack succeeds on it.
+    `momentum` > 0 steps along the accumulated normalised gradient (see the module).
     """
 
     def __init__(
@@ -119,11 +131,14 @@ class GradientDescentAttack(Attack):
         seed: int = 0,
         bounds: tuple[float, float] = (0.0, 1.0),
         loss: Loss | None = None,
+        momentum: float = 0.0,
     ) -> None:
         if norm not in ("linf", "l2"):
             raise ConfigError(f"{type(self).__name__} supports norm 'linf' or 'l2', got {norm!r}")
         if steps < 1:
             raise ConfigError(f"steps must be >= 1, got {steps}")
+        if momentum < 0:
+            raise ConfigError(f"momentum must be >= 0, got {momentum}")
         check_eps(eps, norm)
         self.eps = eps
         self.norm: Norm = norm
@@ -135,6 +150,22 @@ class GradientDescentAttack(Attack):
         self.seed = seed
         self.bounds = bounds
         self.loss = loss
+        self.momentum = momentum
+
+    def ascend(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loop alone: `self.steps` steps from `x` ascending `loss(model(·), y, None)`,
+        projected onto the eps-ball around `x` and the bounds; returns the last iterate.
+
+        `model` may be any differentiable function of the images (a feature extractor) and
+        `y` any per-sample tensor the loss reads (reference features). No input checks, no
+        change of the model's mode, no clean pass and no success check: the caller owns
+        those. Needs a `loss` and `early_stop=False` (there are no classes to stop at)."""
+        if self.loss is None or self.early_stop:
+            raise ConfigError("ascend needs a loss and early_stop=False")
+        n = len(x)
+        rows = torch.arange(n, device=x.device)
+        batch = Batch(Queries(model, n, x.device), x, y, None, rows, rows, None, None)
+        return self._perturb(batch).x_adv
 
     def _random_start(
         self, x: torch.Tensor, eps: torch.Tensor, indices: torch.Tensor
@@ -193,6 +224,7 @@ class GradientDescentAttack(Attack):
         b0, b1 = (x, eps) if inside else _ball(x, eps, self.norm, self.bounds)
         goal, y, target = batch.goal, batch.y, batch.target
         since_pass = since_step = 0
+        g = torch.zeros_like(x) if self.momentum else None  # the momentum's accumulator
         for it in range(self.steps):
             if it == 0 and batch.reusable is not None:
                 grad = batch.reusable  # taken at x by the clean pass, where none is adversarial
@@ -212,9 +244,12 @@ class GradientDescentAttack(Attack):
                         t[keep] for t in (pos, xa, b0, b1, step, goal, y, grad)
                     )
                     target = target[keep] if target is not None else None
+                    g = g[keep] if g is not None else None
                     if not len(pos):
                         break
-            moved = torch.addcmul(xa, step, _direction(grad, self.norm))
+            if g is not None:
+                g = accumulate_momentum(g, grad, self.momentum)
+            moved = torch.addcmul(xa, step, _direction(grad if g is None else g, self.norm))
             if inside:
                 xa, inside = moved.clamp(*self.bounds), False
                 if it + 1 < self.steps:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bastion.attacks.gradient_descent import GradientDescentAttack
 from bastion.defenses.model_families import FeaturePoint, LayerList, feature_layers, read_features
 from bastion.defenses.training_check import accuracy, chance_accuracy, check_trained
 from bastion.errors import ConfigError, InvalidInputError, ModelOutputError
@@ -74,7 +75,8 @@ def distill(
 ) -> torch.Tensor:
     """Feature distillation (spec §6.1): argmin over the L∞ `eps`-ball around `x_source`
     (within [0, 1]) of ‖f(z) − f(x)‖² at `point`, by sign-PGD from `z = x_source` with the
-    gradient L1-normalised per sample and accumulated with `momentum` (0: plain sign-PGD).
+    gradient L1-normalised per sample and accumulated with `momentum` (0: plain sign-PGD):
+    the attacks' gradient loop (`GradientDescentAttack.ascend`) ascending −‖f(z) − f(x)‖².
 
     The model is used in the mode the caller leaves it in (the DVERGE code: train mode).
     The target features are read once and detached; the result is detached.
@@ -87,19 +89,27 @@ def distill(
         )
     with torch.no_grad():
         target = read_features(model, x, point).detach()
-    x_source = x_source.detach()
-    z = x_source.clone()
-    g = torch.zeros_like(z)
-    for _ in range(steps):
-        zg = z.requires_grad_(True)
-        with torch.enable_grad():
-            loss = (read_features(model, zg, point) - target).pow(2).sum()
-            (grad,) = torch.autograd.grad(loss, zg)
-        l1 = grad.flatten(1).abs().sum(1).clamp_min(1e-12)
-        g = momentum * g + grad / l1.view(-1, *[1] * (grad.dim() - 1))
-        z = z.detach() - step_size * g.sign()
-        z = torch.minimum(torch.maximum(z, x_source - eps), x_source + eps).clamp(0.0, 1.0)
-    return z.detach()
+    if steps == 0:
+        return x_source.detach().clone()
+    loop = GradientDescentAttack(
+        eps=eps,
+        norm="linf",
+        steps=steps,
+        rel_stepsize=1.0,
+        abs_stepsize=step_size,
+        random_start=False,
+        early_stop=False,
+        loss=_feature_closeness,
+        momentum=momentum,
+    )
+    return loop.ascend(lambda z: read_features(model, z, point), x_source.detach(), target)
+
+
+def _feature_closeness(
+    features: torch.Tensor, target: torch.Tensor, _: torch.Tensor | None
+) -> torch.Tensor:
+    """The loss the gradient loop ascends in `distill`: −‖f(z) − f(x)‖² per sample."""
+    return -(features - target).pow(2).flatten(1).sum(1)
 
 
 def feature_distance(
