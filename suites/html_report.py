@@ -295,6 +295,7 @@ def _context(
         "criteria_total": len(criteria),
         "checks": checks,
         "before_after": _before_after(report),
+        "defense": _json(report.defense) if report.defense is not None else None,
         "charts": charts(report, checks),
         "gallery": _gallery(gallery, {str(c["id"]): c["norm"] for c in checks}),
         "norm_labels": NORM_LABELS,

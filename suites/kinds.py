@@ -31,6 +31,8 @@ _MODULES = {
     "verify": "bastion.suites.kind_verify",
     "fooling": "bastion.suites.kind_fooling",
     "scaling": "bastion.suites.kind_scaling",
+    "adaptive": "bastion.suites.kind_adaptive",
+    "transfer": "bastion.suites.kind_transfer",
 }
 
 

@@ -94,6 +94,7 @@ class RunOutcome:
 
 def build_report(run: RunOutcome) -> ReportData:
     """The report of a finished run (see the module docstring)."""
+    from bastion.suites.defense_report import defense_comparison
     from bastion.suites.evaluation_flags import evaluation_flags
     from bastion.suites.threat_report import threat_entries
 
@@ -164,4 +165,5 @@ def build_report(run: RunOutcome) -> ReportData:
         fail_under=[str(f) for f in run.fail_under] or None,
         undefended=Undefended.of(run.undefended) if run.undefended is not None else None,
         profile=run.profile,
+        defense=defense_comparison(run, checks, threat_models),
     )

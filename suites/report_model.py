@@ -116,6 +116,19 @@ class ScalingRow:
 
 
 @dataclass
+class TransferRow:
+    """One eps of a transfer check: robust accuracy of the model under attack and of an
+    independently trained baseline (undefended) ensemble, on examples crafted on a third,
+    surrogate model; overall ("all": a sample survives every attack) and per attack."""
+
+    eps: float
+    robust_accuracy: float
+    baseline_robust_accuracy: float | None
+    attacks: dict[str, float]
+    baseline_attacks: dict[str, float]
+
+
+@dataclass
 class CheckEntry:
     """One check of the suite as run: its definition, per-eps results and kind's parts."""
 
@@ -135,6 +148,7 @@ class CheckEntry:
     intervals: list[Interval] | None = field(omit=True, default=None)
     fooling: FoolingSummary | None = field(omit=True, default=None)
     scaling: list[ScalingRow] | None = field(omit=True, default=None)
+    transfer: list[TransferRow] | None = field(omit=True, default=None)
     vulnerable: bool | None = field(omit=True, default=None)
     seconds: float = field(default=0.0)
     forward: int = field(default=0)
@@ -294,6 +308,31 @@ class Undefended:
 
 
 @dataclass
+class DefenseRow:
+    """One threat model of a defended run: robust accuracy without the defense, with it
+    against the attacks it was designed for, and against attacks adapted to it."""
+
+    threat: str
+    n: int
+    undefended: float | None
+    defended: float | None
+    adaptive: float | None
+
+
+@dataclass
+class DefenseComparison:
+    """The defense table: undefended | defended (non-adaptive) | adaptive per threat model,
+    and how each column was measured (check ids, a sentence)."""
+
+    defense: str
+    undefended_by: str | None
+    defended_by: list[str]
+    adaptive_by: list[str]
+    note: str
+    rows: list[DefenseRow]
+
+
+@dataclass
 class ReportData:
     """Everything report.json holds, typed (see the module docstring)."""
 
@@ -319,6 +358,8 @@ class ReportData:
     gallery: list[GalleryRef] = field(default=[])
     fail_under: list[str] | None = field(omit=True, default=None)
     undefended: Undefended | None = field(omit=True, default=None)
+    # added in schema 2 without a version change (optional; absent in undefended runs)
+    defense: DefenseComparison | None = field(omit=True, default=None)
     profile: str | None = field(omit=True, default=None)  # the pytest check's profile
     schema_version: int = field(default=SCHEMA_VERSION)
 

@@ -25,6 +25,7 @@ import torch
 from bastion.data import Dataset
 from bastion.errors import ConfigError
 from bastion.modes import eval_mode
+from bastion.suites.defense_plan import defended_model, with_defense_checks, without_defense_checks
 from bastion.suites.executor import Executor, InProcessExecutor, WorkEnv
 from bastion.suites.json_codec import JsonObject, encode
 from bastion.suites.progress import NoProgress, ProgressSink
@@ -70,7 +71,7 @@ class RunConfig:
         criteria (the report's "before" column)."""
         return replace(
             self,
-            suite=self.suite.with_defense(None),
+            suite=without_defense_checks(self.suite.with_defense(None)),
             fail_under=(),
             out=self.out / "undefended" if self.out is not None else None,
             gallery=0,
@@ -132,6 +133,7 @@ def run_suite(
     asked = parse_threats(list(threats)) if threats else suite_obj.threats
     suite_obj = suite_obj.at_threats(asked or defaults)
     threat_models = resolve_threats(suite_obj, asked, defaults)
+    suite_obj, model_info = with_defense_checks(suite_obj, model, threat_models, model_info)
     criteria = _fail_under(fail_under) or suite_obj.fail_under
     check_fail_under(criteria, threat_models)
     config = RunConfig(
@@ -172,7 +174,8 @@ def run_config(model: Model, data: Dataset, config: RunConfig) -> Report:
     if suite.defense is not None:
         # the same suite on the model alone first: the report's before/after table
         undefended = run_config(model, data, config.undefended()).model
-        model, bpda_model = _defended(model, suite.defense), _defended(model, suite.defense, True)
+        bpda_model = defended_model(model, suite.defense, bpda=True, seed=config.seed)
+        model = defended_model(model, suite.defense, seed=config.seed)
         info.update(defense=suite.defense, adaptive=suite.adaptive)
     log = ResultsLog(config.out, _header(config, data, info, norm_info), config.resume)
     env = WorkEnv.of(model, data, dev, bpda_model)
@@ -246,16 +249,6 @@ def normalization(model: Model) -> Normalization | None:
             mean=model.mean.flatten().cpu().tolist(), std=model.std.flatten().cpu().tolist()
         )
     return None
-
-
-def _defended(model: Model, defense: str, bpda: bool = False) -> torch.nn.Module:
-    """`model` behind `defense` (only "raw_isp" so far, checked by the suite): exact
-    gradients through the torch ISP, or with `bpda` the same outputs with an identity
-    backward pass (Athalye et al. 2018)."""
-    from bastion.defenses.raw_isp import RawISP
-
-    assert defense == "raw_isp"
-    return RawISP(bpda=bpda).wrap(model)
 
 
 def _model_device(model: Model) -> torch.device:

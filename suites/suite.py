@@ -96,7 +96,7 @@ _METRICS = (
     "robust_accuracy", "success_rate", "mean_l2", "median_l2", "verified_accuracy",
     "fooled_fraction", "detection_rate",
 )  # fmt: skip
-DEFENSES = ("raw_isp",)
+DEFENSES = ("raw_isp", "raw_isp:random")
 # attacks that follow gradients: the ones an adaptive (BPDA) twin check is worth running for
 GRADIENT_ATTACKS = ("FGSM", "PGD", "BIM", "APGD", "APGDT", "FAB", "CarliniWagnerL2")
 _CRITERION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*$")

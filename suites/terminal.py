@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bastion.suites.defense_report import defense_lines
 from bastion.suites.formatting import cell
 from bastion.suites.kinds import kind_of
 from bastion.suites.report_model import CheckEntry, Normalization, ReportData
@@ -102,4 +103,6 @@ def print_summary(report: ReportData, console: Console | None = None) -> None:
     for line in _headline(report):
         console.print(escape(line), highlight=False)
     for line in _before_after(report):
+        console.print(escape(line), highlight=False)
+    for line in defense_lines(report):
         console.print(escape(line), highlight=False)

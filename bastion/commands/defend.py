@@ -221,6 +221,7 @@ def run_dverge(args: argparse.Namespace) -> int:
     from bastion.defenses import dverge
     from bastion.defenses.model_families import SmallCNN
     from bastion.defenses.training_check import accuracy, chance_accuracy, check_trained
+    from bastion.model_io import METADATA_ATTR
     from bastion.suites.progress import NoProgress, RichProgress
     from bastion.zoo import train_classifier
 
@@ -269,6 +270,8 @@ def run_dverge(args: argparse.Namespace) -> int:
             progress=lambda done, total: task.update(done / total),
         )
         task.close()
+    # the report recognises the ensemble by this and adds the paper's transfer evaluation
+    setattr(ensemble, METADATA_ATTR, {"defense": "dverge", "members": str(args.members)})
     baseline = dverge.Ensemble(members)
     train_acc = [accuracy(model, data.x, data.y) for model in (ensemble, baseline)]
     held_out = held_out_accuracy(args, {"ensemble": ensemble, "baseline ensemble": baseline}, dev)

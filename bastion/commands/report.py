@@ -73,10 +73,13 @@ def register(sub: Any) -> None:
 def _add_defense(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--defense",
-        choices=["raw_isp"],
+        choices=["raw_isp", "raw_isp:random"],
         default=None,
         help="attack the model behind a preprocessing defense: raw_isp = RawISP().wrap(model), "
-        "the RAW camera-ISP round trip (gradients flow through it exactly)",
+        "the RAW camera-ISP round trip (gradients flow through it exactly); raw_isp:random "
+        "draws camera metadata and noise per call and adds EOT (20 draws) and EOT+BPDA "
+        "twins of the gradient attacks. A distilled model or a DVERGE ensemble saved by "
+        "`bastion defend` brings its own adaptive checks without this option",
     )
     p.add_argument(
         "--adaptive",
