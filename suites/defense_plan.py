@@ -104,9 +104,9 @@ def with_defense_checks(
     for c in suite.checks:
         if c.kind != "attack" or not c.spec.bounded or c.bpda:
             continue
-        if carried is not None and carried.temperature is not None and _ce_attack(c):
-            params = {"view": "temperature", "temperature": carried.temperature}
-            checks.append(_twin(c, "T", params))
+        t = carried.temperature if carried is not None else None
+        if t is not None and t > 1 and _ce_attack(c):  # T = 1 is no distillation
+            checks.append(_twin(c, "T", {"view": "temperature", "temperature": t}))
         if suite.defense == "raw_isp:random" and c.attack in EOT_ATTACKS:
             checks.append(_twin(c, "eot", {"view": "eot"}))
             checks.append(_twin(c, "eot-bpda", {"view": "eot-bpda"}))

@@ -64,7 +64,7 @@ def defense_comparison(
         )
     return DefenseComparison(
         defense=str(label),
-        undefended_by=_undefended_by(run.undefended is not None, transfer),
+        undefended_by=_undefended_by(run.undefended, transfer),
         defended_by=defended,
         adaptive_by=adaptive,
         note=_note(robust, transfer),
@@ -106,9 +106,11 @@ def _undefended(
     return None
 
 
-def _undefended_by(undefended_run: bool, transfer: bool) -> str | None:
-    if undefended_run:
-        return "the same suite on the model without the defense (its report: undefended/)"
+def _undefended_by(before: ReportData | None, transfer: bool) -> str | None:
+    if before is not None:
+        source = before.model.get("source")
+        model = f"the baseline model {source}" if source else "the model without the defense"
+        return f"the same suite on {model} (its report: undefended/)"
     if transfer:
         return "an independently trained baseline ensemble under the same transfer attacks"
     return None

@@ -65,6 +65,7 @@ class RunConfig:
     junit: Path | None = None
     profile: str | None = None  # the pytest plugin's profile (fast / full), recorded as is
     executor: Executor | None = None  # who computes the items (default: this process)
+    baseline: Model | None = None  # the undefended model of a training-recipe defense
 
     def undefended(self) -> RunConfig:
         """The same run without the suite's defense, into `out/undefended`, no gallery, no
@@ -76,7 +77,17 @@ class RunConfig:
             out=self.out / "undefended" if self.out is not None else None,
             gallery=0,
             junit=None,
+            baseline=None,
+            model_info=self._undefended_info(),
         )
+
+    def _undefended_info(self) -> JsonObject:
+        """The undefended run's model record: the bare model's (no defense label), or the
+        baseline's (its `source` from the defended record's `baseline`, if given)."""
+        info = {k: v for k, v in (self.model_info or {}).items() if k != "defense"}
+        if self.baseline is None:
+            return info
+        return {"source": info["baseline"]} if "baseline" in info else {}
 
 
 def run_suite(
@@ -101,6 +112,7 @@ def run_suite(
     threats: list[str | ThreatModel] | tuple[str | ThreatModel, ...] | None = None,
     profile: str | None = None,
     executor: Executor | None = None,
+    baseline: Model | None = None,
 ) -> Report:
     """Run `suite` (a built-in name, a TOML path or a Suite) on `data` and return the Report.
 
@@ -116,6 +128,9 @@ def run_suite(
     check (see `Suite.with_defense`). `profile` is recorded in the report (the pytest
     plugin's fast or full profile). `executor` computes the items: this process by default,
     or `RayExecutor(...)` (bastion.suites.ray_executor) on Ray workers, same report.
+    `baseline` is the undefended model of a training-recipe defense (a distilled
+    student's undistilled twin): the suite also runs on it (into `out/undefended`) for the
+    defense table's undefended column, as a preprocessing defense's bare model does.
     """
     for name, value in (("batch_size", batch_size), ("n", n if n is not None else 1)):
         if value < 1:
@@ -151,6 +166,7 @@ def run_suite(
         junit=Path(junit) if junit is not None else None,
         profile=profile,
         executor=executor,
+        baseline=baseline,
     )
     return run_config(model, data.subset(n) if n is not None else data, config)
 
@@ -171,9 +187,11 @@ def run_config(model: Model, data: Dataset, config: RunConfig) -> Report:
     bpda_model = None
     undefended = None
     suite = config.suite
+    if suite.defense is not None or config.baseline is not None:
+        # the same suite on the model alone (or the baseline) first: the before/after table
+        bare = config.baseline if config.baseline is not None else model
+        undefended = run_config(bare, data, config.undefended()).model
     if suite.defense is not None:
-        # the same suite on the model alone first: the report's before/after table
-        undefended = run_config(model, data, config.undefended()).model
         bpda_model = defended_model(model, suite.defense, bpda=True, seed=config.seed)
         model = defended_model(model, suite.defense, seed=config.seed)
         info.update(defense=suite.defense, adaptive=suite.adaptive)

@@ -259,14 +259,16 @@ def _cli(*argv: str) -> int:
 def test_cli_distil_then_report_shows_undefended_defended_adaptive(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    student = tmp_path / "student.pt2"
-    assert _cli("defend", "distill", "--epochs", "5", "--out", str(student), "--quiet") == 0
+    student, plain = tmp_path / "student.pt2", tmp_path / "plain.pt2"
+    for path, t in ((student, "100"), (plain, "1")):  # T = 1: the undistilled twin
+        argv = ["defend", "distill", "--epochs", "5", "--temperature", t, "--out", str(path)]
+        assert _cli(*argv, "--quiet") == 0
     suite = tmp_path / "tiny.toml"
     suite.write_text(TINY_TOML)
     out = tmp_path / "report"
     capsys.readouterr()
     code = _cli("report", str(student), "--n", "32", "--suite", str(suite), "--out", str(out),
-                "--quiet")  # fmt: skip
+                "--baseline", str(plain), "--quiet")  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "undefended | defended | adaptive" in printed
@@ -276,6 +278,12 @@ def test_cli_distil_then_report_shows_undefended_defended_adaptive(
     assert row["adaptive"] <= row["defended"]
     assert {"fgsm-T", "pgd-T"} <= {c["id"] for c in data["checks"]}
     assert "Defense: distillation (T = 100)" in (out / "report.html").read_text()
+    # the undefended column: the same suite on the undistilled model, no twins there
+    before = json.loads((out / "undefended" / "report.json").read_text())
+    assert [c["id"] for c in before["checks"]] == ["fgsm", "pgd"]
+    assert before["model"] == {"source": str(plain), "sha256": before["model"]["sha256"]}
+    assert row["undefended"] == before["threat_models"][0]["robust_accuracy"]
+    assert str(plain) in data["defense"]["undefended_by"]
 
 
 def test_cli_randomised_isp_report_runs_eot(tmp_path: Path) -> None:

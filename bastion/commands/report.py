@@ -82,6 +82,14 @@ def _add_defense(p: argparse.ArgumentParser) -> None:
         "`bastion defend` brings its own adaptive checks without this option",
     )
     p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="MODEL",
+        help="the undefended model to compare a trained defense with (e.g. the undistilled "
+        "twin of a distilled student: bastion defend distill --temperature 1): the suite "
+        "also runs on it, for the undefended column of the defense table",
+    )
+    p.add_argument(
         "--adaptive",
         action="store_true",
         default=None,
@@ -121,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     executor = ray_executor(args, dev)
     with progress, executor or contextlib.nullcontext():
         model, data, info = load_model_and_data(args, progress)
+        baseline = _baseline(args, data, dev)
+        if baseline is not None:
+            info["baseline"] = str(args.baseline)
         report = run_suite(
             model,
             data,
@@ -141,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             adaptive=args.adaptive,
             threats=args.threat,
             executor=executor,
+            baseline=baseline,
         )
     if args.json:
         print(report.to_json())
@@ -153,6 +165,25 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"adversarial images: {written} PNG files in {out} (adv-INDEX.png)")
     return EXIT_FAILED if report.passed is False else EXIT_OK
+
+
+def _baseline(args: argparse.Namespace, data: Any, dev: str) -> Any:
+    """The --baseline model, loaded like MODEL and checked against the data, or None."""
+    if args.baseline is None:
+        return None
+    from bastion.model_io import load_model
+    from bastion.validation import check_model_accepts
+
+    model = load_model(
+        args.baseline,
+        arch=args.arch,
+        trust_pickle=args.trust_pickle,
+        device=dev,
+        mean=args.mean,
+        std=args.std,
+    )
+    check_model_accepts(model, data.x, repr(data.spec))
+    return model
 
 
 def _write_images(report: Any, out: Path) -> int:
