@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,12 @@ def _same(p: Property, q: Property) -> bool:
     return all(torch.equal(h.a, g.a) and torch.equal(h.b, g.b) for h, g in pairs)
 
 
+def _up(decimal: str) -> float:
+    """The smallest float64 at or above the decimal (how the reader takes upper bounds)."""
+    f = float(decimal)
+    return f if Fraction(f) >= Fraction(decimal) else math.nextafter(f, math.inf)
+
+
 def _files() -> list[Path]:
     return sorted(VNN.glob("*/*.vnnlib")) if VNN.is_dir() else []
 
@@ -50,10 +58,18 @@ def test_every_vnncomp2021_file_reads_with_the_boxes_of_its_raw_text() -> None:
         assert all(p.lower.shape == (n,) and p.unsafe[0].a.shape[1] == k for p in props)
         if len(props) > 1:
             continue  # several input boxes (ACAS Xu 6): checked in a test below
-        # every top-level bound in the text is exactly the parsed bound (first box)
+        # every top-level bound in the text is the parsed bound rounded outward to the
+        # nearest float64 on the far side (the box read contains the file's box)
         for op, i, value in _BOUND.findall(text):
-            bound = props[0].upper if op == "<=" else props[0].lower
-            assert bound[int(i)].item() == float(value), (path.name, op, i)
+            exact = Fraction(value)
+            if op == "<=":
+                bound = props[0].upper[int(i)].item()
+                inner = math.nextafter(bound, -math.inf)
+                assert Fraction(inner) < exact <= Fraction(bound), (path.name, op, i)
+            else:
+                bound = props[0].lower[int(i)].item()
+                inner = math.nextafter(bound, math.inf)
+                assert Fraction(bound) <= exact < Fraction(inner), (path.name, op, i)
 
 
 @needs_vnncomp
@@ -76,8 +92,8 @@ def test_mnist_property_is_the_label_robustness_disjunction() -> None:
 def test_acasxu_input_disjunction_gives_one_property_per_box() -> None:
     props = read_vnnlib(VNN / "acasxu" / "prop_6.vnnlib", input_shape=(1, 1, 5), num_outputs=5)
     assert len(props) == 2
-    assert props[0].upper.flatten()[1].item() == 0.499999896
-    assert props[1].upper.flatten()[1].item() == -0.11140846
+    assert props[0].upper.flatten()[1].item() == _up("0.499999896")
+    assert props[1].upper.flatten()[1].item() == _up("-0.11140846")
     assert props[0].lower.shape == (1, 1, 5)
     for p in props:  # unsafe if COC (Y_0) is not minimal: Y_j ≤ Y_0 for some j
         assert [h.a[0].tolist() for h in p.unsafe] == [
@@ -89,7 +105,9 @@ def test_acasxu_input_disjunction_gives_one_property_per_box() -> None:
 def test_acasxu_top_level_asserts_are_one_conjunction() -> None:
     (p1,) = read_vnnlib(VNN / "acasxu" / "prop_1.vnnlib")
     (h,) = p1.unsafe
-    assert h.a.tolist() == [[-1.0, 0, 0, 0, 0]] and h.b.tolist() == [-3.991125645861615]
+    # (>= Y_0 3.991125645861615) is −Y_0 ≤ b with b the decimal −3.99… rounded up
+    assert h.a.tolist() == [[-1.0, 0, 0, 0, 0]] and h.b.tolist() == [_up("-3.991125645861615")]
+    assert h.b.item() != float("-3.991125645861615")  # here the nearest float64 lies below
     (p2,) = read_vnnlib(VNN / "acasxu" / "prop_2.vnnlib")
     assert len(p2.unsafe) == 1 and p2.unsafe[0].a.shape == (4, 5)  # four asserts, all must hold
 

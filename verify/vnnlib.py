@@ -12,11 +12,18 @@ network's input flattened in row-major order (as ONNX and torch flatten it).
 Reading turns the assertions into disjunctive normal form; disjuncts that share an input
 box become one `Property` whose `unsafe` set lists their output constraints, so an ACAS Xu
 property with two input boxes gives two properties. Contradictory constraints give no
-property at all (the unsafe set is empty: `decide_file` answers unsat). Strict `<`/`>` are
-read as `<=`/`>=`: on outputs this only adds boundary points to the unsafe set, and an
-UNSAFE witness must violate strictly anyway; on inputs it closes the box, so SAFE is proved
-for the closed box (a stronger claim) but an UNSAFE witness may lie on a face the file
-excludes. Numbers are read as the nearest float64, VNN-COMP's convention.
+property at all (the unsafe set is empty: `decide_file` answers unsat).
+
+Numbers are read exactly (`Fraction`: `0.1` is 1/10) and the arithmetic of a constraint is
+exact, so `(<= (+ X_0 0.1) 0.3)` is X_0 ≤ 1/5. Each bound is then rounded once, outward,
+to float64: input lower bounds down, upper bounds up, and the constant b of each output row
+`a·y ≤ b` up; the box and the unsafe set read contain the file's, so SAFE proved for them
+holds for the file. Output coefficients that are not float64 numbers (VNN-COMP's are ±1)
+are read as the nearest float64. Strict `<`/`>` are read as `<=`/`>=`, again supersets: on
+outputs an UNSAFE witness must violate strictly anyway; on inputs a witness may lie on a
+face the file excludes (or, like any, within one float64 step outside a decimal bound).
+Writing picks, per bound, the shortest decimal that this rounding reads back to the same
+float64.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ import itertools
 import math
 import os
 import re
+import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +54,8 @@ _MAX_DISJUNCTS = 100_000
 _VAR = re.compile(r"([XY])_(\d+)$")
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 _GZIP_MAGIC = b"\x1f\x8b"
+_ZERO, _ONE = Fraction(0), Fraction(1)
+_MAX = sys.float_info.max
 _IGNORED = {"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"}
 
 
@@ -64,8 +76,8 @@ _Expr = str | _List
 class _Linear:
     """Σ coef·var + const; vars are ("X", i) or ("Y", j)."""
 
-    coefs: dict[tuple[str, int], float]
-    const: float
+    coefs: dict[tuple[str, int], Fraction]
+    const: Fraction
 
 
 _Atom = _Linear  # the constraint `lin ≤ 0`
@@ -117,18 +129,18 @@ class _Reader:
             if match is not None:
                 if int(match[2]) not in self.declared[match[1]]:
                     raise _error(line, f"{e} is used before its declare-const")
-                return _Linear({(match[1], int(match[2])): 1.0}, 0.0)
+                return _Linear({(match[1], int(match[2])): _ONE}, _ZERO)
             try:
-                return _Linear({}, float(e))
-            except ValueError:
+                return _Linear({}, Fraction(e))  # the decimal exactly, not its float64
+            except (ValueError, ZeroDivisionError):
                 raise _error(line, f"{e!r} is neither a number nor X_i/Y_j") from None
         if not e or not isinstance(e[0], str):
             raise _error(e.line, "empty or malformed term")
         op, args = e[0], [self.term(a, e.line) for a in e[1:]]
         if op == "+" and args:
-            return _sum(args, [1.0] * len(args))
+            return _sum(args, [_ONE] * len(args))
         if op == "-" and args:
-            return _sum(args, [-1.0] if len(args) == 1 else [1.0] + [-1.0] * (len(args) - 1))
+            return _sum(args, [-_ONE] if len(args) == 1 else [_ONE] + [-_ONE] * (len(args) - 1))
         if op == "*" and args:
             out = args[0]
             for a in args[1:]:
@@ -138,7 +150,7 @@ class _Reader:
                 out = _sum([out], [a.const])
             return out
         if op == "/" and len(args) == 2 and not args[1].coefs and args[1].const != 0:
-            return _sum([args[0]], [1.0 / args[1].const])
+            return _sum([args[0]], [1 / args[1].const])
         raise _error(e.line, f"unsupported term ({op} …); use +, -, * by constants, /")
 
     def formula(self, e: _Expr, line: int) -> _Dnf:
@@ -156,8 +168,8 @@ class _Reader:
             return [conj for part in e[1:] for conj in self.formula(part, e.line)]
         if op in ("<=", ">=", "<", ">", "=") and len(e) == 3:
             lhs, rhs = self.term(e[1], e.line), self.term(e[2], e.line)
-            le = _sum([lhs, rhs], [1.0, -1.0])  # lhs - rhs ≤ 0
-            ge = _sum([lhs, rhs], [-1.0, 1.0])
+            le = _sum([lhs, rhs], [_ONE, -_ONE])  # lhs - rhs ≤ 0
+            ge = _sum([lhs, rhs], [-_ONE, _ONE])
             atoms = {"<=": [le], "<": [le], ">=": [ge], ">": [ge], "=": [le, ge]}[op]
             if len({k for k, _ in le.coefs}) > 1:
                 raise _error(e.line, "a constraint mixes X and Y; inputs must form a box")
@@ -178,14 +190,35 @@ class _Reader:
         return n
 
 
-def _sum(terms: list[_Linear], weights: list[float]) -> _Linear:
-    coefs: dict[tuple[str, int], float] = {}
-    const = 0.0
+def _sum(terms: list[_Linear], weights: list[Fraction]) -> _Linear:
+    coefs: dict[tuple[str, int], Fraction] = {}
+    const = _ZERO
     for t, w in zip(terms, weights, strict=True):
-        const += w * t.const
+        if t.const:
+            const += _times(w, t.const)
         for k, c in t.coefs.items():
-            coefs[k] = coefs.get(k, 0.0) + w * c
-    return _Linear({k: c for k, c in coefs.items() if c != 0.0}, const)
+            c = _times(w, c)
+            coefs[k] = coefs[k] + c if k in coefs else c
+    return _Linear({k: c for k, c in coefs.items() if c != 0}, const)
+
+
+def _times(w: Fraction, c: Fraction) -> Fraction:
+    """w·c, without new rationals for the usual weights ±1 (a 784-input box reads faster)."""
+    return c if w == 1 else -c if w == -1 else w * c
+
+
+def _down(v: Fraction) -> float:
+    """The largest float64 ≤ v (−inf below the float64 range)."""
+    try:
+        f = float(v)
+    except OverflowError:
+        return -math.inf if v < 0 else _MAX
+    return math.nextafter(f, -math.inf) if Fraction(f) > v else f
+
+
+def _up(v: Fraction) -> float:
+    """The smallest float64 ≥ v (+inf above the float64 range)."""
+    return -_down(-v)
 
 
 def _product(a: _Dnf, b: _Dnf, line: int) -> _Dnf:
@@ -201,14 +234,16 @@ class _Disjunct:
     """Box bounds and output rows of one conjunction of atoms (None once contradictory)."""
 
     def __init__(self, n: int) -> None:
-        self.lower, self.upper = [-math.inf] * n, [math.inf] * n
+        self.lower: list[Fraction | float] = [-math.inf] * n
+        self.upper: list[Fraction | float] = [math.inf] * n
         self.rows: list[_Linear] = []
         self.empty = False
+        self._box: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def copy(self) -> _Disjunct:
         out = _Disjunct(0)
         out.lower, out.upper, out.rows = self.lower[:], self.upper[:], self.rows[:]
-        out.empty = self.empty
+        out.empty, out._box = self.empty, self._box  # the rounded box, until a bound changes
         return out
 
     def add(self, atoms: list[_Atom]) -> _Disjunct:
@@ -223,19 +258,49 @@ class _Disjunct:
                 raise VnnlibError("a constraint involves several X variables; give a box")
             elif c > 0:  # c·x + k ≤ 0
                 self.upper[i] = min(self.upper[i], -atom.const / c)
+                self._box = None
             else:
                 self.lower[i] = max(self.lower[i], -atom.const / c)
+                self._box = None
         return self
 
     def halfspaces(self, k: int) -> Halfspaces:
-        rows = self.rows or [_Linear({}, 0.0)]  # no output constraint: every output is unsafe
+        """The rows `a·y ≤ b`: coefficients as the nearest float64 (exact for the usual
+        integers and halves), b rounded up, so the unsafe set read contains the file's."""
+        rows = self.rows or [_Linear({}, _ZERO)]  # no output constraint: every output is unsafe
         a = torch.zeros(len(rows), k, dtype=torch.float64)
         b = torch.zeros(len(rows), dtype=torch.float64)
         for r, atom in enumerate(rows):
             for (_, j), c in atom.coefs.items():
-                a[r, j] = c
-            b[r] = -atom.const
+                a[r, j] = float(c)
+            b[r] = _up(-atom.const)
         return Halfspaces(a, b)
+
+    def box(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The input box rounded outward to float64 (lower down, upper up): it contains the
+        file's box, so SAFE proved for it holds for the file's. None if the bounds
+        contradict each other; an input without both bounds is a `VnnlibError`."""
+        if self._box is not None:
+            return self._box
+        if any(lo > hi for lo, hi in zip(self.lower, self.upper, strict=True)):
+            return None
+        n = len(self.lower)
+        unbounded = [i for i in range(n) if self.lower[i] == -math.inf or self.upper[i] == math.inf]
+        if unbounded:
+            raise VnnlibError(
+                f"X_{unbounded[0]} lacks a lower or upper bound; give every input a box"
+            )
+        lower = tuple(_down(Fraction(v)) for v in self.lower)
+        upper = tuple(_up(Fraction(v)) for v in self.upper)
+        huge = [
+            i
+            for i, (lo, hi) in enumerate(zip(lower, upper, strict=True))
+            if not (math.isfinite(lo) and math.isfinite(hi))
+        ]
+        if huge:
+            raise VnnlibError(f"X_{huge[0]}'s bounds exceed the float64 range; give a finite box")
+        self._box = (lower, upper)
+        return self._box
 
 
 def parse_vnnlib(
@@ -265,20 +330,18 @@ def parse_vnnlib(
     k = reader.count("Y", num_outputs)
     shape = tuple(shape) if shape is not None else (n,)
     base = _Disjunct(n).add(common)
+    bounded = -math.inf not in base.lower and math.inf not in base.upper
+    if bounded and base.box() is None:  # rounded once, for the disjuncts that keep it
+        return []  # contradictory whatever the disjunctions add
     extras: _Dnf = [[]]
     for line, dnf in choices:
         extras = _product(extras, dnf, line)
     groups: dict[tuple[tuple[float, ...], tuple[float, ...]], list[Halfspaces]] = {}
     for extra in extras:
         d = base.copy().add(extra)
-        if d.empty or any(lo > hi for lo, hi in zip(d.lower, d.upper, strict=True)):
-            continue
-        unbounded = [i for i in range(n) if math.isinf(d.lower[i]) or math.isinf(d.upper[i])]
-        if unbounded:
-            raise VnnlibError(
-                f"X_{unbounded[0]} lacks a lower or upper bound; give every input a box"
-            )
-        groups.setdefault((tuple(d.lower), tuple(d.upper)), []).append(d.halfspaces(k))
+        box = None if d.empty else d.box()
+        if box is not None:
+            groups.setdefault(box, []).append(d.halfspaces(k))
     if not groups:  # contradictory constraints: the unsafe set is empty, the property holds
         return []
     return [
@@ -342,6 +405,25 @@ def _num(v: float) -> str:
     return np.format_float_positional(v, unique=True, trim="0")
 
 
+def _directed(v: float, *, upper: bool) -> str:
+    """The shortest decimal that the reader's outward rounding takes back to v exactly: for
+    an `upper` number (an upper bound or a row's b, read rounded up) one in (prev(v), v],
+    for a lower bound (read rounded down) one in [v, next(v)). 17 digits always suffice."""
+    if not math.isfinite(v):
+        raise InvalidInputError(f"VNN-LIB cannot express the non-finite bound {v}")
+    exact = Decimal(v)
+    beyond = Fraction(math.nextafter(v, -math.inf if upper else math.inf))
+    rounding = ROUND_FLOOR if upper else ROUND_CEILING
+    for digits in range(1, 18):
+        d = Context(prec=digits, rounding=rounding).plus(exact)
+        if (Fraction(d) > beyond) if upper else (Fraction(d) < beyond):
+            break
+    else:  # pragma: no cover - 17 significant digits separate neighbouring float64s
+        d = exact
+    text = format(d, "f")
+    return text if "." in text else text + ".0"
+
+
 def _row(a: torch.Tensor, b: float) -> str:
     nz = [(j, float(a[j])) for j in torch.nonzero(a).flatten().tolist()]
     if len(nz) == 2 and b == 0 and sorted(c for _, c in nz) == [-1.0, 1.0]:
@@ -349,17 +431,19 @@ def _row(a: torch.Tensor, b: float) -> str:
         return f"(<= Y_{i} Y_{j})"
     if len(nz) == 1 and abs(nz[0][1]) == 1.0:
         j, c = nz[0]
-        return f"(<= Y_{j} {_num(b)})" if c > 0 else f"(>= Y_{j} {_num(-b)})"
+        if c > 0:
+            return f"(<= Y_{j} {_directed(b, upper=True)})"
+        return f"(>= Y_{j} {_directed(-b, upper=False)})"  # read as b = up(−(−b))
     terms = [f"Y_{j}" if c == 1.0 else f"(* {_num(c)} Y_{j})" for j, c in nz] or ["0.0"]
     lhs = terms[0] if len(terms) == 1 else f"(+ {' '.join(terms)})"
-    return f"(<= {lhs} {_num(b)})"
+    return f"(<= {lhs} {_directed(b, upper=True)})"
 
 
 def _box_atoms(prop: Property) -> list[tuple[str, str]]:
-    """Per input, its (upper, lower) bound atoms."""
+    """Per input, its (upper, lower) bound atoms, each reading back as the same float64."""
     lo, hi = prop.lower.flatten().tolist(), prop.upper.flatten().tolist()
     return [
-        (f"(<= X_{i} {_num(high)})", f"(>= X_{i} {_num(low)})")
+        (f"(<= X_{i} {_directed(high, upper=True)})", f"(>= X_{i} {_directed(low, upper=False)})")
         for i, (low, high) in enumerate(zip(lo, hi, strict=True))
     ]
 
