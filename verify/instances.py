@@ -7,19 +7,29 @@ Paths are resolved relative to the csv's folder, as the competition scripts do. 
 `reference_results.csv` lies next to it (columns `onnx,vnnlib,consensus,…`, as in
 `shared/data/vnncomp2021`), each instance carries its row and the consensus verdict in
 VNN-COMP 2022 words: `unsat` (the property holds) or `sat` (violated).
+
+`decide_instance(inst)` gives one instance's verdict within its own timeout; the network
+and its onnxruntime replay are loaded once per process and file (the last few are kept),
+so a batch run, in one process or as tasks on many, reads each network once per process.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bastion.errors import DataError
 
-__all__ = ["Instance", "read_instances"]
+if TYPE_CHECKING:
+    from bastion.verify.network import Network
+    from bastion.verify.verdict import Verdict
+
+__all__ = ["Instance", "decide_instance", "read_instances", "replay_for"]
 
 _VERDICTS = {"holds": "unsat", "unsat": "unsat", "violated": "sat", "sat": "sat"}
 
@@ -87,3 +97,36 @@ def read_instances(
         verdict = _VERDICTS.get(ref.get("consensus", "").strip().lower())
         out.append(Instance(onnx, vnnlib, timeout, verdict, ref))
     return out
+
+
+def replay_for(path: str | os.PathLike[str]) -> Callable[[Any], Any] | None:
+    """onnxruntime on an ONNX file (the model as given), else None (the extracted network)."""
+    from bastion.model_formats import detect_format
+    from bastion.verify.decide import onnx_replay
+
+    return onnx_replay(path) if detect_format(path) == "onnx" else None
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded(path: str, mtime_ns: int, size: int) -> tuple[Network, Callable[[Any], Any] | None]:
+    from bastion.verify.extract import load_network
+
+    return load_network(path), replay_for(path)
+
+
+def decide_instance(
+    inst: Instance, *, timeout: float | None = None, engine: str = "auto", seed: int = 0
+) -> Verdict:
+    """The verdict for one instance within `timeout` seconds (default: the instance's own),
+    its counterexample replayed on the file as given (onnxruntime for ONNX)."""
+    from bastion.verify.decide import decide_file
+    from bastion.verify.vnnlib import read_vnnlib
+
+    try:
+        stat = inst.onnx.stat()
+    except OSError as exc:
+        raise DataError(f"cannot read {inst.onnx} ({exc.strerror}); check the path") from None
+    network, replay = _loaded(os.fspath(inst.onnx), stat.st_mtime_ns, stat.st_size)
+    props = read_vnnlib(inst.vnnlib, network.input_shape, network.num_outputs)
+    limit = timeout if timeout is not None else inst.timeout
+    return decide_file(network, props, timeout=limit, engine=engine, seed=seed, replay=replay)

@@ -3,7 +3,7 @@
 Three forms, one verifier:
   bastion verify [MODEL] [--data SPEC] [--index I | --image x.png] --eps E
   bastion verify NET.onnx --vnnlib PROP.vnnlib [--out result.txt]
-  bastion verify --instances instances.csv [--out results.csv] [--resume]
+  bastion verify --instances instances.csv [--out results.csv] [--resume] [--workers N]
 The verdict is the first word on stdout (SAFE/UNSAFE/UNKNOWN; sat/unsat/unknown for a
 VNN-LIB property); exit code 0 whatever the verdict, 2 on bad input.
 """
@@ -11,7 +11,6 @@ VNN-LIB property); exit code 0 whatever the verdict, 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import time
@@ -21,8 +20,10 @@ from typing import Any
 from bastion.commands.common import (
     EXIT_OK,
     add_model_and_data,
+    add_ray_options,
     device,
     load_model_and_data,
+    ray_executor,
     set_threads,
 )
 from bastion.errors import ConfigError, DataError
@@ -61,6 +62,7 @@ def register(sub: Any) -> None:
         "(--instances), or a directory for verdict.json and the counterexample PNG",
     )
     p.add_argument("--resume", action="store_true", help="--instances: skip rows in --out")
+    add_ray_options(p)  # --instances: the instances as Ray tasks (docs/scale-out.md)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     _add_dlv_options(p)
@@ -91,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.instances is not None:
         return _instances(args)
+    if args.workers is not None or args.ray is not None:
+        raise ConfigError("--workers and --ray apply to --instances only; leave them out")
     if args.vnnlib is not None:
         return _vnnlib(args)
     return _region(args)
@@ -209,17 +213,10 @@ def _write_region(out: Path, verdict: Any, x: Any) -> None:
         np.save(out / "counterexample.npy", cex)
 
 
-def _replay_for(path: Any) -> Any:
-    """onnxruntime on an ONNX file (the model as given), else None (the extracted network)."""
-    from bastion.model_formats import detect_format
-    from bastion.verify.decide import onnx_replay
-
-    return onnx_replay(path) if detect_format(path) == "onnx" else None
-
-
 def _vnnlib(args: argparse.Namespace) -> int:
     from bastion.verify.decide import decide_file
     from bastion.verify.extract import load_network
+    from bastion.verify.instances import replay_for
     from bastion.verify.vnnlib import read_vnnlib, write_counterexample
 
     if args.model is None:
@@ -227,7 +224,7 @@ def _vnnlib(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     network = load_network(args.model)
     props = read_vnnlib(args.vnnlib, network.input_shape, network.num_outputs)
-    replay = _replay_for(args.model)
+    replay = replay_for(args.model)
     load_seconds = time.perf_counter() - loaded
     timeout = args.timeout or 60.0
     verdict = decide_file(
@@ -250,76 +247,46 @@ def _vnnlib(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_FIELDS = ("onnx", "vnnlib", "result", "expected", "correct", "seconds", "engine", "reason")
-
-
 def _instances(args: argparse.Namespace) -> int:
+    import contextlib
+
     from rich.console import Console
 
+    from bastion.suites.instance_runner import run_instances
     from bastion.suites.progress import command_progress
-    from bastion.verify.decide import decide_file
-    from bastion.verify.extract import load_network
-    from bastion.verify.instances import read_instances
-    from bastion.verify.vnnlib import read_vnnlib
+    from bastion.verify.instances import Instance, read_instances
 
     instances = read_instances(args.instances)
-    out = Path(args.out) if args.out else None
-    done: dict[str, dict[str, str]] = {}
-    if out is not None and args.resume and out.exists():
-        with out.open(newline="") as f:
-            done = {f"{r['onnx']}:{r['vnnlib']}": r for r in csv.DictReader(f)}
+    executor = ray_executor(args, "cpu")  # --workers / --ray: the instances as Ray tasks
     progress = command_progress(args.quiet)
-    rows: list[dict[str, Any]] = []
-    networks: dict[Path, Any] = {}
-    writer = None
-    handle = None
-    if out is not None:
-        fresh = not (args.resume and out.exists())
-        handle = out.open("w" if fresh else "a", newline="")
-        writer = csv.DictWriter(handle, fieldnames=_FIELDS)
-        if fresh:
-            writer.writeheader()
     console = Console(soft_wrap=True)
-    try:
-        with progress:
-            task = progress.task("verifying instances", len(instances))
-            for k, inst in enumerate(instances):
-                if inst.name in done:
-                    rows.append(done[inst.name])
-                    task.update(k + 1)
-                    continue
-                if inst.onnx not in networks:
-                    networks[inst.onnx] = (load_network(inst.onnx), _replay_for(inst.onnx))
-                net, replay = networks[inst.onnx]
-                props = read_vnnlib(inst.vnnlib, net.input_shape, net.num_outputs)
-                timeout = args.timeout or inst.timeout
-                v = decide_file(
-                    net, props, timeout=timeout, engine=args.engine, seed=args.seed, replay=replay
-                )
-                correct = (
-                    ""
-                    if inst.expected is None or v.vnncomp == "unknown"
-                    else str(v.vnncomp == inst.expected)
-                )
-                row = {
-                    "onnx": inst.onnx.name, "vnnlib": inst.vnnlib.name, "result": v.vnncomp,
-                    "expected": inst.expected or "", "correct": correct,
-                    "seconds": f"{v.seconds:.3f}", "engine": v.engine, "reason": v.reason,
-                }  # fmt: skip
-                rows.append(row)
-                if writer is not None and handle is not None:
-                    writer.writerow(row)
-                    handle.flush()
+    with progress, executor or contextlib.nullcontext():
+        task = progress.task("verifying instances", len(instances))
+        known = 0
+
+        def show(inst: Instance, row: dict[str, str], resumed: bool) -> None:
+            nonlocal known
+            known += 1
+            task.update(known)
+            if not resumed:
                 console.print(
-                    f"{inst.name} {v.vnncomp} {v.seconds:.2f}s engine={v.engine}"
+                    f"{inst.name} {row['result']} {float(row['seconds']):.2f}s "
+                    f"engine={row['engine']}"
                     + (f" expected={inst.expected}" if inst.expected else ""),
                     highlight=False,
                 )
-                task.update(k + 1)
-            task.close()
-    finally:
-        if handle is not None:
-            handle.close()
+
+        rows = run_instances(
+            instances,
+            out=Path(args.out) if args.out else None,
+            resume=args.resume,
+            executor=executor,
+            timeout=args.timeout,
+            engine=args.engine,
+            seed=args.seed,
+            on_row=show,
+        )
+        task.close()
     solved = [r for r in rows if r["result"] in ("sat", "unsat")]
     wrong = [r for r in rows if r["correct"] == "False"]
     median = statistics.median(float(r["seconds"]) for r in solved) if solved else float("nan")
