@@ -125,7 +125,9 @@ def autoattack_agreement(results: Path) -> str:
     """Every entry of autoattack_agreement.json; an entry's note becomes a numbered footnote."""
     data = _load(results, "autoattack_agreement")
     rows, notes = [], []
-    for entry in data.values():
+    # grouped by model and threat, then by sample count; repeated runs in the JSON's order
+    order = sorted(data.values(), key=lambda e: (_aa_model(e["model"]), e["eps"], e["n"]))
+    for entry in order:
         model = _aa_model(entry["model"])
         if entry.get("note"):
             notes.append(entry["note"])
