@@ -24,18 +24,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bastion.verify.layer_bounds import back_error, back_linear, interval
+from bastion.verify.alpha_crown import optimised_rows, tighten_layer
+from bastion.verify.back_substitution import CHUNK, back_substitute, windows
+from bastion.verify.layer_bounds import interval
 from bastion.verify.network import (
-    Flatten,
     Layer,
     MaxPool2d,
     Network,
     ReLU,
 )
-from bastion.verify.rounding import U, down, magnitude, slack, up
+from bastion.verify.rounding import down, slack
 from bastion.verify.spec import Property
-
-_CHUNK = 2048  # rows back-substituted at once (memory: rows × widest layer)
 
 
 class DeadlineReached(Exception):
@@ -76,116 +75,6 @@ class Bounds:
         return ((self.lower[layer] < 0) & (self.upper[layer] > 0)).flatten()
 
 
-def _back_relu(
-    a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows on z = relu(h) → rows on h giving a lower bound (DeepPoly relaxation), the
-    constant, and the rows' float64 error bound.
-
-    The upper line z ≤ s·(h − l) is valid for any s ≥ u/(u − l): s is rounded up.
-    """
-    lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
-    unstable = (lo < 0) & (hi > 0)
-    active = lo >= 0
-    slope = up(hi / down(hi - lo).clamp_min(1e-300))
-    slope_up = torch.where(unstable, slope, active.to(a.dtype))
-    slope_low = torch.where(unstable, (hi > -lo).to(a.dtype), active.to(a.dtype))
-    pos, neg = a.clamp_min(0), a.clamp_max(0)
-    intercept = torch.where(unstable, -slope_up * lo, torch.zeros_like(lo))
-    const = (neg * intercept).flatten(1).sum(1)
-    coeff = pos * slope_low + neg * slope_up
-    mag = magnitude(lo, hi)
-    err = slack(a[0].numel(), (coeff.abs() * mag + (neg * intercept).abs()).flatten(1).sum(1))
-    return coeff, const, err
-
-
-@dataclass
-class _Windows:
-    """Max-pool windows under bounds: which input has the largest lower bound (`src`, a
-    flat position per window), whether it dominates, and the largest upper bound."""
-
-    src: torch.Tensor  # c × windows
-    dominated: torch.Tensor  # c × windows
-    up_max: torch.Tensor  # c × windows
-
-
-def _windows(layer: MaxPool2d, lo: torch.Tensor, hi: torch.Tensor) -> _Windows:
-    c, h, w = lo.shape
-    kk = layer.kernel[0] * layer.kernel[1]
-
-    def unfold(t: torch.Tensor) -> torch.Tensor:  # c × kk × windows
-        return F.unfold(t[None], layer.kernel, stride=layer.stride).view(c, kk, -1)
-
-    lo_w, hi_w = unfold(lo), unfold(hi)
-    pos_w = unfold(torch.arange(h * w, dtype=lo.dtype).view(1, h, w).expand(c, h, w))
-    best = lo_w.argmax(1, keepdim=True)
-    lo_max = lo_w.gather(1, best)[:, 0]
-    others = hi_w.scatter(1, best, float("-inf")).amax(1)
-    return _Windows(pos_w.gather(1, best)[:, 0].long(), lo_max >= others, hi_w.amax(1))
-
-
-def _back_maxpool(
-    layer: MaxPool2d, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows on z = maxpool(x) → rows on x giving a lower bound, the constant, the error.
-
-    Lower relaxation z ≥ x_i* (i* the input with the largest lower bound), upper z ≤ max u,
-    or z = x_i* exactly when x_i*'s lower bound reaches every other input's upper bound.
-    """
-    c, h, w = lo.shape
-    win = _windows(layer, lo, hi)
-    flat = a.flatten(2)  # m × c × windows
-    pos, neg = flat.clamp_min(0), flat.clamp_max(0)
-    through = pos + torch.where(win.dominated, neg, torch.zeros_like(neg))
-    const = (torch.where(win.dominated, torch.zeros_like(neg), neg) * win.up_max).flatten(1)
-    coeff = a.new_zeros(a.shape[0], c, h * w)
-    coeff.scatter_add_(2, win.src.expand(a.shape[0], c, -1), through)
-    mag = magnitude(lo, hi).flatten(1).gather(1, win.src)  # c × windows
-    size = flat.abs() * (mag + win.up_max.abs())
-    err = slack(flat[0].numel() + lo.numel(), size.flatten(1).sum(1))
-    return coeff.view(a.shape[0], c, h, w), const.sum(1), err
-
-
-def back_substitute(
-    network: Network,
-    bounds_lo: list[torch.Tensor],
-    bounds_hi: list[torch.Tensor],
-    a: torch.Tensor,
-    k: int,
-) -> torch.Tensor:
-    """Rigorous lower bounds of the rows `a` (m × shape of activation k) over the input box.
-
-    Each step keeps the invariant row·z_{j+1} ≥ coeff·z_j + const − err for the exact
-    network, with err bounding every float64 rounding so far (`rounding.py`).
-    """
-    out = []
-    for rows in a.split(_CHUNK):
-        coeff, const = rows, rows.new_zeros(rows.shape[0])
-        err = rows.new_zeros(rows.shape[0])
-        for j in range(k - 1, -1, -1):
-            layer = network.layers[j]
-            if isinstance(layer, ReLU):
-                coeff, c, e = _back_relu(coeff, bounds_lo[j], bounds_hi[j])
-            elif isinstance(layer, MaxPool2d):
-                coeff, c, e = _back_maxpool(layer, coeff, bounds_lo[j], bounds_hi[j])
-            elif isinstance(layer, Flatten):
-                coeff, c = back_linear(layer, coeff, network.shapes[j])
-                e = torch.zeros_like(c)
-            else:
-                e = back_error(layer, coeff, bounds_lo[j], bounds_hi[j])
-                coeff, c = back_linear(layer, coeff, network.shapes[j])
-            const = const + c
-            err = err + e + 2 * U * const.abs()
-        lo, hi = bounds_lo[0].unsqueeze(0), bounds_hi[0].unsqueeze(0)
-        terms = coeff.clamp_min(0) * lo + coeff.clamp_max(0) * hi
-        total = terms.flatten(1).sum(1)
-        value = total + const
-        size = terms.abs().flatten(1).sum(1) + value.abs() + const.abs()
-        err = err + slack(lo.numel() + 2, size)
-        out.append(down(value - up(err)))
-    return torch.cat(out)
-
-
 def _both(
     network: Network, lo: list[torch.Tensor], hi: list[torch.Tensor], a: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,13 +92,14 @@ def compute_bounds(
     splits: Splits | None = None,
     deadline: float | None = None,
 ) -> Bounds:
-    """Bounds of every layer over the property's input box ("ibp" or "crown").
+    """Bounds of every layer over the property's input box ("ibp", "crown" or "alpha":
+    CROWN, then alpha-CROWN's optimised slopes for the neurons still unstable).
 
     With a `deadline` (a `time.perf_counter()` value) CROWN stops with `DeadlineReached`
     before a layer it would start after that time.
     """
-    if method not in ("ibp", "crown"):
-        raise ValueError(f"unknown bound method {method!r}; use 'ibp' or 'crown'")
+    if method not in ("ibp", "crown", "alpha"):
+        raise ValueError(f"unknown bound method {method!r}; use 'ibp', 'crown' or 'alpha'")
     splits = splits or {}
     lo = [prop.lower.to(torch.float64)]
     hi = [prop.upper.to(torch.float64)]
@@ -218,10 +108,12 @@ def compute_bounds(
     for i, layer in enumerate(network.layers):
         if isinstance(layer, ReLU | MaxPool2d):
             ibp_unstable = _unstable_count(layer, lo[i], hi[i])
-            if method == "crown" and i > 0:
+            if method != "ibp" and i > 0:
                 if deadline is not None and time.perf_counter() >= deadline:
                     raise DeadlineReached(f"deadline reached in CROWN before layer {i}")
                 lo[i], hi[i] = _tighten(network, lo, hi, i)
+                if method == "alpha" and isinstance(layer, ReLU):
+                    lo[i], hi[i] = tighten_layer(network, lo, hi, i, deadline=deadline)
             if i in splits:
                 lo[i], hi[i] = _apply_split(lo[i], hi[i], splits[i])
             if bool((lo[i] > hi[i]).any()):
@@ -241,7 +133,7 @@ def compute_bounds(
         l_next, h_next = interval(layer, lo[i][None], hi[i][None])
         lo.append(l_next[0])
         hi.append(h_next[0])
-    if method == "crown":
+    if method != "ibp":
         n = len(network.layers)
         eye = torch.eye(network.num_outputs, dtype=torch.float64).view(-1, *network.shapes[n])
         low, high = _both(network, lo, hi, eye, n)
@@ -260,7 +152,7 @@ def _units(layer: Layer, lo: torch.Tensor) -> int:
 def _unstable_count(layer: Layer, lo: torch.Tensor, hi: torch.Tensor) -> int:
     """ReLUs with l < 0 < u, or max-pool windows no single input dominates."""
     if isinstance(layer, MaxPool2d):
-        return int((~_windows(layer, lo, hi).dominated).sum())
+        return int((~windows(layer, lo, hi).dominated).sum())
     return int(((lo < 0) & (hi > 0)).sum())
 
 
@@ -268,7 +160,7 @@ def _undecided_members(layer: MaxPool2d, lo: torch.Tensor, hi: torch.Tensor) -> 
     """Flat mask of the max-pool inputs that belong to a window no input dominates."""
     c, h, w = lo.shape
     kk = layer.kernel[0] * layer.kernel[1]
-    win = _windows(layer, lo, hi)
+    win = windows(layer, lo, hi)
     pos = (
         F.unfold(
             torch.arange(h * w, dtype=lo.dtype).view(1, 1, h, w), layer.kernel, stride=layer.stride
@@ -301,7 +193,7 @@ def _tighten(
     if len(rows) == 0:
         return lo[i], hi[i]
     lows, highs = [], []
-    for part in rows.split(_CHUNK):
+    for part in rows.split(CHUNK):
         a = torch.zeros(len(part), flat_lo.numel(), dtype=torch.float64)
         a[torch.arange(len(part)), part] = 1.0
         a = a.view(len(part), *shape)
@@ -323,15 +215,34 @@ def _apply_split(
     return flat_lo.view(lo.shape), flat_hi.view(hi.shape)
 
 
-def property_lower_bounds(network: Network, prop: Property, bounds: Bounds) -> list[torch.Tensor]:
+def property_lower_bounds(
+    network: Network,
+    prop: Property,
+    bounds: Bounds,
+    *,
+    iterations: int = 0,
+    only: list[int] | None = None,
+    deadline: float | None = None,
+) -> list[torch.Tensor]:
     """Per disjunct, rigorous lower bounds of its rows `A y − b` (a disjunct is excluded
-    when any row's bound is > 0): back-substituted from the output, or by intervals on y."""
+    when any row's bound is > 0): back-substituted from the output, or by intervals on y.
+
+    With `iterations` > 0 the rows' ReLU slopes are optimised first (alpha-CROWN), for the
+    disjuncts in `only` (default all; the others get CROWN's slopes).
+    """
     n = len(network.layers)
     out = []
-    for h in prop.unsafe:
+    for i, h in enumerate(prop.unsafe):
         a = h.a.to(torch.float64)
         b = h.b.to(torch.float64)
-        crown = down(back_substitute(network, bounds.lower, bounds.upper, a, n) - b)
+        if iterations > 0 and (only is None or i in only):
+            rows, _ = optimised_rows(
+                network, bounds.lower, bounds.upper, a.view(-1, *network.shapes[n]), n,
+                iterations=iterations, deadline=deadline,
+            )  # fmt: skip
+        else:
+            rows = back_substitute(network, bounds.lower, bounds.upper, a, n)
+        crown = down(rows - b)
         y_lo, y_hi = bounds.lower[n], bounds.upper[n]
         terms = a.clamp_min(0) * y_lo + a.clamp_max(0) * y_hi
         size = terms.abs().sum(1) + b.abs()

@@ -166,11 +166,22 @@ def _transpose_conv(
     )
 
 
-def back_error(layer: Layer, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def back_error(
+    layer: Layer,
+    a: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:
     """Error bound of one back step through a linear layer for rows `a` on its output:
-    2γₙ·|a|·(|W|·mag + |b|) plus the fold radius' effect, n ≥ the length of every sum."""
-    absolute, fold = abs_image(layer, magnitude(lo, hi).unsqueeze(0))
-    n = lo.numel() + a[0].numel() + _terms(layer)
+    2γₙ·|a|·(|W|·mag + |b|) plus the fold radius' effect, n ≥ the length of every sum.
+    `lo`, `hi` are the layer input's bounds, shared, or per row when they have one more
+    axis than `shape` (the input's shape)."""
+    mag = magnitude(lo, hi)
+    if shape is None or mag.dim() == len(shape):
+        mag = mag.unsqueeze(0)
+    absolute, fold = abs_image(layer, mag)
+    n = mag[0].numel() + a[0].numel() + _terms(layer)
     rows = a.abs().flatten(1)
     size = (rows * absolute.flatten(1)).sum(1)
     return slack(n, size) + (rows * fold.flatten(1)).sum(1) * (1 + 4 * n * U)

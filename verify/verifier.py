@@ -4,12 +4,15 @@
    answer is SAFE without a solver.
 2. PGD inside the box on the float32 model; a point it drives strictly into the unsafe
    set is UNSAFE at once.
-3. CROWN/DeepPoly bounds for every layer, which settle many more instances as SAFE.
-4. Each disjunct the bounds leave open goes to an exact engine: z3 under branch and bound
-   (sub-problems of at most `leaf_size` unstable ReLUs), or the HiGHS MILP. "auto" gives
-   small regions (≤ 40 free inputs) to z3 for a third of the time left and then to the
-   MILP, and larger ones to the MILP at once, since z3's exact simplex on dense rows
-   cannot finish them (specs/verification.md §4).
+3. CROWN/DeepPoly bounds for every layer, which settle many more instances as SAFE, then
+   alpha-CROWN (the ReLU slopes optimised, `alpha_crown.py`) for the disjuncts still open.
+4. Each disjunct the bounds leave open goes to a complete engine: beta-CROWN branch and
+   bound (`beta_crown.py`; on a small network with ≤ 16 free inputs it splits the input
+   box instead, `input_split.py`), z3 under branch and bound (sub-problems of at most
+   `leaf_size` unstable ReLUs), or the HiGHS MILP. "auto" runs beta-CROWN for two thirds
+   of a disjunct's time, then for small regions (≤ 40 free inputs) z3 for a third of the
+   rest and the MILP, for larger ones the MILP (z3's exact simplex on dense rows cannot
+   finish them, specs/verification.md §4).
 
 A witness of an exact engine is replayed through the float32 model: UNSAFE only when the
 model itself puts it strictly inside the unsafe set. Witnesses on the decision boundary
@@ -26,8 +29,10 @@ import numpy as np
 import torch
 
 from bastion.errors import ConfigError
-from bastion.verify import milp, smt  # imported here, not at first use: no cold import
+from bastion.verify import input_split, milp, smt  # imported here: no cold import at first use
+from bastion.verify.alpha_crown import ROOT_ITERATIONS
 from bastion.verify.bab import branch_and_bound
+from bastion.verify.beta_crown import BetaCrown
 from bastion.verify.bounds import (
     Bounds,
     DeadlineReached,
@@ -44,8 +49,10 @@ from bastion.verify.spec import Halfspaces, Property
 from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE, Verdict, guarantee_text
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-ENGINES = ("auto", "z3", "milp", "bounds")
+ENGINES = ("auto", "z3", "milp", "beta-crown", "bounds")
+_SHARE = {"beta-crown": 2 / 3}  # of a disjunct's time, before the next engine takes over
 _Z3_MAX_FREE = 40
+_INPUT_SPLIT_MAX_FREE = 16  # beta-CROWN splits the input box instead of ReLUs up to here
 _DELTA = 1e-4  # witness margin, on the scale of the outputs (VNN-COMP's tolerance)
 
 
@@ -67,8 +74,9 @@ def verify(
     float32); PGD searches on it and every counterexample is replayed on it alone. `replay`
     replaces it for the replay only (e.g. onnxruntime on the ONNX file, which PGD cannot
     differentiate). Both take a batch of `network.input_shape` inputs. `engine` is "auto",
-    "z3", "milp" or "bounds" (bounds and attack only). The wall time, from this call on, is
-    at most `timeout` plus one step of an engine that cannot be interrupted sooner.
+    "z3", "milp", "beta-crown" or "bounds" (bounds and attack only). The wall time, from
+    this call on, is at most `timeout` plus one step of an engine that cannot be
+    interrupted sooner.
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -116,11 +124,24 @@ def verify(
     open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
     if not open_:
         return done(SAFE, "bounds")
+    try:  # alpha-CROWN: the ReLU slopes optimised, for the layers and the open disjuncts
+        bounds = compute_bounds(network, prop, method="alpha", deadline=deadline)
+    except DeadlineReached as exc:
+        return done(UNKNOWN, "bounds", reason=str(exc))
+    stats = [s.as_dict() for s in bounds.stats]
+    lows = property_lower_bounds(
+        network, prop, bounds, iterations=ROOT_ITERATIONS, only=open_, deadline=deadline
+    )
+    open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
+    if not open_:
+        return done(SAFE, "alpha-crown")
     if engine == "bounds":
         return done(UNKNOWN, "bounds", reason="the bounds do not decide and no attack succeeded")
     free = int(prop.free.sum())
     engines = (
-        [engine] if engine != "auto" else (["z3", "milp"] if free <= _Z3_MAX_FREE else ["milp"])
+        [engine]
+        if engine != "auto"
+        else ["beta-crown", *(["z3", "milp"] if free <= _Z3_MAX_FREE else ["milp"])]
     )
     # most likely violated first (lowest bound); a fair share of the time each, then the
     # undecided ones again with all that is left, so one hard disjunct cannot starve the rest
@@ -141,7 +162,8 @@ def verify(
             outcome = Outcome(Answer.UNKNOWN, reason="no engine ran")
             for k, chosen in enumerate(engines):
                 last = k == len(engines) - 1
-                share = slot if last else time.perf_counter() + (slot - time.perf_counter()) / 3
+                part = _SHARE.get(chosen, 1 / 3)
+                share = slot if last else time.perf_counter() + (slot - time.perf_counter()) * part
                 outcome = exact.decide(prop.unsafe[i], chosen, share)
                 used.add(chosen)
                 if outcome.status != Answer.UNKNOWN or last:
@@ -258,6 +280,10 @@ class _Exact:
         """Can the box reach `disjunct`? Decided by `engine` ("z3" or "milp") by `deadline`."""
         if engine == "milp":
             return self._solve_milp(disjunct, deadline)
+        if engine == "beta-crown":
+            if input_split.applicable(self.network, self.prop, _INPUT_SPLIT_MAX_FREE):
+                return input_split.InputSplit(self.network, self.prop, disjunct).run(deadline)
+            return BetaCrown(self.network, self.prop, disjunct, self.bounds).run(deadline)
         network, exact = self.network, self._widen(disjunct)
 
         def leaf(sub: Property, splits: Splits, bounds: Bounds) -> Outcome:
