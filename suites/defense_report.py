@@ -130,12 +130,12 @@ def _note(robust: list[Check], transfer: bool) -> str:
     if transfer:
         white = [c.id for c in robust if c.kind != "transfer"]
         return (
-            "defended: the paper's transfer attacks from an independent surrogate ensemble; "
-            f"adaptive: also the white-box attacks on the ensemble itself ({', '.join(white)})"
+            "the transfer attacks plus the white-box attacks on the ensemble itself "
+            f"({', '.join(white)})"
         )
     if not parts:
         return "no adaptive check ran (with a preprocessing defense, add --adaptive for BPDA)"
-    return "adaptive: the suite's attacks plus " + "; ".join(parts)
+    return "the suite's attacks plus " + "; ".join(parts)
 
 
 def defense_lines(report: ReportData) -> list[str]:
@@ -149,7 +149,7 @@ def defense_lines(report: ReportData) -> list[str]:
             f"defense {r.threat}: {cell(r.undefended, '.3f')} | {cell(r.defended, '.3f')} | "
             f"{cell(r.adaptive, '.3f')} (n = {r.n})"
         )
-    out.append(f"defense note: {d.note}")
+    out.append(f"defense adaptive: {d.note}")
     if d.undefended_by is None:
         out.append("defense note: no undefended model to compare with (—)")
     return out

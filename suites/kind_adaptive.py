@@ -212,7 +212,7 @@ class AdaptiveWork:
             **{f: [] for f in ("pred_adv", "success", "l0", "l2", "linf", "queries", "gradients")},
         }
         forward = backward = 0
-        shots = {}
+        shots: dict[tuple[str, float | None, int], torch.Tensor] = {}
         if len(todo):
             model = env.model
             assert isinstance(model, nn.Module)

@@ -54,7 +54,14 @@ its pass criterion on the headline. Radii may be written as fractions (`"8/255"`
 
 A suite-level `defense = "raw_isp"` runs every check against `RawISP().wrap(model)`;
 with `adaptive = true` each gradient attack check also runs with BPDA gradients (a twin
-check `ID-bpda`), so the suite's worst case covers both.
+check `ID-bpda`), so the suite's worst case covers both. `defense = "raw_isp:random"`
+randomises the ISP per call. A defended run adds the checks that adapt to its defense
+(defense_plan.py): `kind = "adaptive"` runs an eps-bounded gradient attack on an attacker's
+view, `params = { view = "temperature" | "eot" | "eot-bpda", samples = 20, temperature =
+T, … }` (logits / T of a distilled model; expectation over the randomised ISP's draws,
+with exact or BPDA gradients); `kind = "transfer"` runs DVERGE's transfer attacks from an
+independently trained surrogate (`params = { members, epochs, steps, restarts,
+surrogate_seed, baseline_seed }`, L∞ eps).
 """
 
 from __future__ import annotations
