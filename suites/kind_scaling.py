@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from bastion.errors import ConfigError
+from bastion.suites.executor import Outcome, Progress, Work, WorkEnv
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject, decode, encode
 from bastion.suites.kinds import Column, Table
@@ -143,49 +145,74 @@ class ScalingKind:
 
 
 def _run(run: RunContext, check: Check) -> None:
-    """Audit every scaler of the check (or reload its finished items)."""
-    from bastion.defenses.scaling_defenses import scaling_audit
-
+    """Audit every scaler of the check (or reload its finished items): one item per
+    scaler, independent of each other, so they go to the run's executor together."""
     p = {**SCALING_PARAMS, **check.params}
     n = min(check.n or SCALING_N, len(run.data))
-    images = run.data.x[:n]
     scalers = [str(s) for s in p["scalers"]]
     pairs = int(p["pairs"])
     task = run.sink.task(f"{check.id} (scaling audit)", len(scalers) * pairs)
-    examples: dict[str, Any] = {}
+    done = 0
+    works: list[Work] = []
     for b, scaler in enumerate(scalers):
         key = item_key("scaling", check.id, None, b)
-        rec = run.log.get(key)
-        if rec is None:
-            start = time.perf_counter()
-            model = _Counting(run.model)
+        if run.log.get(key) is not None:  # finished before (resume)
+            done += 1
+            continue
+        ratio = int(p["ratio"])
+        works.append(ScalingWork(key, check, tuple(range(n)), scaler, ratio, pairs, run.seed))
 
-            def advance(k: int, m: int, base: int = b * pairs) -> None:
-                task.update(base + k)
+    def advance(k: int, m: int) -> None:
+        task.update(done * pairs + k)
 
-            audit = scaling_audit(
-                model, images, scaler, ratio=int(p["ratio"]), pairs=pairs, seed=run.seed,
-                progress=advance,
-            )  # fmt: skip
-            rec = run.log.put(
-                key,
-                {
-                    "kind": "scaling",
-                    "check": check.id,
-                    "attack": check.attack,
-                    "eps": None,
-                    "audit": {k: audit[k] for k in _SUMMARY},
-                    "example": _example(model, images, scaler, int(p["ratio"])),
-                    "seconds": time.perf_counter() - start,
-                    "forward": model.count,
-                    "backward": 0,
-                },
-            )
-        if rec["example"] is not None:
-            examples[scaler] = rec["example"]
-        task.update((b + 1) * pairs)
+    task.update(done * pairs)
+    for _ in run.execute(works, advance):
+        done += 1
+        task.update(done * pairs)
     task.close()
+    examples: dict[str, Any] = {}
+    for b, scaler in enumerate(scalers):
+        rec = run.log.get(item_key("scaling", check.id, None, b))
+        if rec is not None and rec["example"] is not None:
+            examples[scaler] = rec["example"]
     run.figures[check.id] = examples
+
+
+@dataclass(frozen=True)
+class ScalingWork:
+    """One scaling item: `scaling_audit` of `scaler` on the images `indices` (the check's
+    first n), and the report's example, computed wherever the executor runs it."""
+
+    key: str
+    check: Check
+    indices: tuple[int, ...]
+    scaler: str
+    ratio: int
+    pairs: int
+    seed: int
+
+    def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
+        from bastion.defenses.scaling_defenses import scaling_audit
+
+        start = time.perf_counter()
+        images, _ = env.samples.take(self.indices)
+        model = _Counting(env.attacked())
+        audit = scaling_audit(
+            model, images, self.scaler, ratio=self.ratio, pairs=self.pairs, seed=self.seed,
+            progress=progress,
+        )  # fmt: skip
+        record = {
+            "kind": "scaling",
+            "check": self.check.id,
+            "attack": self.check.attack,
+            "eps": None,
+            "audit": {k: audit[k] for k in _SUMMARY},
+            "example": _example(model, images, self.scaler, self.ratio),
+            "seconds": time.perf_counter() - start,
+            "forward": model.count,
+            "backward": 0,
+        }
+        return Outcome(record)
 
 
 def _example(

@@ -299,3 +299,24 @@ def test_workers_caps_the_tasks_in_flight_on_a_joined_ray(digits, workers) -> No
     executor.shutdown()
     assert ray.is_initialized()  # a Ray it joined keeps running
     assert _most_at_once(spans) == workers
+
+
+SCALING = Suite(
+    "ray-scaling",
+    (Check("scaling", "ScalingAttack", (), norm="", kind="scaling", n=8, params={"pairs": 2}),),
+)
+
+
+def test_a_scaling_check_distributes_its_scalers_to_the_same_report(demo, digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def report(out: Path, **kw: Any) -> object:
+        rep = run_suite(demo, digits, SCALING, n=16, batch_size=8, seed=3, out=out, **kw)
+        return _stable(json.loads(rep.to_json()))
+
+    want = report(tmp_path / "single")
+    got = report(tmp_path / "ray", executor=_ray_executor())
+    assert got == want
+    scaling = [r for r in _items(tmp_path / "ray") if r["kind"] == "scaling"]
+    assert sorted(r["key"] for r in scaling) == ["scaling|scaling||0", "scaling|scaling||1"]
+    assert {r["key"]: r["audit"] for r in scaling} == {
+        r["key"]: r["audit"] for r in _items(tmp_path / "single") if r["kind"] == "scaling"
+    }
