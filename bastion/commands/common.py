@@ -198,7 +198,8 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="run the work items on a local Ray with N workers on this machine",
+        help="run the work items on a local Ray with N workers on this machine; with --ray, "
+        "at most N tasks at a time on that cluster",
     )
     p.add_argument(
         "--ray",
