@@ -157,37 +157,51 @@ class Square(Attack):
         passes = torch.ones(n, dtype=torch.long, device=dev)
         pixels = c * h * w
         k = 2 + c if self.norm == "linf" else 5 + c  # uniforms per sample and iteration
+        # The samples still above the margin, kept compact (their images, budget, box and
+        # state) and written back only as they break: no gather or scatter of whole
+        # images per iteration. `low`/`high` are the ball within the box.
+        pos = (margin > 0).nonzero().flatten()
+        xs, bs, ea, ms, ls = x[pos], best[pos], eps[pos], margin[pos], loss[pos]
+        ys, ts = y[pos], target[pos] if target is not None else None
+        low, high = (xs - ea).clamp(lo, hi), (xs + ea).clamp(lo, hi)
         for it in range(self.n_queries):
-            active = (margin > 0).nonzero().flatten()
-            if not len(active):
+            if not len(pos):
                 break
-            pos = active
             if it % _BLOCK == 0:  # draws for a block of iterations at once, for every sample
                 drawn = self._draw(idx, it // _BLOCK + 1, restart, (_BLOCK, k)).to(dev)
             u = drawn[pos, it % _BLOCK]
-            xs, bs, ea = x[pos], best[pos], eps[pos]
             p = p_schedule(it, self.p_init, self.n_queries, self.rescale_schedule)
             side = max(int(round(math.sqrt(p * pixels / c))), 1)
             if self.norm == "linf":
                 side = min(side, h, w)
                 mask = square_mask(u[:, 0], u[:, 1], side, h, w).to(x.dtype)
                 sign = self._signs(u[:, 2:]).to(x.dtype)[:, :, None, None]
-                moved = bs + mask * (2 * ea * sign)
-                cand = torch.minimum(torch.maximum(moved, xs - ea), xs + ea).clamp(lo, hi)
+                # clipping to the ball, then to the box, is clipping to their intersection;
+                # in place, as allocating whole batches of images costs more than the math
+                cand = mask * (2 * ea * sign)
+                cand.add_(bs)
+                torch.maximum(cand, low, out=cand)
+                torch.minimum(cand, high, out=cand)
             else:
                 side = max(side, 3)
                 side = min(side + (side % 2 == 0), h, w)
                 cand = self._l2_step(xs, bs, ea, u, side, c)
             with torch.no_grad():
-                m_new, l_new = _margin_and_loss(
-                    model(cand), y[pos], target[pos] if target is not None else None
-                )
+                m_new, l_new = _margin_and_loss(model(cand), ys, ts)
             passes[pos] += 1
-            improved = l_new < loss[pos]
-            loss[pos] = torch.where(improved, l_new, loss[pos])
+            improved = l_new < ls
+            ls = torch.where(improved, l_new, ls)
             accept = improved | (m_new <= 0)
-            margin[pos] = torch.where(accept, m_new, margin[pos])
-            best[pos] = torch.where(accept.reshape(-1, 1, 1, 1), cand, bs)
+            ms = torch.where(accept, m_new, ms)
+            bs[accept] = cand[accept]
+            done = ms <= 0
+            if bool(done.any()):
+                best[pos[done]], margin[pos[done]] = bs[done], ms[done]
+                keep = ~done
+                pos, xs, bs, ea, ms, ls, ys = (t[keep] for t in (pos, xs, bs, ea, ms, ls, ys))
+                low, high = low[keep], high[keep]
+                ts = ts[keep] if ts is not None else None
+        best[pos] = bs
         return best, margin <= 0, passes
 
     def _l2_step(
