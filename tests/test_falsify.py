@@ -166,6 +166,30 @@ def test_points_stay_inside_a_box_whose_ends_are_not_float32() -> None:
         assert _exact_depth(net, prop, x) > 0
 
 
+def test_a_point_on_an_open_face_is_not_returned() -> None:
+    """y0 of the corner net on the box [0, 1/2]ⁿ with the upper faces open (as a strict
+    `<` in a VNN-LIB file makes them): y0 > 0.75 − 1e-8 holds at the all-1/2 corner only,
+    which the box excludes, so nothing may be returned; with closed faces it is found."""
+    net = _corner_net()
+    lo, hi = _box(0.0, 0.5)
+    unsafe = (_rows(({0: -1.0}, -(0.75 - 1e-8))),)
+    closed = Property(lo, hi, unsafe)
+    found = falsify(_forward(net), closed, seed=0)
+    assert found and all(bool((x == 0.5).all()) for x in found)
+    open_ = Property(lo, hi, unsafe, open_upper=torch.ones(N_IN, dtype=torch.bool))
+    for seed in range(3):
+        assert falsify(_forward(net), open_, seed=seed) == []
+
+
+def test_no_float32_point_in_the_box_means_no_search() -> None:
+    """An input pinned to 0.1 (not a float32 number, so no float32 point is in the box)."""
+    net = _corner_net()
+    lo, hi = _box()
+    lo[2] = hi[2] = 0.1
+    prop = Property(lo, hi, (_rows(({0: 1.0}, 10.0)),))  # y0 ≤ 10: every point is unsafe
+    assert falsify(_forward(net), prop) == []
+
+
 def test_same_seed_same_points() -> None:
     net = _corner_net()
     lo, hi = _box()

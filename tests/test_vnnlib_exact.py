@@ -78,12 +78,44 @@ def test_cancellation_in_a_constraint_does_not_shrink_the_box() -> None:
     assert 0 <= x and x + Fraction("1e16") <= Fraction("1e16") + 1 and x >= Fraction("0.5")
 
 
-def test_strict_inequalities_are_read_closed() -> None:
-    """`<` and `>` give the closed box and set (supersets: SAFE for them holds for the
-    file); that is documented, and the boundary is inside what was read."""
+def test_strict_and_rounded_faces_are_closed_for_proofs_and_open_for_witnesses() -> None:
+    """`X_0 > 0.25` and `X_0 < 0.75` give the closed box [0.25, 0.75] to prove on, with both
+    faces open: a point on them is not inside. A decimal face rounded outward (0.1) is open
+    too; an exact one (0.5 with ≤) is not. Output rows read `Y_0 < 0.5` as `Y_0 ≤ 0.5`."""
     p = _one("(assert (> X_0 0.25))\n(assert (< X_0 0.75))\n(assert (< Y_0 0.5))\n")
     assert (p.lower.item(), p.upper.item()) == (0.25, 0.75)
-    assert p.unsafe[0].b.tolist() == [0.5]
+    assert p.open_lower is not None and p.open_upper is not None
+    assert bool(p.open_lower.all()) and bool(p.open_upper.all())
+    x = torch.tensor([[0.25], [0.5], [0.75]], dtype=torch.float64)
+    assert p.contains(x).tolist() == [False, True, False]
+    assert p.unsafe[0].b.tolist() == [0.5] and p.unsafe[0].inner is None
+    q = _one("(assert (>= X_0 0.1))\n(assert (<= X_0 0.5))\n(assert (< Y_0 0.5))\n")
+    assert q.open_lower is not None and bool(q.open_lower.all()) and q.open_upper is None
+    assert q.contains(torch.tensor([[q.lower.item()], [0.5]], dtype=torch.float64)).tolist() == [
+        False,
+        True,
+    ]
+
+
+def test_strict_bounds_that_meet_are_contradictory() -> None:
+    """X_0 > 0.5 ∧ X_0 < 0.5 is empty (no property: unsat), X_0 ≥ 0.5 ∧ X_0 ≤ 0.5 a point."""
+    out = "(assert (>= Y_0 0))\n"
+    assert parse_vnnlib(_DECL + "(assert (> X_0 0.5))\n(assert (< X_0 0.5))\n" + out) == []
+    assert parse_vnnlib(_DECL + "(assert (>= X_0 0.5))\n(assert (< X_0 0.5))\n" + out) == []
+    p = _one("(assert (>= X_0 0.5))\n(assert (<= X_0 0.5))\n" + out)
+    assert (p.lower.item(), p.upper.item()) == (0.5, 0.5) and p.open_lower is None
+
+
+def test_a_witness_is_inside_the_unsafe_set_as_written() -> None:
+    """Unsafe Y_0 ≥ 0.1 reads b rounded up for proofs and `inner` rounded down for
+    witnesses: the verifier's counterexample has y > 1/10 exactly, not just ≥ the float."""
+    p = _one("(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (>= Y_0 0.1))\n")
+    (h,) = p.unsafe
+    assert h.inner is not None and _tight_below(h.inner.item(), -Fraction(1, 10))
+    net = Network((Dense(torch.ones(1, 1), torch.zeros(1)),), (1,))
+    verdict = decide_file(net, [p], timeout=10)
+    assert verdict.vnncomp == "sat" and verdict.output is not None
+    assert Fraction(verdict.output.item()) > Fraction(1, 10)
 
 
 @pytest.mark.parametrize("word", ["inf", "nan", "-infinity", "1/0", "0x10"])

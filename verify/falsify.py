@@ -61,14 +61,27 @@ class _UnsafeLogits:
     def __init__(
         self, forward: Forward, prop: Property, device: torch.device | str, deadline: float | None
     ) -> None:
-        lo = prop.lower.to(device=device, dtype=torch.float32)
-        hi = prop.upper.to(device=device, dtype=torch.float32)
-        # float32 rounding of the box must not leave it: pull the ends inside
-        lo = torch.where(lo.double() < prop.lower.to(lo.device), lo.nextafter(hi), lo)
-        hi = torch.where(hi.double() > prop.upper.to(hi.device), hi.nextafter(lo), hi)
-        self.lo, self.hi, self.span = lo, hi, hi - lo
+        lower, upper = prop.lower.to(device), prop.upper.to(device)
+        lo, hi = lower.to(torch.float32), upper.to(torch.float32)
+        # the float32 ends must lie in the box (`Property.contains`): one float32 step
+        # inwards where rounding left it or landed on an open face
+        out_lo = lo.double() < lower
+        out_hi = hi.double() > upper
+        if prop.open_lower is not None:
+            out_lo |= prop.open_lower.to(device) & (lo.double() == lower)
+        if prop.open_upper is not None:
+            out_hi |= prop.open_upper.to(device) & (hi.double() == upper)
+        lo = torch.where(out_lo, lo.nextafter(torch.full_like(lo, torch.inf)), lo)
+        hi = torch.where(out_hi, hi.nextafter(torch.full_like(hi, -torch.inf)), hi)
+        self.empty = bool((lo > hi).any())  # an input no float32 value satisfies
+        self.lo, self.hi, self.span = lo, hi, (hi - lo).clamp(min=0)
         self.forward = forward
-        unsafe = tuple(Halfspaces(h.a.to(device), h.b.to(device)) for h in prop.unsafe)
+        unsafe = tuple(
+            Halfspaces(
+                h.a.to(device), h.b.to(device), None if h.inner is None else h.inner.to(device)
+            )
+            for h in prop.unsafe
+        )
         self.prop = Property(prop.lower, prop.upper, unsafe)
         self.deadline = deadline
         self.hits: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -128,6 +141,8 @@ def falsify(
     if restarts < 1 or steps < 1:
         raise ConfigError(f"restarts and steps must be >= 1, got {restarts}, {steps}")
     view = _UnsafeLogits(forward, prop, device, deadline)
+    if view.empty:
+        return []
 
     def progress(done: int, total: int) -> None:
         if view.hits or (deadline is not None and time.perf_counter() >= deadline):

@@ -17,19 +17,33 @@ from bastion.errors import InvalidInputError
 
 @dataclass(frozen=True, eq=False)
 class Halfspaces:
-    """A conjunction `A y ≤ b`; A (m, K), b (m,) in float64."""
+    """A conjunction `A y ≤ b`; A (m, K), b (m,) in float64.
+
+    Proofs use b. `inner` (m,), where given, is b for witnesses: a file's decimal bound
+    rounded *down* where b holds it rounded up, so `A y < inner` puts y inside the file's
+    set while `A y ≤ b` contains it (see `vnnlib.py`).
+    """
 
     a: torch.Tensor
     b: torch.Tensor
+    inner: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class Property:
-    """Inputs in [lower, upper] (the network's input shape, float64) must avoid `unsafe`."""
+    """Inputs in [lower, upper] (the network's input shape, float64) must avoid `unsafe`.
+
+    `open_lower`/`open_upper` (bool masks, optional) mark faces that belong to [lower,
+    upper] but not to the box the property was written for: a strict `<`, or a decimal
+    bound rounded outward to float64. Proofs cover the closed box; a witness on an open
+    face is not inside (`contains`).
+    """
 
     lower: torch.Tensor
     upper: torch.Tensor
     unsafe: tuple[Halfspaces, ...]
+    open_lower: torch.Tensor | None = None
+    open_upper: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.lower.shape != self.upper.shape:
@@ -48,18 +62,27 @@ class Property:
         return self.lower < self.upper
 
     def contains(self, x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
-        """Per sample of a batch `N × input_shape`: is it inside the box (within tol)?"""
+        """Per sample of a batch `N × input_shape`: is it inside the box (within tol)?
+        Without a tolerance, a point on an open face is not."""
         lo, hi = self.lower.to(x), self.upper.to(x)
-        return ((x >= lo - tol) & (x <= hi + tol)).flatten(1).all(1)
+        inside = (x >= lo - tol) & (x <= hi + tol)
+        if tol == 0 and self.open_lower is not None:
+            inside &= ~(self.open_lower.to(x.device) & (x == lo))
+        if tol == 0 and self.open_upper is not None:
+            inside &= ~(self.open_upper.to(x.device) & (x == hi))
+        return inside.flatten(1).all(1)
 
     def violation(self, y: torch.Tensor) -> torch.Tensor:
-        """Per sample of outputs `N × K`: max over disjuncts of min over rows of b − A y.
+        """Per sample of outputs `N × K`: max over disjuncts of min over rows of b − A y
+        (`inner` for b where a disjunct has it: the depth inside the set as written).
 
         ≥ 0 means y is in the unsafe set (the property is violated); the value is the margin
-        by which the closest disjunct holds.
+        by which the closest disjunct holds. A witness needs > 0.
         """
         y = y.to(torch.float64)
-        per_disjunct = [(h.b - y @ h.a.T).min(1).values for h in self.unsafe]
+        per_disjunct = [
+            ((h.b if h.inner is None else h.inner) - y @ h.a.T).min(1).values for h in self.unsafe
+        ]
         return torch.stack(per_disjunct, 1).max(1).values
 
 

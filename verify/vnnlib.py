@@ -19,9 +19,10 @@ exact, so `(<= (+ X_0 0.1) 0.3)` is X_0 ≤ 1/5. Each bound is then rounded once
 to float64: input lower bounds down, upper bounds up, and the constant b of each output row
 `a·y ≤ b` up; the box and the unsafe set read contain the file's, so SAFE proved for them
 holds for the file. Output coefficients that are not float64 numbers (VNN-COMP's are ±1)
-are read as the nearest float64. Strict `<`/`>` are read as `<=`/`>=`, again supersets: on
-outputs an UNSAFE witness must violate strictly anyway; on inputs a witness may lie on a
-face the file excludes (or, like any, within one float64 step outside a decimal bound).
+are read as the nearest float64. Strict `<`/`>` are proved as `<=`/`>=`, again supersets.
+Witnesses are held to the file as written: input faces that are strict or were rounded
+outward are open (`Property.open_lower`/`open_upper`), and each output constant rounded
+down is kept as `Halfspaces.inner`, against which `Property.violation` measures a witness.
 Writing picks, per bound, the shortest decimal that this rounding reads back to the same
 float64.
 """
@@ -36,7 +37,7 @@ import re
 import sys
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -78,9 +79,12 @@ class _Linear:
 
     coefs: dict[tuple[str, int], Fraction]
     const: Fraction
+    strict: bool = False  # as an atom: `< 0` rather than `≤ 0`
 
 
-_Atom = _Linear  # the constraint `lin ≤ 0`
+_Atom = _Linear  # the constraint `lin ≤ 0` (`lin < 0` if strict)
+_Box = tuple[tuple[float, ...], tuple[float, ...], tuple[bool, ...], tuple[bool, ...]]
+"""lower, upper (float64, rounded outward), and which lower/upper faces are open."""
 _Dnf = list[list[_Atom]]
 
 
@@ -170,7 +174,8 @@ class _Reader:
             lhs, rhs = self.term(e[1], e.line), self.term(e[2], e.line)
             le = _sum([lhs, rhs], [_ONE, -_ONE])  # lhs - rhs ≤ 0
             ge = _sum([lhs, rhs], [-_ONE, _ONE])
-            atoms = {"<=": [le], "<": [le], ">=": [ge], ">": [ge], "=": [le, ge]}[op]
+            lt, gt = replace(le, strict=True), replace(ge, strict=True)
+            atoms = {"<=": [le], "<": [lt], ">=": [ge], ">": [gt], "=": [le, ge]}[op]
             if len({k for k, _ in le.coefs}) > 1:
                 raise _error(e.line, "a constraint mixes X and Y; inputs must form a box")
             return [atoms]
@@ -207,6 +212,17 @@ def _times(w: Fraction, c: Fraction) -> Fraction:
     return c if w == 1 else -c if w == -1 else w * c
 
 
+def _tighten(
+    bounds: list[Fraction | float], strict: list[bool], i: int, v: Fraction, s: bool, side: int
+) -> None:
+    """Bound i becomes v (strict if s) where v is tighter (side 1: a lower bound, larger is
+    tighter; −1: an upper bound); at an equal value a strict bound wins."""
+    if (v > bounds[i]) if side > 0 else (v < bounds[i]):
+        bounds[i], strict[i] = v, s
+    elif v == bounds[i]:
+        strict[i] = strict[i] or s
+
+
 def _down(v: Fraction) -> float:
     """The largest float64 ≤ v (−inf below the float64 range)."""
     try:
@@ -236,53 +252,59 @@ class _Disjunct:
     def __init__(self, n: int) -> None:
         self.lower: list[Fraction | float] = [-math.inf] * n
         self.upper: list[Fraction | float] = [math.inf] * n
+        self.strict_lower, self.strict_upper = [False] * n, [False] * n
         self.rows: list[_Linear] = []
         self.empty = False
-        self._box: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._box: _Box | None = None
 
     def copy(self) -> _Disjunct:
         out = _Disjunct(0)
         out.lower, out.upper, out.rows = self.lower[:], self.upper[:], self.rows[:]
+        out.strict_lower, out.strict_upper = self.strict_lower[:], self.strict_upper[:]
         out.empty, out._box = self.empty, self._box  # the rounded box, until a bound changes
         return out
 
     def add(self, atoms: list[_Atom]) -> _Disjunct:
         for atom in atoms:
-            if not atom.coefs:
-                self.empty |= atom.const > 0  # a constant constraint c ≤ 0
+            if not atom.coefs:  # a constant constraint c ≤ 0 (c < 0 if strict)
+                self.empty |= atom.const > 0 or (atom.strict and atom.const == 0)
                 continue
             ((kind, i), c), *more = atom.coefs.items()
             if kind == "Y":
                 self.rows.append(atom)
             elif more:
                 raise VnnlibError("a constraint involves several X variables; give a box")
-            elif c > 0:  # c·x + k ≤ 0
-                self.upper[i] = min(self.upper[i], -atom.const / c)
+            elif c > 0:  # c·x + k ≤ 0: x ≤ −k/c
+                _tighten(self.upper, self.strict_upper, i, -atom.const / c, atom.strict, -1)
                 self._box = None
             else:
-                self.lower[i] = max(self.lower[i], -atom.const / c)
+                _tighten(self.lower, self.strict_lower, i, -atom.const / c, atom.strict, 1)
                 self._box = None
         return self
 
     def halfspaces(self, k: int) -> Halfspaces:
         """The rows `a·y ≤ b`: coefficients as the nearest float64 (exact for the usual
-        integers and halves), b rounded up, so the unsafe set read contains the file's."""
+        integers and halves), b rounded up, so the unsafe set read contains the file's;
+        where that rounding was inexact, `inner` holds b rounded down, for witnesses."""
         rows = self.rows or [_Linear({}, _ZERO)]  # no output constraint: every output is unsafe
         a = torch.zeros(len(rows), k, dtype=torch.float64)
         b = torch.zeros(len(rows), dtype=torch.float64)
+        inner = torch.zeros(len(rows), dtype=torch.float64)
         for r, atom in enumerate(rows):
             for (_, j), c in atom.coefs.items():
                 a[r, j] = float(c)
-            b[r] = _up(-atom.const)
-        return Halfspaces(a, b)
+            b[r], inner[r] = _up(-atom.const), _down(-atom.const)
+        return Halfspaces(a, b, None if torch.equal(inner, b) else inner)
 
-    def box(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    def box(self) -> _Box | None:
         """The input box rounded outward to float64 (lower down, upper up): it contains the
-        file's box, so SAFE proved for it holds for the file's. None if the bounds
-        contradict each other; an input without both bounds is a `VnnlibError`."""
+        file's box, so SAFE proved for it holds for the file's. Then which faces are open
+        (strict, or not the file's exact bound). None if the bounds contradict each other;
+        an input without both bounds is a `VnnlibError`."""
         if self._box is not None:
             return self._box
-        if any(lo > hi for lo, hi in zip(self.lower, self.upper, strict=True)):
+        ends = zip(self.lower, self.upper, self.strict_lower, self.strict_upper, strict=True)
+        if any(lo > hi or (lo == hi and (sl or su)) for lo, hi, sl, su in ends):
             return None
         n = len(self.lower)
         unbounded = [i for i in range(n) if self.lower[i] == -math.inf or self.upper[i] == math.inf]
@@ -299,7 +321,15 @@ class _Disjunct:
         ]
         if huge:
             raise VnnlibError(f"X_{huge[0]}'s bounds exceed the float64 range; give a finite box")
-        self._box = (lower, upper)
+        open_lower = tuple(
+            s or Fraction(f) != v
+            for f, v, s in zip(lower, self.lower, self.strict_lower, strict=True)
+        )
+        open_upper = tuple(
+            s or Fraction(f) != v
+            for f, v, s in zip(upper, self.upper, self.strict_upper, strict=True)
+        )
+        self._box = (lower, upper, open_lower, open_upper)
         return self._box
 
 
@@ -336,7 +366,7 @@ def parse_vnnlib(
     extras: _Dnf = [[]]
     for line, dnf in choices:
         extras = _product(extras, dnf, line)
-    groups: dict[tuple[tuple[float, ...], tuple[float, ...]], list[Halfspaces]] = {}
+    groups: dict[_Box, list[Halfspaces]] = {}
     for extra in extras:
         d = base.copy().add(extra)
         box = None if d.empty else d.box()
@@ -349,9 +379,15 @@ def parse_vnnlib(
             torch.tensor(lo, dtype=torch.float64).reshape(shape),
             torch.tensor(hi, dtype=torch.float64).reshape(shape),
             tuple(unsafe),
+            _mask(open_lo, shape),
+            _mask(open_hi, shape),
         )
-        for (lo, hi), unsafe in groups.items()
+        for (lo, hi, open_lo, open_hi), unsafe in groups.items()
     ]
+
+
+def _mask(flags: tuple[bool, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+    return torch.tensor(flags, dtype=torch.bool).reshape(shape) if any(flags) else None
 
 
 def _read_text(path: Path) -> str:
