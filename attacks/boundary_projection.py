@@ -12,9 +12,20 @@ coordinate moves to its face (the furthest the box allows).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from bastion.results import Norm
+
+
+def _sort_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t.sort(1)`. On the CPU through NumPy's quicksort, several times faster there than
+    torch's sort (the sort is most of FAB's projection, and the projection about half of
+    FAB's time); ties may come out in another order, which changes λ by rounding only."""
+    if t.device.type != "cpu":
+        return t.sort(1)
+    order = torch.from_numpy(np.argsort(t.numpy(), axis=1))
+    return t.gather(1, order), order
 
 
 def project_onto_hyperplane(
@@ -36,7 +47,7 @@ def project_onto_hyperplane(
     # breakpoints λ_i = room_i / r_i; a zero weight never moves (a huge breakpoint, no slope)
     brk = room / rate if rate is not None else room.clone()
     brk = brk.masked_fill(~active, torch.finfo(t.dtype).max)
-    brk_s, order = brk.sort(1)
+    brk_s, order = _sort_rows(brk)
     value = (size * room).gather(1, order)  # a coordinate's gain once at its face
     slope = (size * rate if rate is not None else size).gather(1, order)  # gain per unit λ
     zero = torch.zeros_like(c)
