@@ -8,7 +8,11 @@ share of the run that is not item work (clean pass, sanity checks, gallery, repo
 on the driver), and Ray's per-task overhead: a no-op item's round trip (one at a time) and
 its cost in a stream of 200 (submitted together), against the mean compute time of an item.
 
-    python benchmarks/ray_scaling.py [--n 128] [--batch-size 16] [--out FILE] [--resume]
+    python benchmarks/ray_scaling.py [--n 128] [--batch-size 16] [--niceness 0] [--out F] [--resume]
+
+`--niceness` is the Ray workers' nice value (RayExecutor's default 0, as the driver; Ray's
+own default is 15, which on a machine shared with other jobs leaves the workers a fraction
+of a core).
 
 Results are written after each configuration; `--resume` skips the ones in --out.
 """
@@ -62,12 +66,13 @@ def _stable(value: object) -> object:
     return value
 
 
-def run(workers: int | None, n: int, batch: int) -> dict[str, Any]:
+def run(workers: int | None, n: int, batch: int, niceness: int = 0) -> dict[str, Any]:
     """One quick-suite run: in process (`workers` None) or on a fresh local Ray."""
     from bastion.suites.ray_executor import RayExecutor
 
     model, data = demo_model(), load_data("digits")
-    executor = RayExecutor(workers=workers) if workers else None
+    executor = RayExecutor(workers=workers, niceness=niceness) if workers else None
+    load_before = os.getloadavg()
     startup = 0.0
     if executor is not None:
         t = time.perf_counter()
@@ -99,6 +104,8 @@ def run(workers: int | None, n: int, batch: int) -> dict[str, Any]:
             json.dumps(_stable(json.loads(report.to_json())), sort_keys=True).encode()
         ).hexdigest(),
         "task_overhead": overhead,
+        "worker_niceness": niceness if workers else None,
+        "load_before": load_before,
         "load": os.getloadavg(),
     }
 
@@ -123,6 +130,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--niceness", type=int, default=0, help="the Ray workers' nice value")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
@@ -135,7 +143,7 @@ def main() -> None:
         if name in results.get("runs", {}):
             continue
         print(f"{name} …", file=sys.stderr, flush=True)
-        results.setdefault("runs", {})[name] = run(workers, args.n, args.batch_size)
+        results.setdefault("runs", {})[name] = run(workers, args.n, args.batch_size, args.niceness)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, results, indent=1)
     runs = results["runs"]

@@ -320,3 +320,39 @@ def test_a_scaling_check_distributes_its_scalers_to_the_same_report(demo, digits
     assert {r["key"]: r["audit"] for r in scaling} == {
         r["key"]: r["audit"] for r in _items(tmp_path / "single") if r["kind"] == "scaling"
     }
+
+
+NICE_PROBE = """
+import os, sys, torch
+from bastion.data import load_data
+from bastion.suites.executor import Outcome, WorkEnv
+from bastion.suites.ray_executor import RayExecutor
+
+class Nice:
+    key, indices = "nice", ()
+    def __call__(self, env, progress):
+        return Outcome({"nice": os.nice(0)})
+
+import ray
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+with RayExecutor(workers=1, niceness=int(sys.argv[1])) as ex:
+    env = WorkEnv.of(torch.nn.Identity(), load_data("digits"), torch.device("cpu"))
+    ((_, out),) = ex.session(env).map([Nice()])
+    print(out.record["nice"])
+"""
+
+
+@pytest.mark.parametrize("niceness", [0, 7])
+def test_the_workers_of_a_ray_it_starts_run_at_its_niceness(niceness: int) -> None:
+    """Ray's default (15) would put the workers below every other process on a shared
+    machine; a Ray the executor starts (here, apart from the module's) uses `niceness`."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", NICE_PROBE, str(niceness)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert done.stdout.split()[-1] == str(os.nice(0) + niceness)
