@@ -34,9 +34,9 @@ class Property:
     """Inputs in [lower, upper] (the network's input shape, float64) must avoid `unsafe`.
 
     `open_lower`/`open_upper` (bool masks, optional) mark faces that belong to [lower,
-    upper] but not to the box the property was written for: a strict `<`, or a decimal
-    bound rounded outward to float64. Proofs cover the closed box; a witness on an open
-    face is not inside (`contains`).
+    upper] but not to the box the property was written for (a strict `<` in a VNN-LIB
+    file). Proofs cover the closed box; a witness on an open face is not inside
+    (`contains`).
     """
 
     lower: torch.Tensor

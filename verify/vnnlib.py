@@ -20,9 +20,12 @@ to float64: input lower bounds down, upper bounds up, and the constant b of each
 `a·y ≤ b` up; the box and the unsafe set read contain the file's, so SAFE proved for them
 holds for the file. Output coefficients that are not float64 numbers (VNN-COMP's are ±1)
 are read as the nearest float64. Strict `<`/`>` are proved as `<=`/`>=`, again supersets.
-Witnesses are held to the file as written: input faces that are strict or were rounded
-outward are open (`Property.open_lower`/`open_upper`), and each output constant rounded
-down is kept as `Halfspaces.inner`, against which `Property.violation` measures a witness.
+Witnesses are held to the file: strict input faces are open (`Property.open_lower`/
+`open_upper`: a point on one is not in the box), and each output constant rounded down is
+kept as `Halfspaces.inner`, against which `Property.violation` measures a witness. A
+witness may still lie up to one float64 step outside a decimal input bound (on the face as
+rounded): VNN-COMP files write float32 bounds as short decimals a hair inside them, and
+exact engines' witnesses sit on box vertices.
 Writing picks, per bound, the shortest decimal that this rounding reads back to the same
 float64.
 """
@@ -299,7 +302,7 @@ class _Disjunct:
     def box(self) -> _Box | None:
         """The input box rounded outward to float64 (lower down, upper up): it contains the
         file's box, so SAFE proved for it holds for the file's. Then which faces are open
-        (strict, or not the file's exact bound). None if the bounds contradict each other;
+        (strict in the file). None if the bounds contradict each other;
         an input without both bounds is a `VnnlibError`."""
         if self._box is not None:
             return self._box
@@ -321,15 +324,10 @@ class _Disjunct:
         ]
         if huge:
             raise VnnlibError(f"X_{huge[0]}'s bounds exceed the float64 range; give a finite box")
-        open_lower = tuple(
-            s or Fraction(f) != v
-            for f, v, s in zip(lower, self.lower, self.strict_lower, strict=True)
-        )
-        open_upper = tuple(
-            s or Fraction(f) != v
-            for f, v, s in zip(upper, self.upper, self.strict_upper, strict=True)
-        )
-        self._box = (lower, upper, open_lower, open_upper)
+        # only strict faces are open: a face rounded outward stays closed, since exact
+        # engines' witnesses sit on box vertices, and VNN-COMP files write float32 bounds
+        # as short decimals a hair inside them (0.029999999329447746 for float32(0.03))
+        self._box = (lower, upper, tuple(self.strict_lower), tuple(self.strict_upper))
         return self._box
 
 
