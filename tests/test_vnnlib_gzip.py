@@ -118,3 +118,23 @@ def test_a_vnncomp_property_reads_the_same_compressed(tmp_path) -> None:  # type
         torch.equal(h.a, g.a) and torch.equal(h.b, g.b)
         for h, g in zip(plain.unsafe, packed.unsafe, strict=True)
     )
+
+
+CIFAR = SHARED_DATA / "vnncomp2021" / "cifar10_resnet"
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="VNN-COMP cifar10_resnet files not found")
+def test_the_cifar10_resnet_instances_read_their_gz_properties() -> None:
+    """The competition's cifar10_resnet list names .vnnlib.gz files: each reads as one
+    3×32×32 box (in the normalised input space of those nets) and 9 disjuncts."""
+    from bastion.verify.instances import read_instances
+
+    instances = read_instances(CIFAR / "cifar10_resnet_instances.csv")
+    assert len(instances) == 72 and all(i.vnnlib.name.endswith(".vnnlib.gz") for i in instances)
+    for inst in instances[::12]:
+        (prop,) = read_vnnlib(inst.vnnlib, (3, 32, 32), 10)
+        assert len(prop.unsafe) == 9
+        width = prop.upper - prop.lower
+        assert (
+            bool(torch.isfinite(width).all()) and 0 < float(width.min()) <= float(width.max()) < 0.2
+        )
