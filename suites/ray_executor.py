@@ -88,9 +88,9 @@ class RaySession:
         self._limit = executor.concurrency()
         samples = env.samples
         per = max(1, executor.shard_bytes // max(1, _row_bytes(samples)))
-        self._shards = samples.split(per)
-        self._shard_refs = [ray.put(s) for s in self._shards]
-        self._starts = [s.start for s in self._shards]
+        shards = samples.split(per)
+        self._shard_refs = [ray.put(s) for s in shards]
+        self._starts = [s.start for s in shards]
         self._env_ref = ray.put(dataclasses.replace(env, samples=Samples((), samples.shape)))
         self._threads = torch.get_num_threads()
         self._remote = ray.remote(_compute)

@@ -244,3 +244,17 @@ def test_ray_options_outside_instances_are_one_line_exit_2(
     assert main(["verify", "--workers", "2"]) == 2
     err = capsys.readouterr().err
     assert "--workers and --ray apply to --instances only" in err and "Traceback" not in err
+
+
+def test_a_bad_property_read_on_a_worker_is_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.vnnlib"
+    bad.write_text("(declare-const X_0 Real)\n(assert (<= X_0 0.5)\n")  # unbalanced
+    csv_path = tmp_path / "instances.csv"
+    csv_path.write_text(f"{MNISTFC / 'mnist-net_256x2.onnx'},{bad},60\n")
+    args = ["verify", "--instances", str(csv_path), "--quiet", "--workers", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bastion: error:") and "bad.vnnlib" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
