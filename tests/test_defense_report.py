@@ -194,6 +194,8 @@ def test_dverge_transfer_check_is_the_papers_transfer_attack(
     assert d.adaptive == report.model.robust_accuracy <= d.defended
     assert report.model.defense.adaptive_by == ["pgd"]  # type: ignore[union-attr]
     assert 'id="defense-table"' in _html(report)
+    back = ReportData.from_json(report.to_json())
+    assert back.check("transfer").transfer == entry.transfer  # type: ignore[union-attr]
 
 
 def _html(report: Any) -> str:
