@@ -23,10 +23,14 @@ def _problems(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     return t, w, b
 
 
-def test_linf_projection_is_the_linear_programs_optimum() -> None:
-    """min ‖d‖∞ s.t. w·(t+d) = b, 0 ≤ t+d ≤ 1, solved by scipy's LP solver as the oracle."""
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied-pixels"])
+def test_linf_projection_is_the_linear_programs_optimum(ties) -> None:
+    """min ‖d‖∞ s.t. w·(t+d) = b, 0 ≤ t+d ≤ 1, solved by scipy's LP solver as the oracle;
+    also with pixels on a coarse grid (as images are), so that breakpoints tie."""
     linprog = pytest.importorskip("scipy.optimize").linprog
     t, w, b = _problems(40, 12, 0)
+    if ties:
+        t = (t * 4).round() / 4
     d = project_onto_hyperplane(t, w, b, "linf")
     for i in range(len(t)):
         ti, wi, ci = t[i].numpy(), w[i].numpy(), float(b[i] - w[i] @ t[i])
