@@ -111,10 +111,12 @@ def run(workers: int | None, n: int, batch: int, niceness: int = 0) -> dict[str,
 
 
 def _overhead(executor: Any, tasks: int = 200) -> dict[str, float]:
-    """Ms per no-op task: one at a time (round trip) and 200 submitted together."""
+    """Ms per no-op task: one at a time (round trip), 200 submitted together, and 200
+    submitted together that each name a sample (so a data shard goes with each)."""
     model, data = demo_model(), load_data("digits")
     session = executor.session(WorkEnv.of(model, data, torch.device("cpu")))
-    list(session.map([NoOp("warm")]))  # the worker loads the environment once
+    # every worker started and holding the environment: the steady state, not the start-up
+    list(session.map([NoOp(f"warm{i}", (i,)) for i in range(tasks)]))
     t = time.perf_counter()
     for i in range(20):
         list(session.map([NoOp(str(i))]))
@@ -122,8 +124,11 @@ def _overhead(executor: Any, tasks: int = 200) -> dict[str, float]:
     t = time.perf_counter()
     list(session.map([NoOp(str(i)) for i in range(tasks)]))
     stream = (time.perf_counter() - t) / tasks
+    t = time.perf_counter()  # each reading one sample: its data shard is a task argument
+    list(session.map([NoOp(str(i), (i,)) for i in range(tasks)]))
+    shard = (time.perf_counter() - t) / tasks
     session.close()
-    return {"round_trip_ms": one * 1e3, "streamed_ms": stream * 1e3}
+    return {"round_trip_ms": one * 1e3, "streamed_ms": stream * 1e3, "with_shard_ms": shard * 1e3}
 
 
 def main() -> None:
