@@ -1,4 +1,5 @@
-"""`bastion verify` on VNN-COMP 2021 mnistfc (256×2) and ACAS Xu, next to Marabou.
+"""`bastion verify` on VNN-COMP 2021 mnistfc (256×2), ACAS Xu and cifar10_resnet, next to
+Marabou.
 
 Per instance: Bastion's verdict (the same per-file decision as `bastion verify --instances`,
 run in a forked child with a hard kill at timeout + 30 s), checked against the consensus of
@@ -12,6 +13,7 @@ on AWS) come from the reference file. The JSON is rewritten atomically after eve
 
     python benchmarks/verify_vnncomp.py --suite mnistfc [--timeout 120] [--resume]
     python benchmarks/verify_vnncomp.py --suite acasxu --instances 0:186:12 --marabou
+    python benchmarks/verify_vnncomp.py --suite cifar10_resnet --instances 0:72:6
     python benchmarks/verify_vnncomp.py --suite mnistfc --quick        # smoke run
     python benchmarks/verify_vnncomp.py --suite mnistfc --profile prop_1_0.03.vnnlib
     python benchmarks/verify_vnncomp.py --suite mnistfc --instances 1,3,5 --deadlines 0.01,2,5
@@ -39,6 +41,13 @@ OUT = RESULTS / "verify_vnncomp.json"
 SUITES = {
     "mnistfc": DATA / "mnistfc" / "mnistfc_instances.csv",
     "acasxu": DATA / "acasxu" / "acasxu_instances.csv",
+    "cifar10_resnet": DATA / "cifar10_resnet" / "cifar10_resnet_instances.csv",
+}
+# the tools whose 2021 results the reference file lists (column prefixes)
+PUBLISHED = {
+    "mnistfc": ("marabou", "abcrown", "nnenum"),
+    "acasxu": ("marabou", "abcrown", "nnenum"),
+    "cifar10_resnet": ("a-b-CROWN", "VeriNet", "ERAN", "Marabou"),
 }
 MARABOU_TABLE = DATA / "mnistfc" / "marabou_on_this_machine.md"
 GRACE = 30.0  # seconds past the timeout before a child is killed
@@ -213,7 +222,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
                 row[tool].pop("y", None)
                 if x is not None:
                     row[tool]["witness"] = check_witness(inst.onnx, props, x)
-        for tool in ("marabou", "abcrown", "nnenum"):
+        for tool in PUBLISHED[args.suite]:
             row[f"published_{tool}"] = _published(dict(inst.reference), tool)
         row["loadavg"] = [round(v, 2) for v in os.getloadavg()]
         rows.append(row)
@@ -242,7 +251,7 @@ def save(
 ) -> dict[str, Any]:
     tools = ["bastion", "marabou"]
     for r in rows:
-        for t in ("marabou", "abcrown", "nnenum"):
+        for t in PUBLISHED[args.suite]:
             judge(r[f"published_{t}"], r["expected"])
     doc = {
         "csv": str(SUITES[args.suite]),
@@ -253,8 +262,7 @@ def save(
         "loadavg_per_instance": loads,
         "summary": {t: summarise(rows, t) for t in tools},
         "published_2021": {
-            t: summarise([{t: r[f"published_{t}"]} for r in rows], t)
-            for t in ("marabou", "abcrown", "nnenum")
+            t: summarise([{t: r[f"published_{t}"]} for r in rows], t) for t in PUBLISHED[args.suite]
         },
         "rows": rows,
     }

@@ -213,3 +213,48 @@ def test_beta_crown_decides_what_crown_cannot() -> None:
     assert found is not None, "no instance between alpha-CROWN and the truth"
     verdict = verify(network, found, engine="beta-crown", timeout=30, attack=False)
     assert verdict.status == Status.SAFE, verdict.summary()
+
+
+def _residual_model(seed: int, scale: float) -> nn.Module:
+    from test_verify_extract import _Block
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(_Block(1, 2), _Block(2, 2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-scale, scale)
+                m.running_var.uniform_(1e-6, scale)
+        model[-1].weight.mul_(scale)
+    return model.eval()
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(seed=st.integers(0, 10**6), scale=st.sampled_from([1.0, 1e3]),
+       radius=st.sampled_from([0.01, 0.05, 0.2]))  # fmt: skip
+def test_residual_bounds_hold_and_beta_crown_never_contradicts_a_sample(
+    seed: int, scale: float, radius: float
+) -> None:
+    """On residual nets (shortcut conv + BatchNorm folded, identity shortcut) every layer's
+    bounds contain the activations of sampled points and corners, and a SAFE verdict of
+    beta-CROWN is never contradicted by a sampled point or PGD."""
+    model = _residual_model(seed, scale)
+    network = extract(model, (1, 4, 4))
+    assert network.residual
+    gen = torch.Generator().manual_seed(seed)
+    centre = torch.rand(1, 4, 4, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        label = int(model(centre[None].float()).argmax())
+    prop = Property((centre - radius).clamp(0, 1), (centre + radius).clamp(0, 1),
+                    class_unsafe_set(label, 3))  # fmt: skip
+    bounds = compute_bounds(network, prop, method="alpha")
+    u = torch.rand(64, 1, 4, 4, generator=gen, dtype=torch.float64)
+    u[32:] = (u[32:] > 0.5).double()
+    x = prop.lower + (prop.upper - prop.lower) * u
+    for act, lo, hi in zip(network.activations(x), bounds.lower, bounds.upper, strict=True):
+        assert bool((act >= lo).all() and (act <= hi).all())
+    verdict = verify(network, prop, model=model, engine="beta-crown", timeout=5, seed=seed)
+    if verdict.status == Status.SAFE:
+        with torch.no_grad():
+            assert float(prop.violation(model(x.float())).max()) <= 0

@@ -17,6 +17,7 @@ from bastion.errors import ModelLoadError
 from bastion.normalized import Normalized
 from bastion.verify.extract import UnsupportedLayerError, check_network, extract, load_network
 from bastion.verify.network import (
+    Add,
     AvgPool2d,
     Conv2d,
     Dense,
@@ -179,16 +180,16 @@ def test_unsupported_layer_is_named_with_its_position(
 
 
 def test_branches_missing_shapes_and_wrong_networks_are_errors(demo: nn.Module) -> None:
-    class Residual(nn.Module):
+    class Gate(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(4, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.fc(x)
+            return x * self.fc(x)
 
-    with pytest.raises(UnsupportedLayerError, match="add of two activations"):
-        extract(Residual(), (4,))
+    with pytest.raises(UnsupportedLayerError, match="mul of two activations"):
+        extract(Gate(), (4,))
     with pytest.raises(ModelLoadError, match="pass input_shape"):
         extract(demo)
     with pytest.raises(ModelLoadError, match="expects 512 inputs but receives shape"):
@@ -299,3 +300,40 @@ def test_torch_exported_onnx_convnet_and_unsupported_operator(
     _assert_same(net, bn_net, x)
     with pytest.raises(UnsupportedLayerError, match="unsupported layer Sigmoid at position 1"):
         read_onnx(tmp_path / "s.onnx")
+
+
+class _Block(nn.Module):
+    """A residual block as ResNets write it: conv, BatchNorm, ReLU, conv, BatchNorm, plus a
+    shortcut (a 1×1 conv and BatchNorm, or the identity), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return torch.relu(out)
+
+
+def test_residual_blocks_read_as_add_layers_that_match_the_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        _Block(2, 3), _Block(3, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 4)
+    ).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    net = extract(model, (2, 4, 4))
+    adds = [layer for layer in net.layers if isinstance(layer, Add)]
+    assert len(adds) == 2 and len(adds[0].shortcut) == 1 and adds[1].shortcut == ()
+    x = torch.rand(6, 2, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(net.forward(x), model(x), atol=1e-5)

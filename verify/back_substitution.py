@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from bastion.verify.layer_bounds import back_error, back_linear
-from bastion.verify.network import Flatten, MaxPool2d, Network, ReLU
+from bastion.verify.layer_bounds import back_error, back_linear, shortcut_steps
+from bastion.verify.network import Add, Flatten, MaxPool2d, Network, ReLU
 from bastion.verify.rounding import U, down, magnitude, slack, up
 
 CHUNK = 2048  # rows back-substituted at once (memory: rows × widest layer)
@@ -176,9 +176,28 @@ def back_substitute(
         chosen = relax.take(part) if relax is not None else Relaxation()
         coeff, const = rows, rows.new_zeros(rows.shape[0])
         err = rows.new_zeros(rows.shape[0])
+        pending: dict[int, torch.Tensor] = {}  # coefficients on earlier activations (Add)
         for j in range(k - 1, -1, -1):
             layer = network.layers[j]
             lo, hi = bound(bounds_lo, j), bound(bounds_hi, j)
+            if j + 1 in pending:
+                nxt_lo, nxt_hi = bound(bounds_lo, j + 1), bound(bounds_hi, j + 1)
+                coeff, e = merge(
+                    coeff, pending.pop(j + 1), _rows(magnitude(nxt_lo, nxt_hi), shapes[j + 1])
+                )
+                err = err + e
+            if isinstance(layer, Add):
+                s_lo, s_hi = bound(bounds_lo, layer.skip), bound(bounds_hi, layer.skip)
+                shape = shapes[layer.skip]
+                side, c, e = back_shortcut(layer, coeff, s_lo, s_hi, shape)
+                if layer.skip in pending:
+                    mag = _rows(magnitude(s_lo, s_hi), shape)
+                    side, extra = merge(side, pending[layer.skip], mag)
+                    e = e + extra
+                pending[layer.skip] = side
+                const = const + c
+                err = err + e + 2 * U * const.abs()
+                continue
             if isinstance(layer, ReLU):
                 lo_r, hi_r = _rows(lo, shapes[j]), _rows(hi, shapes[j])
                 coeff, c, e = back_relu(coeff, lo_r, hi_r, chosen.alpha.get(j))
@@ -197,6 +216,9 @@ def back_substitute(
             const = const + c
             err = err + e + 2 * U * const.abs()
         lo, hi = _rows(bound(bounds_lo, 0), shapes[0]), _rows(bound(bounds_hi, 0), shapes[0])
+        if 0 in pending:
+            coeff, e = merge(coeff, pending.pop(0), magnitude(lo, hi))
+            err = err + e
         terms = coeff.clamp_min(0) * lo + coeff.clamp_max(0) * hi
         total = terms.flatten(1).sum(1)
         value = total + const
@@ -204,3 +226,43 @@ def back_substitute(
         err = err + slack(lo[0].numel() + 2, size)
         out.append(down(value - up(err)))
     return torch.cat(out)
+
+
+def merge(
+    coeff: torch.Tensor, other: torch.Tensor, mag: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows' coefficients on one activation (|z| ≤ mag) summed, and the error bound of
+    that float sum's effect on the row: u·|c₁ + c₂|·|z| per entry, bounded by 2γ₂·Σ."""
+    total = coeff + other
+    size = ((coeff.abs() + other.abs()) * mag).flatten(1).sum(1)
+    return total, slack(coeff[0].numel() + 2, size)
+
+
+def back_shortcut(
+    layer: Add, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows on a residual join's output → the part on its shortcut's source: coefficients,
+    constant and error bound (the shortcut is linear; its bounds are intervals)."""
+    batched = lo if per_row(lo, shape) else lo.unsqueeze(0)
+    steps = shortcut_steps(layer, batched, hi if per_row(hi, shape) else hi.unsqueeze(0))
+    shapes = [tuple(t.shape[1:]) for t, _ in steps]
+    const = a.new_zeros(a.shape[0])
+    err = a.new_zeros(a.shape[0])
+    for t in range(len(layer.shortcut) - 1, -1, -1):
+        step = layer.shortcut[t]
+        s_lo, s_hi = steps[t]
+        if isinstance(step, Flatten):
+            a, c = back_linear(step, a, shapes[t])
+        else:
+            e = back_error(
+                step,
+                a,
+                s_lo if s_lo.shape[0] > 1 else s_lo[0],
+                s_hi if s_hi.shape[0] > 1 else s_hi[0],
+                shapes[t],
+            )
+            a, c = back_linear(step, a, shapes[t])
+            err = err + e
+        const = const + c
+        err = err + 2 * U * const.abs()
+    return a, const, err

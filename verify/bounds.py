@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from bastion.verify.alpha_crown import optimised_rows, tighten_layer
 from bastion.verify.back_substitution import CHUNK, back_substitute, windows
-from bastion.verify.layer_bounds import interval
+from bastion.verify.layer_bounds import interval, interval_add
 from bastion.verify.network import (
+    Add,
     Layer,
     MaxPool2d,
     Network,
@@ -130,7 +131,11 @@ def compute_bounds(
                     max_width=float(width.max()) if width.numel() else 0.0,
                 )
             )
-        l_next, h_next = interval(layer, lo[i][None], hi[i][None])
+        if isinstance(layer, Add):
+            skip = (lo[layer.skip][None], hi[layer.skip][None])
+            l_next, h_next = interval_add(layer, lo[i][None], hi[i][None], *skip)
+        else:
+            l_next, h_next = interval(layer, lo[i][None], hi[i][None])
         lo.append(l_next[0])
         hi.append(h_next[0])
     if method != "ibp":

@@ -2,10 +2,12 @@
 
 Readers (torch.fx, TorchScript, torch.export, ONNX) name each operation with its aten name
 (`linear`, `conv2d`, `max_pool2d`, `add`, …) and its parameters by the aten argument names,
-and call `Chain.apply`. The chain tracks the activation's shape, refuses branches (each
-operation must consume the previous one's output), and turns affine operations (BatchNorm,
-`+ - × ÷` by constants) into a scale and shift that is folded into the preceding Dense or
-Conv2d layer when there is one (per channel for Conv2d), else into an `Elementwise` layer.
+and call `Chain.apply`. Each operation consumes the previous one's output, except on a
+residual shortcut: an operation on an earlier activation starts a shortcut branch (linear
+layers only) that an `add` of two activations joins back as an `Add` layer. The chain
+tracks the activation's shape and turns affine operations (BatchNorm, `+ - × ÷` by
+constants) into a scale and shift that is folded into the preceding Dense or Conv2d layer
+when there is one (per channel for Conv2d), else into an `Elementwise` layer.
 A fold is computed in float64 and kept in float64 with a proven radius (`Layer.err`) that
 bounds its distance from the exact real result (a BatchNorm scale w/√(var + ε) is
 irrational): every rounding of the fold is counted, u = 2⁻⁵³ each, so nothing about the
@@ -24,6 +26,8 @@ from bastion.errors import ModelLoadError
 from bastion.verify.rounding import U, two_prod, two_sum
 
 from .network import (
+    LINEAR_LAYERS,
+    Add,
     AvgPool2d,
     Conv2d,
     Dense,
@@ -39,7 +43,7 @@ from .network import (
 SUPPORTED = (
     "Linear (Gemm, MatMul), Conv2d, ReLU, Flatten, view/reshape to (N, -1), BatchNorm, "
     "AvgPool2d, MaxPool2d (no padding), Identity, Dropout (eval), bastion.Normalized, "
-    "and + - * / by constants"
+    "+ - * / by constants, and residual joins (x + a linear shortcut of an earlier activation)"
 )
 _ALIASES = {"self": "input", "train": "training", "size": "shape", "A": "input"}
 _IDENTITY = ("contiguous", "clone", "detach", "identity", "alpha_dropout", "feature_dropout")
@@ -97,6 +101,13 @@ class Chain:
         self.layers: list[Layer] = []
         self.current = Data()
         self.position = 0
+        # residual joins: earlier activations by identity (activation index, shape), the
+        # shortcut being read (source index, its layers, its current activation, its shape)
+        self.known: dict[int, tuple[Data, int, tuple[int, ...]]] = {
+            id(self.current): (self.current, 0, self.shape)
+        }
+        self.side: _Side | None = None
+        self.sources: set[int] = set()  # activation indices a shortcut starts from
 
     def network(self) -> Network:
         return Network(tuple(self.layers), self.input_shape)
@@ -110,8 +121,8 @@ class Chain:
     def expect_current(self, value: Any, what: str) -> None:
         if value is not self.current:
             raise ModelLoadError(
-                f"{what} does not take the previous layer's output; the verifier reads only "
-                "a single chain of layers (no branches or residual connections)"
+                f"{what} does not take the previous layer's output; the verifier reads a "
+                "chain of layers with residual joins (one linear shortcut at a time)"
             )
 
     def touches_data(self, *values: Any) -> bool:
@@ -131,23 +142,114 @@ class Chain:
         return full if dim is None else full[dim]
 
     def apply(self, op: str, params: dict[str, Any], where: str) -> Any:
-        """Apply aten operation `op` to the current activation; returns the new one."""
+        """Apply aten operation `op` to its input activation (the current one, or the
+        shortcut branch of a residual join); returns the new activation."""
         params = {_ALIASES.get(k, k): v for k, v in params.items()}
         op = op.rstrip("_") if op.endswith("_") and not op.startswith("_") else op
-        if op in ("add", "sub", "rsub", "mul", "div"):
-            self._binary(op, params, where)
-        else:
-            self.expect_current(params.pop("input", self.current), where)
-            handler = _HANDLERS.get(op)
-            if handler is None and op not in _IDENTITY:
-                raise self.unsupported(op, where)
-            if handler is not None:
-                handler(self, params, where)
+        a, b = params.get("input"), params.get("other")
+        if op == "add" and isinstance(a, Data) and isinstance(b, Data):
+            self._join(a, b, params.get("alpha", 1), where)
+            return self._advance(op, len(self.layers) - 1)
+        data = params.get("input", self.current)
+        if op in ("add", "sub", "rsub", "mul", "div") and not isinstance(data, Data):
+            data = b
+        side = self._enter(data, where)
+        before = len(self.layers)
+        try:
+            if side and op not in _SIDE_OPS:
+                raise self.unsupported(
+                    f"{op} on the shortcut of a residual join (only linear layers)", where
+                )
+            if op in ("add", "sub", "rsub", "mul", "div"):
+                self._binary(op, params, where)
+            else:
+                params.pop("input", None)
+                handler = _HANDLERS.get(op)
+                if handler is None and op not in _IDENTITY:
+                    raise self.unsupported(op, where)
+                if handler is not None:
+                    handler(self, params, where)
+        finally:
+            if side:
+                self._leave()
+        if side:
+            assert self.side is not None
+            self.position += 1
+            self.side.current = Data()
+            return self.side.current
+        return self._advance(op, before)
+
+    def _advance(self, op: str, before: int) -> Any:
+        """A new current activation after an operation on the main chain; it is known by
+        its index (the previous one is forgotten when the operation folded into it)."""
         self.position += 1
+        old = self.current
         self.current = Data()
+        if len(self.layers) == before:
+            self.known.pop(id(old), None)
+        self.known[id(self.current)] = (self.current, len(self.layers), self.shape)
         if op == "_native_batch_norm_legit_no_training":
             return (self.current, None, None)
         return self.current
+
+    # --- residual joins ---------------------------------------------------------------
+
+    def _enter(self, data: Any, where: str) -> bool:
+        """Route an operation: False for the main chain, True (and the shortcut's state
+        swapped in) for a shortcut, started at an earlier activation if need be."""
+        if data is self.current:
+            return False
+        if self.side is None and isinstance(data, Data) and id(data) in self.known:
+            _, index, shape = self.known[id(data)]
+            self.side = _Side(index, [], data, shape)
+        if self.side is None or data is not self.side.current:
+            self.expect_current(data, where)
+        assert self.side is not None
+        self.sources.add(self.side.skip)
+        self._swap()
+        return True
+
+    def _leave(self) -> None:
+        self._swap()
+
+    def _swap(self) -> None:
+        assert self.side is not None
+        side = self.side
+        self.layers, side.layers = side.layers, self.layers
+        self.shape, side.shape = side.shape, self.shape
+        self.current, side.current = side.current, self.current
+
+    def _join(self, a: Data, b: Data, alpha: Any, where: str) -> None:
+        """x + shortcut: an `Add` of the current activation and a shortcut branch (or an
+        earlier activation, the identity shortcut)."""
+        if float(alpha) != 1.0:
+            raise self.unsupported("add of two activations with alpha ≠ 1", where)
+        other = b if a is self.current else a if b is self.current else None
+        if other is None:
+            raise self.unsupported("add of two activations, neither the current one", where)
+        if self.side is not None and other is self.side.current:
+            skip, layers = self.side.skip, tuple(self.side.layers)
+            self.side = None
+        elif id(other) in self.known:
+            skip, layers = self.known[id(other)][1], ()
+        else:
+            raise self.unsupported("add of an activation the verifier cannot place", where)
+        if any(not isinstance(layer, LINEAR_LAYERS) for layer in layers):
+            raise self.unsupported("a shortcut with a nonlinear layer", where)
+        src = self._shape_at(skip)
+        z = torch.zeros((1, *src))
+        for layer in layers:
+            z = apply_layer(layer, z)
+        if tuple(z.shape[1:]) != self.shape:
+            raise ModelLoadError(
+                f"{where} adds activations of shapes {self.shape} and {tuple(z.shape[1:])}; "
+                "a residual join needs equal shapes"
+            )
+        self.sources.add(skip)
+        self.layers.append(Add(skip, layers))  # type: ignore[arg-type]
+
+    def _shape_at(self, index: int) -> tuple[int, ...]:
+        return next(shape for _, k, shape in self.known.values() if k == index)
 
     def _push(self, layer: Layer, where: str) -> None:
         try:
@@ -216,6 +318,8 @@ class Chain:
         s, t = torch.broadcast_to(scale, full)[0], torch.broadcast_to(shift, full)[0]
         se, te = (torch.broadcast_to(r.abs(), full)[0] for r in radius)
         prev = self.layers[-1] if self.layers else None
+        if self.side is None and len(self.layers) in self.sources:
+            prev = None  # a shortcut reads this activation: folding would change it
         if isinstance(prev, Dense):
             w, b, (we, be) = _parts(prev.weight, prev.bias, prev.err)
             scale4 = (s[:, None], se[:, None], s, se)
@@ -335,6 +439,21 @@ class Chain:
     def _dropout(self, p: dict[str, Any], where: str) -> None:
         if p.get("training"):
             raise ModelLoadError(f"{where} is a dropout in training mode; use eval mode")
+
+
+class _Side:
+    """The shortcut branch being read: its source activation index, layers so far, its
+    current activation and shape (swapped with the main chain's while an operation runs)."""
+
+    def __init__(self, skip: int, layers: list[Layer], current: Data, shape: tuple[int, ...]):
+        self.skip, self.layers, self.current, self.shape = skip, layers, current, shape
+
+
+_SIDE_OPS = frozenset(
+    {"add", "sub", "rsub", "mul", "div", "linear", "conv2d", "_convolution", "convolution",
+     "batch_norm", "_native_batch_norm_legit_no_training", "flatten", "view", "reshape",
+     "_unsafe_view", "avg_pool2d", "dropout", *_IDENTITY}
+)  # fmt: skip
 
 
 def _parts(

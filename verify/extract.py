@@ -81,33 +81,41 @@ _METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 
 
-def _module_op(chain: Chain, mod: nn.Module, where: str) -> None:
-    """One leaf module applied to the current activation."""
+def _module_op(chain: Chain, mod: nn.Module, where: str, data: Any = None) -> Any:
+    """One leaf module applied to `data` (default: the current activation); returns the
+    activation it makes."""
+    x = chain.current if data is None else data
     if isinstance(mod, Normalized):
-        chain.apply("sub", {"input": chain.current, "other": mod.mean}, where)
-        chain.apply("div", {"input": chain.current, "other": mod.std}, where)
+        x = chain.apply("sub", {"input": x, "other": mod.mean}, where)
+        x = chain.apply("div", {"input": x, "other": mod.std}, where)
+        chain.expect_current(x, where)
         _trace(chain, mod.model, prefix=where)
+        return chain.current
     elif isinstance(mod, nn.Linear):
-        chain.apply("linear", {"weight": mod.weight, "bias": mod.bias}, where)
+        return chain.apply("linear", {"input": x, "weight": mod.weight, "bias": mod.bias}, where)
     elif isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
         params = {k: getattr(mod, k) for k in ("weight", "bias", "stride", "padding", "dilation")}
-        chain.apply("conv2d", {**params, "groups": mod.groups}, where)
+        return chain.apply("conv2d", {"input": x, **params, "groups": mod.groups}, where)
     elif isinstance(mod, nn.ReLU):
-        chain.apply("relu", {}, where)
+        return chain.apply("relu", {"input": x}, where)
     elif isinstance(mod, nn.Flatten):
-        chain.apply("flatten", {"start_dim": mod.start_dim, "end_dim": mod.end_dim}, where)
+        return chain.apply(
+            "flatten", {"input": x, "start_dim": mod.start_dim, "end_dim": mod.end_dim}, where
+        )
     elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and mod.running_var is not None:
         params = {k: getattr(mod, k) for k in ("weight", "bias", "running_mean", "running_var")}
-        chain.apply("batch_norm", {**params, "eps": mod.eps}, where)
+        return chain.apply("batch_norm", {"input": x, **params, "eps": mod.eps}, where)
     elif isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
         keys = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
-        chain.apply("max_pool2d", {k: getattr(mod, k) for k in keys}, where)
+        return chain.apply("max_pool2d", {"input": x, **{k: getattr(mod, k) for k in keys}}, where)
     elif isinstance(mod, nn.AvgPool2d):
         keys = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
         params = {k: getattr(mod, k) for k in keys}
-        chain.apply("avg_pool2d", {**params, "divisor_override": mod.divisor_override}, where)
+        return chain.apply(
+            "avg_pool2d", {"input": x, **params, "divisor_override": mod.divisor_override}, where
+        )
     elif isinstance(mod, _DROPOUTS):
-        chain.apply("contiguous", {}, where)
+        return chain.apply("contiguous", {"input": x}, where)
     else:
         raise chain.unsupported(type(mod).__name__, where)
 
@@ -134,7 +142,8 @@ def _trace(chain: Chain, model: nn.Module, prefix: str = "") -> None:
     elif isinstance(model, torch.jit.ScriptModule):
         return torchscript_graph.read(chain, model)
     elif _is_leaf(model):
-        return _module_op(chain, model, prefix or type(model).__name__)
+        _module_op(chain, model, prefix or type(model).__name__)
+        return None
     else:
         try:
             graph, root = _Tracer().trace(model), model
@@ -165,8 +174,8 @@ def _trace(chain: Chain, model: nn.Module, prefix: str = "") -> None:
         elif not node.users:
             continue  # dead code, e.g. torch.export's guard call
         elif node.op == "call_module":
-            _module_op(chain, root.get_submodule(str(node.target)), where)
-            env[node] = chain.current
+            data = args[0] if args else None
+            env[node] = _module_op(chain, root.get_submodule(str(node.target)), where, data)
         else:
             env[node] = _call(chain, node, args, kwargs, where)
     return None

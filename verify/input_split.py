@@ -24,8 +24,8 @@ import torch
 
 from bastion.verify.alpha_crown import linear_pass
 from bastion.verify.back_substitution import Relaxation, back_substitute
-from bastion.verify.layer_bounds import interval
-from bastion.verify.network import MaxPool2d, Network, ReLU
+from bastion.verify.layer_bounds import interval, interval_add
+from bastion.verify.network import Add, MaxPool2d, Network, ReLU
 from bastion.verify.outcome import Answer, Outcome
 from bastion.verify.rounding import down
 from bastion.verify.spec import Halfspaces, Property
@@ -50,25 +50,28 @@ def box_bounds(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Rigorous CROWN bounds of every activation for a batch of boxes (leading axis)."""
     lo, hi = [lo0], [hi0]
-    boxes = lo0.shape[0]
     for i, layer in enumerate(network.layers):
         if isinstance(layer, ReLU) and i > 0:
             shape = network.shapes[i]
             flat_lo, flat_hi = lo[i].flatten(1), hi[i].flatten(1)
-            todo = ((flat_lo < 0) & (flat_hi > 0)).any(0).nonzero().flatten()
-            n = len(todo)
-            if n:  # the neurons unstable in some box, bounded in every box
+            box, neuron = ((flat_lo < 0) & (flat_hi > 0)).nonzero(as_tuple=True)
+            n = len(box)
+            if n:  # each box's unstable neurons, in both directions
                 eye = torch.zeros(n, flat_lo.shape[1], dtype=torch.float64)
-                eye[torch.arange(n), todo] = 1.0
-                rows = torch.cat([eye, -eye]).repeat(boxes, 1).view(-1, *shape)
-                rep_lo = [t.repeat_interleave(2 * n, 0) for t in lo]
-                rep_hi = [t.repeat_interleave(2 * n, 0) for t in hi]
-                low = back_substitute(network, rep_lo, rep_hi, rows, i).view(boxes, 2, n)
+                eye[torch.arange(n), neuron] = 1.0
+                rows = torch.cat([eye, -eye]).view(-1, *shape)
+                owner = torch.cat([box, box])
+                low = back_substitute(
+                    network, [t[owner] for t in lo], [t[owner] for t in hi], rows, i
+                )
                 flat_lo, flat_hi = flat_lo.clone(), flat_hi.clone()
-                flat_lo[:, todo] = torch.maximum(flat_lo[:, todo], low[:, 0])
-                flat_hi[:, todo] = torch.minimum(flat_hi[:, todo], -low[:, 1])
+                flat_lo[box, neuron] = torch.maximum(flat_lo[box, neuron], low[:n])
+                flat_hi[box, neuron] = torch.minimum(flat_hi[box, neuron], -low[n:])
                 lo[i], hi[i] = flat_lo.view(lo[i].shape), flat_hi.view(hi[i].shape)
-        l_next, h_next = interval(layer, lo[i], hi[i])
+        if isinstance(layer, Add):
+            l_next, h_next = interval_add(layer, lo[i], hi[i], lo[layer.skip], hi[layer.skip])
+        else:
+            l_next, h_next = interval(layer, lo[i], hi[i])
         lo.append(l_next)
         hi.append(h_next)
     return lo, hi

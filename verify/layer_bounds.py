@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bastion.verify.network import (
+    Add,
     AvgPool2d,
     Conv2d,
     Dense,
@@ -30,6 +31,8 @@ from bastion.verify.rounding import U, down, magnitude, slack, up
 
 def interval(layer: Layer, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval image of a box through one layer (batch axis 1), rounded outward."""
+    if isinstance(layer, Add):
+        raise TypeError("a residual Add needs its source's bounds: use interval_add")
     if isinstance(layer, ReLU):
         return lo.clamp_min(0), hi.clamp_min(0)
     if isinstance(layer, MaxPool2d | Flatten):
@@ -185,3 +188,27 @@ def back_error(
     rows = a.abs().flatten(1)
     size = (rows * absolute.flatten(1)).sum(1)
     return slack(n, size) + (rows * fold.flatten(1)).sum(1) * (1 + 4 * n * U)
+
+
+def shortcut_steps(
+    layer: Add, lo: torch.Tensor, hi: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Interval bounds (batch axis 1) of each activation along a residual shortcut, from
+    its source's bounds: the source first, the shortcut's output last."""
+    steps = [(lo, hi)]
+    for step in layer.shortcut:
+        steps.append(interval(step, *steps[-1]))
+    return steps
+
+
+def interval_add(
+    layer: Add,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    skip_lo: torch.Tensor,
+    skip_hi: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interval image of a residual join (batch axis 1): the input's bounds plus the
+    shortcut's, each sum stepped one float outward (it rounds once, by half an ulp)."""
+    s_lo, s_hi = shortcut_steps(layer, skip_lo, skip_hi)[-1]
+    return down(lo + s_lo), up(hi + s_hi)

@@ -10,6 +10,10 @@ the preceding Dense/Conv2d) cannot always hold the exact real result (a BatchNor
 involves a square root): it holds the float64 rounding and `err`, a proven radius of the
 difference (weight radius, bias radius). Bounds add it to their error terms; the exact
 engines decide the rounded network with the unsafe set widened by its effect (`slack.py`).
+
+Residual networks are still one list: an `Add` layer adds an earlier activation, through a
+linear shortcut, to its input. Only the bound engines (CROWN, alpha- and beta-CROWN) read
+them; z3, the MILP and DLV take chains without `Add`.
 """
 
 from __future__ import annotations
@@ -80,7 +84,17 @@ class MaxPool2d:
     stride: tuple[int, int]
 
 
-Layer = Dense | Conv2d | Elementwise | ReLU | Flatten | AvgPool2d | MaxPool2d
+@dataclass(frozen=True, eq=False)
+class Add:
+    """A residual join: y = x + S(z_skip), the input plus the earlier activation `skip`
+    (index as in `Network.activations`) through `shortcut`, a chain of linear layers
+    (empty: the identity)."""
+
+    skip: int
+    shortcut: tuple[Dense | Conv2d | Elementwise | Flatten | AvgPool2d, ...] = ()
+
+
+Layer = Dense | Conv2d | Elementwise | ReLU | Flatten | AvgPool2d | MaxPool2d | Add
 LINEAR_LAYERS = (Dense, Conv2d, Elementwise, Flatten, AvgPool2d)
 
 
@@ -93,17 +107,22 @@ class Network:
     shapes: tuple[tuple[int, ...], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        shapes = [self.input_shape]
-        x = torch.zeros((1, *self.input_shape))
-        for layer in self.layers:
-            x = apply_layer(layer, x)
-            shapes.append(tuple(x.shape[1:]))
-        object.__setattr__(self, "shapes", tuple(shapes))
+        acts = self.activations(torch.zeros((1, *self.input_shape)))
+        object.__setattr__(self, "shapes", tuple(tuple(x.shape[1:]) for x in acts))
 
     @property
     def folded(self) -> bool:
         """Whether some layer holds a rounded fold (a non-zero `err`)."""
-        return any(getattr(layer, "err", None) is not None for layer in self.layers)
+        every = [
+            *self.layers,
+            *(s for la in self.layers if isinstance(la, Add) for s in la.shortcut),
+        ]
+        return any(getattr(layer, "err", None) is not None for layer in every)
+
+    @property
+    def residual(self) -> bool:
+        """Whether the network joins branches (an `Add`): only the bound engines read it."""
+        return any(isinstance(layer, Add) for layer in self.layers)
 
     @property
     def num_outputs(self) -> int:
@@ -112,16 +131,28 @@ class Network:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs for a batch `N × input_shape`, in x's dtype (float32 replays the model)."""
-        for layer in self.layers:
-            x = apply_layer(layer, x)
-        return x.flatten(1)
+        if not self.residual:
+            for layer in self.layers:
+                x = apply_layer(layer, x)
+            return x.flatten(1)
+        return self.activations(x)[-1].flatten(1)
 
     def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The input and every layer's output for a batch (index k = after layer k-1)."""
         out = [x]
         for layer in self.layers:
-            out.append(apply_layer(layer, out[-1]))
+            if isinstance(layer, Add):
+                out.append(out[-1] + shortcut(layer, out[layer.skip]))
+            else:
+                out.append(apply_layer(layer, out[-1]))
         return out
+
+
+def shortcut(layer: Add, z: torch.Tensor) -> torch.Tensor:
+    """The shortcut branch of a residual join on a batch of its source activation."""
+    for step in layer.shortcut:
+        z = apply_layer(step, z)
+    return z
 
 
 def apply_layer(layer: Layer, x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +172,8 @@ def apply_layer(layer: Layer, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(x, layer.kernel, layer.stride, layer.padding)
     if isinstance(layer, MaxPool2d):
         return F.max_pool2d(x, layer.kernel, layer.stride)
+    if isinstance(layer, Add):
+        raise TypeError("a residual Add needs its source activation: use Network.activations")
     raise TypeError(f"not a verifier layer: {layer!r}")
 
 

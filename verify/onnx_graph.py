@@ -28,7 +28,7 @@ import torch
 from bastion.errors import ModelLoadError
 from bastion.onnx_io import ONNX_HINT, fold_constants, runtime
 
-from .chain import BATCH, Chain, Data, UnsupportedLayerError
+from .chain import BATCH, Chain, Data
 from .extract import check_network
 from .network import Network
 
@@ -77,7 +77,6 @@ def read_onnx(
             f"the ONNX input has shape {dims}; the verifier needs a batch axis followed by "
             "fixed dimensions"
         )
-    _refuse_branches(graph, inputs[0].name)
     chain = Chain(tuple(d for d in dims[1:] if d is not None), batch=dims[0])
     env: dict[str, Any] = {**consts, inputs[0].name: chain.current}
     for k, node in enumerate(graph.node):
@@ -92,22 +91,6 @@ def read_onnx(
     if check:
         check_network(network, runtime(model), tol=tol)
     return network
-
-
-def _refuse_branches(graph: Any, input_name: str) -> None:
-    """Raise `UnsupportedLayerError` naming the first node that joins two activations
-    (a residual Add, a Concat of branches): the verifier reads a single chain of layers."""
-    data = {input_name}  # tensors computed from the input (not from its shape)
-    for k, node in enumerate(graph.node):
-        joined = [name for name in node.input if name in data]
-        if len(set(joined)) > 1:
-            where = node.name or f"{node.op_type} node {k}"
-            raise UnsupportedLayerError(
-                f"unsupported residual connection: {node.op_type} node '{where}' joins two "
-                "branches of activations; the verifier reads only a single chain of layers"
-            )
-        if joined and node.op_type != "Shape":
-            data.update(node.output)
 
 
 def _dims(value_info: Any) -> Any:

@@ -143,6 +143,11 @@ def verify(
         if engine != "auto"
         else ["beta-crown", *(["z3", "milp"] if free <= _Z3_MAX_FREE else ["milp"])]
     )
+    if network.residual:  # z3 and the MILP read chains of layers only
+        engines = [e for e in engines if e == "beta-crown"]
+        if not engines:
+            why = f"{engine} does not read residual networks; use engine auto or beta-crown"
+            return done(UNKNOWN, engine, reason=why)
     # most likely violated first (lowest bound); a fair share of the time each, then the
     # undecided ones again with all that is left, so one hard disjunct cannot starve the rest
     order = sorted(open_, key=lambda i: float(lows[i].max()))
@@ -271,10 +276,14 @@ class _Exact:
     def __init__(self, network: Network, prop: Property, bounds: Bounds, leaf_size: int) -> None:
         self.network, self.prop, self.bounds, self.leaf_size = network, prop, bounds, leaf_size
         self._milp: Any = None
-        self._deviation = output_deviation(network, bounds) if network.folded else torch.zeros(0)
+        self._deviation: torch.Tensor | None = None
 
     def _widen(self, disjunct: Halfspaces) -> Halfspaces:
-        return widen(disjunct, self._deviation) if self.network.folded else disjunct
+        if not self.network.folded:
+            return disjunct
+        if self._deviation is None:
+            self._deviation = output_deviation(self.network, self.bounds)
+        return widen(disjunct, self._deviation)
 
     def decide(self, disjunct: Halfspaces, engine: str, deadline: float) -> Outcome:
         """Can the box reach `disjunct`? Decided by `engine` ("z3" or "milp") by `deadline`."""
