@@ -53,6 +53,10 @@ CANDIDATES = 32  # FSB: neurons tried per domain (alpha-beta-CROWN: 3; measured 
 _FSB_BUDGET = 60_000_000  # per-row bound entries of all candidates' children at once
 
 
+class _Late(Exception):
+    """The deadline passed while a batch was bounded."""
+
+
 @dataclass
 class _Domains:
     """Open sub-problems, batched: phases `D × n_j` per ReLU layer, α and β `D·m × n_j`
@@ -155,6 +159,8 @@ class BetaCrown:
             lr_alpha=LR_ALPHA, lr_beta=LR_BETA, offset=-self.b.repeat(len(d)),
             deadline=deadline,
         )  # fmt: skip
+        if time.perf_counter() >= deadline:  # the optimiser stopped early: nothing to keep
+            raise _Late
         sound = Relaxation(
             {j: t.double() for j, t in relax.alpha.items()},
             {j: t.double() for j, t in relax.beta.items()},
@@ -274,6 +280,12 @@ class BetaCrown:
             [torch.zeros(self.m, self.root.lower[j].numel()) for j in self.layers],
             torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
         )  # fmt: skip
+        try:
+            return self._search(d, deadline)
+        except _Late:
+            return Outcome(Answer.UNKNOWN, reason="deadline reached in beta-CROWN")
+
+    def _search(self, d: _Domains, deadline: float) -> Outcome:
         saved = self.iterations
         self.iterations = max(saved, 100)  # the root: alpha-CROWN's longer run
         d, candidates, _ = self.bound(d, deadline)
