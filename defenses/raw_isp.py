@@ -15,7 +15,9 @@ form `(x, metadata) -> tensor`) when they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -132,3 +134,28 @@ class RawISPDefended(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(x))
+
+
+@contextmanager
+def item_draws(model: object, seed: int, key: str) -> Iterator[None]:
+    """Inside the block, every randomised `RawISP` in `model` draws from a generator seeded
+    by (`seed`, `key`); after it, each generator is back where it was.
+
+    A run's work items (`key`: the item's results.jsonl key) use it so that a randomised
+    defense draws the same for an item wherever and in whichever order it runs: in this
+    process after other items, on a Ray worker after others, or alone when resumed. A model
+    without a randomised preprocessing is left alone."""
+    generators: dict[int, torch.Generator] = {}
+    if isinstance(model, nn.Module):
+        for m in model.modules():
+            if isinstance(m, RawISP) and m.randomize:
+                generators[id(m.generator)] = m.generator
+    saved = [(g, g.get_state()) for g in generators.values()]
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    for g in generators.values():
+        g.manual_seed(int.from_bytes(digest[:8], "little") >> 2)
+    try:
+        yield
+    finally:
+        for g, state in saved:
+            g.set_state(state)

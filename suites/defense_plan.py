@@ -82,7 +82,8 @@ def model_defense(model: Model) -> ModelDefense | None:
 def defended_model(model: Model, defense: str, *, bpda: bool = False, seed: int = 0) -> nn.Module:
     """`model` behind the preprocessing `defense`: exact gradients through the torch ISP,
     or with `bpda` the same outputs with an identity backward pass (Athalye et al. 2018).
-    `raw_isp:random` draws camera metadata and noise per image and call, seeded by `seed`."""
+    `raw_isp:random` draws camera metadata and noise per image and call, seeded by `seed`
+    (and per work item by the run's seed and the item: `raw_isp.item_draws`)."""
     from bastion.defenses.raw_isp import RawISP
 
     if defense not in PREPROCESSING:

@@ -14,14 +14,14 @@ Views (`params.view`; the other parameters go to the attack):
 Every point the model classifies correctly is attacked (no cascade). A sample counts as
 broken when the defended model — for a randomised defense, one fresh draw of it —
 misclassifies the attack's image; the passes counted are the model's (`samples` per query
-of an EOT view). A randomised defense's generator is re-seeded per item from the run's seed
-and the item, so a resumed or distributed run draws the same randomness for it.
+of an EOT view). As in every attack item, a randomised defense draws from a generator
+seeded by the run's seed and the item (`raw_isp.item_draws`), so a resumed or distributed
+run draws the same randomness for it.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from dataclasses import dataclass, replace
 
@@ -176,16 +176,6 @@ def _with_bpda(model: nn.Module) -> nn.Module:
     return RawISPDefended(pre, model.model)
 
 
-def reseed(model: nn.Module, seed: int, key: str) -> None:
-    """Re-seed every randomised preprocessing inside `model` from (seed, item key)."""
-    from bastion.defenses.raw_isp import RawISP
-
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    for m in model.modules():
-        if isinstance(m, RawISP) and m.randomize:
-            m.generator.manual_seed(int.from_bytes(digest[:8], "little") >> 2)
-
-
 @dataclass(frozen=True)
 class AdaptiveWork:
     """One adaptive item: `check` at `eps` on the dataset indices `todo`."""
@@ -214,18 +204,20 @@ class AdaptiveWork:
         forward = backward = 0
         shots: dict[tuple[str, float | None, int], torch.Tensor] = {}
         if len(todo):
+            from bastion.defenses.raw_isp import item_draws
+
             model = env.model
             assert isinstance(model, nn.Module)
-            reseed(model, self.seed, self.key)
             view = view_model(model, check.params)
             draws = int(getattr(view, "samples", 1))
             attack = check.spec.build(
                 eps=self.eps, norm=check.norm, params=attack_params(check), seed=self.seed
             )
             x, y = (t.to(env.dev) for t in take(env, todo))
-            result = attack(view, x, y, indices=todo.to(env.dev), progress=progress)
-            with torch.no_grad():  # the defense as deployed judges (a fresh draw)
-                pred = model(result.x_adv).argmax(1)
+            with item_draws(model, self.seed, self.key):
+                result = attack(view, x, y, indices=todo.to(env.dev), progress=progress)
+                with torch.no_grad():  # the defense as deployed judges (a fresh draw)
+                    pred = model(result.x_adv).argmax(1)
             success = pred != y
             values = {
                 "pred_adv": pred,

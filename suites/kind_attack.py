@@ -210,14 +210,14 @@ class AttackWork:
         forward = backward = 0
         shots = {}
         if len(todo):
+            from bastion.defenses.raw_isp import item_draws  # a randomised defense's draws
+
             attack = check.spec.build(eps=eps, norm=check.norm, params=check.params, seed=self.seed)
-            result = attack(
-                env.attacked(check.bpda),
-                x.to(env.dev),
-                y.to(env.dev),
-                indices=todo.to(env.dev),
-                progress=progress,
-            )
+            model = env.attacked(check.bpda)
+            with item_draws(model, self.seed, self.key):  # per item, wherever it runs
+                result = attack(
+                    model, x.to(env.dev), y.to(env.dev), indices=todo.to(env.dev), progress=progress
+                )
             values = {
                 "pred_adv": result.pred_adv,
                 "success": result.success,
