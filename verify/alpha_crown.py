@@ -3,9 +3,11 @@
 CROWN bounds a row `a·z_k` by one linear relaxation per ReLU; the lower line z ≥ α·h is
 valid for every α ∈ [0, 1], and CROWN's choice (1 where u > −l, else 0) is one guess. Here
 α is a variable per row and per unstable neuron, optimised by projected gradient ascent
-(Adam) on the bound itself, starting from CROWN's choice, all rows of a batch at once,
-on whatever device the bounds live (CPU or CUDA). The split multipliers of branch and
-bound (β, `beta_crown.py`) are optimised the same way when splits are given.
+(Adam) on the bound itself, starting from CROWN's choice, all rows of a batch at once.
+The optimiser creates its tensors on the rows' device; the verifier's callers keep
+everything on the CPU, and only the CPU is tested.
+The split multipliers of branch and bound (β, `beta_crown.py`) are optimised the same way
+when splits are given.
 
 The optimisation runs in plain floating point (`dtype`, float32 by default) without error
 terms; it only chooses α and β. The bound that is reported comes from re-evaluating
@@ -169,20 +171,20 @@ def optimise(
 ) -> tuple[Relaxation, Pass]:
     """Adam ascent on Σ rows' bounds (plus `offset`) over α ∈ [0, 1] and β ≥ 0 of `relax`
     (β only for the layers it holds); returns the best relaxation per row and its pass."""
-    rows = a.shape[0]
-    lower = [t.to(dtype) for t in lower]
-    upper = [t.to(dtype) for t in upper]
+    rows, device = a.shape[0], a.device
+    lower = [t.to(device, dtype) for t in lower]
+    upper = [t.to(device, dtype) for t in upper]
     if not relax.alpha and not relax.beta:
         iterations = 0
-    alpha = {j: t.to(dtype).clone().requires_grad_(True) for j, t in relax.alpha.items()}
-    beta = {j: t.to(dtype).clone().requires_grad_(True) for j, t in relax.beta.items()}
+    alpha = {j: t.to(device, dtype).clone().requires_grad_(True) for j, t in relax.alpha.items()}
+    beta = {j: t.to(device, dtype).clone().requires_grad_(True) for j, t in relax.beta.items()}
     params = [{"params": list(alpha.values()), "lr": lr_alpha}]
     if beta:
         params.append({"params": list(beta.values()), "lr": lr_beta})
     opt = torch.optim.Adam(params) if iterations > 0 else None
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, LR_DECAY) if opt else None
     a_t = a.to(dtype)
-    best_value = torch.full((rows,), float("-inf"), dtype=dtype)
+    best_value = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
     best = Relaxation(
         {j: t.detach().clone() for j, t in alpha.items()},
         {j: t.detach().clone() for j, t in beta.items()},
@@ -212,7 +214,7 @@ def optimise(
         late = deadline is not None and time.perf_counter() >= deadline
         if step == iterations or late or opt is None or sched is None:
             break
-        total = result.value if offset is None else result.value + offset.to(dtype)
+        total = result.value if offset is None else result.value + offset.to(device, dtype)
         opt.zero_grad()
         (-total.sum()).backward()
         opt.step()

@@ -134,14 +134,14 @@ def back_linear(
     if isinstance(layer, Flatten):
         return a.reshape(m, *in_shape), a.new_zeros(m)
     if isinstance(layer, Dense):
-        w, b = layer.weight.to(a.dtype), layer.bias.to(a.dtype)
+        w, b = layer.weight.to(a), layer.bias.to(a)
         return a @ w, a @ b
     if isinstance(layer, Elementwise):
-        scale = layer.scale.to(a.dtype).expand(in_shape)
-        shift = layer.shift.to(a.dtype).expand(in_shape)
+        scale = layer.scale.to(a).expand(in_shape)
+        shift = layer.shift.to(a).expand(in_shape)
         return a * scale, (a * shift).flatten(1).sum(1)
     if isinstance(layer, Conv2d):
-        w, b = layer.weight.to(a.dtype), layer.bias.to(a.dtype)
+        w, b = layer.weight.to(a), layer.bias.to(a)
         const = (a.sum((2, 3)) * b).sum(1)
         return _transpose_conv(a, w, layer.stride, layer.padding, in_shape, 1), const
     if isinstance(layer, AvgPool2d):
