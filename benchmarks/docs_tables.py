@@ -417,6 +417,75 @@ def scaling_detection_ms(results: Path) -> str:
     return _md(["", *names], rows, "l" + "r" * len(names))
 
 
+# ---------------------------------------------------------------- docs/defenses.md
+
+DEFENSE_NAMES = {
+    "distillation": "distillation, T = 100",
+    "raw_isp_random": "RAW-ISP, randomised",
+    "dverge": "DVERGE, 3 members",
+}
+
+
+def _seconds(step: dict[str, Any]) -> str:
+    """`96 s (28 s)`: a command's wall seconds and, in brackets, its CPU seconds."""
+    return f"{step['wall_seconds']:.0f} s ({step['cpu_seconds']:.0f} s)"
+
+
+def _threat(spec: str) -> str:
+    """`linf:0.1` as `L∞ 0.1`, `linf:8/255` as `L∞ 8/255`."""
+    norm, _, eps = spec.partition(":")
+    return _eps(norm, float(Fraction(eps)))
+
+
+def _acc(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+@table("defense_table")
+def defense_table(results: Path) -> str:
+    """Per defense, undefended | defended | adaptive robust accuracy at each threat model,
+    from one run of the commands (`benchmarks/defense_table.py`), with the commands' wall
+    and CPU seconds and the load they ran at."""
+    data = _load(results, "defense_table")
+    rows = []
+    loads: list[float] = []
+    commits: list[str] = []
+    for key, d in data["defenses"].items():
+        clean = f"{_acc(d['clean_undefended'])} → {_acc(d['clean_defended'])}"
+        training = " + ".join(_seconds(s) for s in d["training"].values()) or "–"
+        for k, t in enumerate(d["threats"]):
+            first = k == 0
+            rows.append(
+                [
+                    DEFENSE_NAMES.get(key, d["defense"]) if first else "",
+                    str(d["n"]) if first else "",
+                    clean if first else "",
+                    _threat(t["threat"]),
+                    _acc(t["undefended"]),
+                    _acc(t["defended"]),
+                    f"**{_acc(t['adaptive'])}**",
+                    training if first else "",
+                    _seconds(d["report"]) if first else "",
+                ]
+            )
+        steps = [*d["training"].values(), d["report"]]
+        loads += [v for s in steps for v in (s["load_before"][0], s["load_after"][0])]
+        for step in steps:
+            if step["commit"] not in commits:
+                commits.append(step["commit"])
+    header = ["defense", "n", "clean accuracy (undefended → defended)", "threat", "undefended"]
+    header += ["defended", "adaptive", "training wall (CPU)", "report wall (CPU)"]
+    text = _md(header, rows, "lrllrrrrr")
+    cores = data["machine"]["usable_cores"] or data["machine"]["cores"]
+    text += (
+        f"\n\nOne run, {data['machine']['time_utc'][:10]}, at commits {', '.join(commits)} "
+        f"(HEAD as each command ended; +dirty: other files of the tree had changes): {cores} "
+        "cores shared with other jobs, one torch thread per command; 1-minute load average "
+        f"{min(loads):.1f}–{max(loads):.1f} before and after the commands."
+    )
+    return text
+
+
 # ---------------------------------------------------------------- docs/scale-out.md
 
 

@@ -313,3 +313,31 @@ def test_terminal_prints_the_table(distilled: Distilled, digits: Dataset) -> Non
     text = buf.getvalue()
     row = report.model.defense.rows[0]  # type: ignore[union-attr]
     assert f"defense linf:0.1: – | {row.defended:.3f} | {row.adaptive:.3f} (n = 16)" in text
+
+
+def test_the_docs_defense_table_shows_what_the_benchmark_json_holds(tmp_path: Path) -> None:
+    import importlib.util
+    import shutil
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(
+        "docs_tables", root / "benchmarks" / "docs_tables.py"
+    )
+    assert spec is not None and spec.loader is not None
+    docs_tables = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("docs_tables", docs_tables)
+    spec.loader.exec_module(docs_tables)
+    results = tmp_path / "results"
+    shutil.copytree(root / "benchmarks" / "results", results)
+    doc = json.loads((results / "defense_table.json").read_text())
+    isp = doc["defenses"]["raw_isp_random"]
+    isp["threats"][0].update(undefended=0.5, defended=0.75, adaptive=0.125)
+    isp["report"].update(wall_seconds=700.4, cpu_seconds=150.2)
+    doc["defenses"]["dverge"]["clean_undefended"] = None
+    (results / "defense_table.json").write_text(json.dumps(doc))
+    text = docs_tables.TABLES["defense_table"](results)
+    row = next(line for line in text.splitlines() if line.startswith("| RAW-ISP"))
+    assert "| L∞ 0.1 | 0.500 | 0.750 | **0.125** |" in row
+    assert row.endswith("| – | 700 s (150 s) |")  # no training; the report's wall (CPU)
+    assert "| – → " in next(line for line in text.splitlines() if line.startswith("| DVERGE"))
