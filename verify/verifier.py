@@ -124,8 +124,12 @@ def verify(
     open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
     if not open_:
         return done(SAFE, "bounds")
-    try:  # alpha-CROWN: the ReLU slopes optimised, for the layers and the open disjuncts
-        bounds = compute_bounds(network, prop, method="alpha", deadline=deadline)
+    # alpha-CROWN: the ReLU slopes optimised, for the layers and the open disjuncts; where
+    # the input box will be split, every sub-box gets its own bounds: the final rows only
+    splits_inputs = input_split.applicable(network, prop, _INPUT_SPLIT_MAX_FREE)
+    try:
+        method = "crown" if splits_inputs else "alpha"
+        bounds = compute_bounds(network, prop, method=method, deadline=deadline)
     except DeadlineReached as exc:
         return done(UNKNOWN, "bounds", reason=str(exc))
     stats = [s.as_dict() for s in bounds.stats]
