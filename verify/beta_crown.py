@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bastion.verify.alpha_crown import initial_alpha, linear_pass, optimise, relu_layers
@@ -176,7 +177,9 @@ class BetaCrown:
         out = _Domains(d.phase, alpha, beta, lower, layer, neuron)
         return out, result.argmin.view(count, *self.network.input_shape), bool(empty.any())
 
-    def _scores(self, d: _Domains, lo: list, hi: list, lambdas: dict, rows: torch.Tensor):  # noqa: ANN202
+    def _scores(
+        self, d: _Domains, lo: list, hi: list, lambdas: dict, rows: torch.Tensor
+    ) -> torch.Tensor:
         """BaBSR's score of every neuron per domain (−1: not splittable), all ReLU layers
         side by side, on each domain's row with the lowest bound (module docstring)."""
         pick = rows.argmin(1) + torch.arange(len(d)) * self.m
@@ -317,7 +320,7 @@ class BetaCrown:
             return Outcome(Answer.UNKNOWN, reason=unknown, domains=domains)
         return Outcome(Answer.UNSAT, domains=domains)
 
-    def _attack(self, candidates: torch.Tensor):  # noqa: ANN202
+    def _attack(self, candidates: torch.Tensor) -> np.ndarray | None:
         """The candidate the float32 network puts deepest in the disjunct, if any is in."""
         x = torch.maximum(torch.minimum(candidates, self.prop.upper), self.prop.lower)
         with torch.no_grad():

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from bastion.errors import ModelLoadError
-from bastion.verify.rounding import U, two_prod, two_sum
+from bastion.verify.folds import compose, nonzero, parts, per_channel
+from bastion.verify.rounding import U
 
 from .network import (
     LINEAR_LAYERS,
@@ -321,23 +322,23 @@ class Chain:
         if self.side is None and len(self.layers) in self.sources:
             prev = None  # a shortcut reads this activation: folding would change it
         if isinstance(prev, Dense):
-            w, b, (we, be) = _parts(prev.weight, prev.bias, prev.err)
+            w, b, (we, be) = parts(prev.weight, prev.bias, prev.err)
             scale4 = (s[:, None], se[:, None], s, se)
-            w2, b2, err = _compose(scale4, t, te, w, b, we, be)
-            self.layers[-1] = Dense(w2, b2, _nonzero(err))
-        elif isinstance(prev, Conv2d) and all(_per_channel(v) for v in (s, t, se, te)):
+            w2, b2, err = compose(scale4, t, te, w, b, we, be)
+            self.layers[-1] = Dense(w2, b2, nonzero(err))
+        elif isinstance(prev, Conv2d) and all(per_channel(v) for v in (s, t, se, te)):
             sc, tc, sce, tce = (v[:, 0, 0] for v in (s, t, se, te))
-            w, b, (we, be) = _parts(prev.weight, prev.bias, prev.err)
+            w, b, (we, be) = parts(prev.weight, prev.bias, prev.err)
             view = (-1, 1, 1, 1)
-            w2, b2, err = _compose((sc.view(view), sce.view(view), sc, sce), tc, tce, w, b, we, be)
-            self.layers[-1] = Conv2d(w2, b2, prev.stride, prev.padding, _nonzero(err))
+            w2, b2, err = compose((sc.view(view), sce.view(view), sc, sce), tc, tce, w, b, we, be)
+            self.layers[-1] = Conv2d(w2, b2, prev.stride, prev.padding, nonzero(err))
         elif isinstance(prev, Elementwise):
-            s0, t0, (s0e, t0e) = _parts(prev.scale, prev.shift, prev.err)
+            s0, t0, (s0e, t0e) = parts(prev.scale, prev.shift, prev.err)
             s0, t0, s0e, t0e = (v.expand(self.shape) for v in (s0, t0, s0e, t0e))
-            w2, b2, err = _compose((s, se, s, se), t, te, s0, t0, s0e, t0e)
-            self.layers[-1] = Elementwise(w2, b2, _nonzero(err))
+            w2, b2, err = compose((s, se, s, se), t, te, s0, t0, s0e, t0e)
+            self.layers[-1] = Elementwise(w2, b2, nonzero(err))
         else:
-            self._push(Elementwise(s.clone(), t.clone(), _nonzero((se.clone(), te.clone()))), where)
+            self._push(Elementwise(s.clone(), t.clone(), nonzero((se.clone(), te.clone()))), where)
 
     def _batch_norm(self, p: dict[str, Any], where: str) -> None:
         if p.get("training") or p.get("running_mean") is None:
@@ -454,52 +455,6 @@ _SIDE_OPS = frozenset(
      "batch_norm", "_native_batch_norm_legit_no_training", "flatten", "view", "reshape",
      "_unsafe_view", "avg_pool2d", "dropout", *_IDENTITY}
 )  # fmt: skip
-
-
-def _parts(
-    w: torch.Tensor, b: torch.Tensor, err: tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    w, b = w.double(), b.double()
-    if err is None:
-        return w, b, (torch.zeros_like(w), torch.zeros_like(b))
-    return w, b, (err[0].double(), err[1].double())
-
-
-def _compose(
-    scale: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    t: torch.Tensor,
-    te: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor,
-    we: torch.Tensor,
-    be: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """(s·w, s·b + t) in float64 and the radius of their distance from the exact values.
-
-    `scale` is s shaped for w, its radius likewise, s shaped for b, its radius likewise;
-    given |s − s*| ≤ se, |t − t*| ≤ te, |w − w*| ≤ we, |b − b*| ≤ be:
-    |s*w* − fl(s·w)| ≤ se·(|w| + we) + |s|·we + |e|, with e the product's exact rounding
-    error (TwoProduct), and the bias likewise: an exact fold gets radius zero.
-    """
-    sw, sew, sb, seb = scale
-    w2, ew = two_prod(sw, w.expand(torch.broadcast_shapes(sw.shape, w.shape)))
-    prod, e1 = two_prod(sb, b)
-    b2, e2 = two_sum(prod, t)
-    grow = 1 + 16 * U
-    w_err = (sew * (w.abs() + we) + sw.abs() * we + ew.abs()) * grow
-    b_err = (seb * (b.abs() + be) + sb.abs() * be + te + e1.abs() + e2.abs()) * grow
-    return w2, b2, (w_err, b_err)
-
-
-def _nonzero(
-    radius: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The radius, or None when the fold is exact (both parts zero)."""
-    return radius if bool(radius[0].any() or radius[1].any()) else None
-
-
-def _per_channel(t: torch.Tensor) -> bool:
-    return bool((t == t[:, :1, :1]).all())
 
 
 _HANDLERS: dict[str, Callable[[Chain, dict[str, Any], str], None]] = {
