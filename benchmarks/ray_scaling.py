@@ -7,6 +7,8 @@ excluded, measured apart), the 2-worker speed-up over 1 worker and over one proc
 share of the run that is not item work (clean pass, sanity checks, gallery, report: serial
 on the driver), and Ray's per-task overhead: a no-op item's round trip (one at a time) and
 its cost in a stream of 200 (submitted together), against the mean compute time of an item.
+Then the machine's own ceiling, without Ray: an attack loop in 2 plain processes at once
+against 1 (items per second), which bounds what any 2 workers can reach here.
 
     python benchmarks/ray_scaling.py [--n 128] [--batch-size 16] [--niceness 0] [--out F] [--resume]
 
@@ -131,6 +133,47 @@ def _overhead(executor: Any, tasks: int = 200) -> dict[str, float]:
     return {"round_trip_ms": one * 1e3, "streamed_ms": stream * 1e3, "with_shard_ms": shard * 1e3}
 
 
+def _spin(seconds: float, out: Any) -> None:
+    """PGD (10 steps) on 16 digits of the demo model, over and over for `seconds`: how many."""
+    torch.set_num_threads(1)
+    from bastion.attacks import PGD
+
+    model, data = demo_model(), load_data("digits")
+    x, y = data.x[:16], data.y[:16]
+    attack, done = PGD(eps=0.1, steps=10), 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        attack(model, x, y)
+        done += 1
+    out.put(done)
+
+
+def ceiling(seconds: float = 20.0) -> dict[str, Any]:
+    """What this machine gives two busy processes over one, without Ray: the same attack
+    loop in 1 and then 2 plain processes at once, items per second in all."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rates = {}
+    for procs in (1, 2):
+        out = ctx.Queue()
+        started = [ctx.Process(target=_spin, args=(seconds, out)) for _ in range(procs)]
+        load = os.getloadavg()
+        for proc in started:
+            proc.start()
+        counts = [out.get() for _ in started]
+        for proc in started:
+            proc.join()
+        rates[procs] = {"items_per_second": sum(counts) / seconds, "load_before": load}
+    return {
+        "seconds": seconds,
+        "one": rates[1],
+        "two": rates[2],
+        "ratio": rates[2]["items_per_second"] / rates[1]["items_per_second"],
+        "load": os.getloadavg(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=128)
@@ -151,6 +194,10 @@ def main() -> None:
         results.setdefault("runs", {})[name] = run(workers, args.n, args.batch_size, args.niceness)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, results, indent=1)
+    if "ceiling" not in results:  # two plain processes against one: the machine's own limit
+        print("ceiling …", file=sys.stderr, flush=True)
+        results["ceiling"] = ceiling()
+        write_json(args.out, results, indent=1)
     runs = results["runs"]
     same = len({r["report_sha256"] for r in runs.values()}) == 1
     p1, r1, r2 = (runs[k]["wall_seconds"] for k in ("process", "ray_1", "ray_2"))
@@ -163,6 +210,7 @@ def main() -> None:
         "not_item_work_share": serial / p1,
         "task_overhead_ms": runs["ray_2"]["task_overhead"],
         "item_mean_ms": runs["process"]["item_seconds_mean"] * 1e3,
+        "plain_processes_2_vs_1": results["ceiling"]["ratio"],
     }
     write_json(args.out, results, indent=1)
     print(json.dumps(results["summary"], indent=1))
