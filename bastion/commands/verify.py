@@ -28,7 +28,7 @@ from bastion.commands.common import (
 )
 from bastion.errors import ConfigError, DataError
 
-_ENGINES = ("auto", "z3", "milp", "bounds")
+_ENGINES = ("auto", "beta-crown", "z3", "milp", "bounds")  # verify/verifier.py ENGINES
 
 
 def register(sub: Any) -> None:
@@ -38,8 +38,9 @@ def register(sub: Any) -> None:
         help="prove a region robust (SAFE), find a counterexample (UNSAFE), or say UNKNOWN",
         description="Verify local robustness around one image (L∞ ball of --eps, or a DLV "
         "feature region), a VNN-LIB property of an ONNX network (--vnnlib), or a "
-        "VNN-COMP instances.csv (--instances). Bounds first (CROWN), then PGD, then an "
-        "exact engine (z3 with branch and bound, or a HiGHS MILP).",
+        "VNN-COMP instances.csv (--instances). Bounds first (CROWN, alpha-CROWN), then "
+        "PGD, then beta-CROWN branch and bound and an exact engine (z3 with branch and "
+        "bound, or a HiGHS MILP).",
     )
     add_model_and_data(p)
     p.add_argument("--index", type=int, default=0, help="sample of --data to verify (default 0)")
@@ -48,7 +49,14 @@ def register(sub: Any) -> None:
     p.add_argument("--eps", type=float, default=0.01, help="L∞ radius of the region (default 0.01)")
     p.add_argument("--vnnlib", default=None, help="VNN-LIB 1.0 property for MODEL (ONNX)")
     p.add_argument("--instances", default=None, help="VNN-COMP instances.csv to run in batch")
-    p.add_argument("--engine", default="auto", choices=_ENGINES)
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=_ENGINES,
+        help="auto: beta-CROWN, then z3 (small regions) and the MILP; beta-crown: branch and "
+        "bound with optimised bounds only; z3 / milp: that exact engine; bounds: "
+        "interval, CROWN and alpha-CROWN bounds and the attack only (default auto)",
+    )
     p.add_argument(
         "--timeout",
         type=float,
