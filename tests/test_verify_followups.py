@@ -58,3 +58,31 @@ def test_cli_engine_choices_are_the_verifiers() -> None:
     from bastion.verify.verifier import ENGINES
 
     assert set(_ENGINES) == set(ENGINES)
+
+
+@pytest.mark.parametrize(
+    ("engine", "words"),
+    [
+        ("alpha-crown", ["alpha-CROWN", "outward rounding"]),
+        ("beta-crown", ["beta-CROWN", "branch and bound", "Lagrange", "outward rounding"]),
+        ("bounds+beta-crown+milp", ["CROWN/interval", "beta-CROWN", "HiGHS"]),
+    ],
+)
+def test_guarantee_words_each_engine_not_its_bare_name(engine: str, words: list[str]) -> None:
+    from bastion.verify.verdict import guarantee_text
+
+    text = guarantee_text(engine)
+    assert all(w in text for w in words), text
+    assert f" {engine.split('+')[-1]}:" not in text and "SAFE alpha-crown" not in text
+
+
+def test_cli_prints_beta_crowns_guarantee(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx, prop = _tiny_instance(tmp_path)
+    args = ["verify", str(onnx), "--vnnlib", str(prop), "--engine", "beta-crown", "--json"]
+    assert main(args) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["result"] == "unsat" and "Lagrange" in out["guarantee"], out["guarantee"]

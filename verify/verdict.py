@@ -20,6 +20,12 @@ EXACTNESS = (
 
 _HOW = {
     "bounds": "by CROWN/interval bounds with rigorous outward rounding",
+    "alpha-crown": "by alpha-CROWN (linear bounds with optimised ReLU slopes, each bound "
+    "re-evaluated through the sound linear relaxation with rigorous outward rounding)",
+    "beta-crown": "by beta-CROWN branch and bound (ReLU splits enforced in each "
+    "subdomain's bound through optimised Lagrange multipliers, or input-box splits for few "
+    "free inputs; every closed subdomain bounded through the sound linear relaxation with "
+    "rigorous outward rounding)",
     "z3": "by z3 over the rationals (with rigorous bounds fixing stable ReLUs)",
     "milp": "by the HiGHS MILP, its bound clearing zero by twice its tolerance scaled to "
     "the problem's magnitudes (a floating-point solver: not an exact certificate)",
@@ -27,7 +33,8 @@ _HOW = {
 
 
 def guarantee_text(engine: str) -> str:
-    """What a SAFE from `engine` ("bounds", "z3", "milp", "z3+milp", …) proves, in words."""
+    """What a SAFE from `engine` ("bounds", "alpha-crown", "beta-crown", "z3", "milp",
+    "beta-crown+z3", …) proves, in words."""
     parts = [_HOW.get(e, e) for e in engine.split("+")]
     return f"SAFE {' and '.join(parts)}: {EXACTNESS}"
 
