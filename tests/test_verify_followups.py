@@ -4,10 +4,12 @@ networks, and a deadline already past stopping every engine before its work."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 from torch import nn
 
 from bastion.cli import main
@@ -86,3 +88,49 @@ def test_cli_prints_beta_crowns_guarantee(
 
     out = json.loads(capsys.readouterr().out)
     assert out["result"] == "unsat" and "Lagrange" in out["guarantee"], out["guarantee"]
+
+
+CIFAR_RESNET = SHARED_DATA / "vnncomp2021" / "cifar10_resnet"
+
+
+@pytest.mark.skipif(not CIFAR_RESNET.is_dir(), reason="VNN-COMP files not found in ../shared/data")
+def test_cifar10_resnet_instances_find_their_reference_rows() -> None:
+    """The csv names `onnx/resnet_2b.onnx`, the reference `resnet_2b.onnx`."""
+    from bastion.verify.instances import read_instances
+
+    insts = read_instances(CIFAR_RESNET / "cifar10_resnet_instances.csv")
+    with (CIFAR_RESNET / "reference_results.csv").open(newline="") as f:
+        ref = list(csv.DictReader(f))
+    assert len(insts) == 72 and all(i.reference for i in insts)
+    for inst in insts:
+        row = inst.reference
+        assert row["onnx"] == inst.onnx.name and inst.vnnlib.as_posix().endswith(row["vnnlib"])
+    decided = {"holds": "unsat", "violated": "sat"}
+    want = sorted(decided[r["consensus"]] for r in ref if r["consensus"] in decided)
+    assert sorted(i.expected for i in insts if i.expected) == want and want
+
+
+def test_reference_by_file_name_only_when_unambiguous(tmp_path: Path) -> None:
+    from bastion.verify.instances import read_instances
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "net.onnx").write_bytes(b"")
+        (tmp_path / d / "p.vnnlib").write_text("")
+    (tmp_path / "x.onnx").write_bytes(b"")
+    (tmp_path / "q.vnnlib").write_text("")
+    (tmp_path / "i.csv").write_text("a/net.onnx,a/p.vnnlib,9\nb/net.onnx,b/p.vnnlib,9\n")
+    (tmp_path / "reference_results.csv").write_text(
+        "onnx,vnnlib,consensus\nnet.onnx,p.vnnlib,holds\nnet.onnx,p.vnnlib,violated\n"
+        "other/x.onnx,q.vnnlib,violated\n./b/net.onnx,b/p.vnnlib,violated\n"
+    )
+    a, b = read_instances(tmp_path / "i.csv")
+    assert a.expected is None and not a.reference  # two rows named net.onnx,p.vnnlib
+    assert b.expected == "sat"  # by its path as written, "./" dropped
+    (tmp_path / "j.csv").write_text("x.onnx,q.vnnlib,9\n")
+    (c,) = read_instances(tmp_path / "j.csv")
+    assert c.expected == "sat"  # the one row with these file names
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "k.csv").write_text("../b/net.onnx,../b/p.vnnlib,9\n")
+    (d,) = read_instances(tmp_path / "sub" / "k.csv", reference=tmp_path / "reference_results.csv")
+    assert d.expected == "sat"  # by its path relative to the reference file's folder

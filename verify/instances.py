@@ -6,7 +6,9 @@
 Paths are resolved relative to the csv's folder, as the competition scripts do. When a
 `reference_results.csv` lies next to it (columns `onnx,vnnlib,consensus,…`, as in
 `shared/data/vnncomp2021`), each instance carries its row and the consensus verdict in
-VNN-COMP 2022 words: `unsat` (the property holds) or `sat` (violated).
+VNN-COMP 2022 words: `unsat` (the property holds) or `sat` (violated). A row is found by
+the paths as written, then relative to the reference file's folder, then by the two file
+names when only one row has them.
 
 `decide_instance(inst)` gives one instance's verdict within its own timeout; the network
 and its onnxruntime replay are loaded once per process and file (the last few are kept),
@@ -50,12 +52,51 @@ class Instance:
         return f"{self.onnx.name}:{self.vnnlib.name}"
 
 
-def _reference(path: Path) -> dict[tuple[str, str], dict[str, str]]:
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"onnx", "vnnlib"} <= set(rows[0]):
-        raise DataError(f"{path} has no onnx and vnnlib columns; is it a reference results file?")
-    return {(r["onnx"], r["vnnlib"]): r for r in rows}
+class _Reference:
+    """The rows of a reference results file, looked up by an instance's two paths.
+
+    First by the paths as the instances csv writes them, then by the paths relative to the
+    reference file's folder (the benchmark folder), then by the two file names alone when
+    exactly one row has them (cifar10_resnet's csv says `onnx/resnet_2b.onnx`, its
+    reference `resnet_2b.onnx`); no row, or several, give none.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.folder = path.parent.resolve() if path is not None else None
+        rows: list[dict[str, str]] = []
+        if path is not None:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows and not {"onnx", "vnnlib"} <= set(rows[0]):
+                raise DataError(
+                    f"{path} has no onnx and vnnlib columns; is it a reference results file?"
+                )
+        self.by_path = {(_norm(r["onnx"]), _norm(r["vnnlib"])): r for r in rows}
+        by_name: dict[tuple[str, str], list[dict[str, str]]] = {}
+        for r in rows:
+            by_name.setdefault((_name(r["onnx"]), _name(r["vnnlib"])), []).append(r)
+        self.by_name = {k: v[0] for k, v in by_name.items() if len(v) == 1}
+
+    def row(self, cells: list[str], onnx: Path, vnnlib: Path) -> dict[str, str]:
+        """The reference row of an instance whose csv cells are `cells[:2]`, else {}."""
+        hit = self.by_path.get((_norm(cells[0]), _norm(cells[1])))
+        if hit is None and self.folder is not None:
+            try:
+                key = tuple(p.resolve().relative_to(self.folder).as_posix() for p in (onnx, vnnlib))
+            except ValueError:  # not under the benchmark folder
+                key = ()
+            hit = self.by_path.get(key) if len(key) == 2 else None
+        if hit is None:
+            hit = self.by_name.get((_name(cells[0]), _name(cells[1])))
+        return hit or {}
+
+
+def _norm(path: str) -> str:
+    return Path(path.strip()).as_posix()
+
+
+def _name(path: str) -> str:
+    return Path(path.strip()).name
 
 
 def read_instances(
@@ -75,7 +116,7 @@ def read_instances(
     ref_path = (
         Path(reference) if reference is not None else csv_path.parent / "reference_results.csv"
     )
-    known = _reference(ref_path) if (reference is not None or ref_path.exists()) else {}
+    known = _Reference(ref_path if (reference is not None or ref_path.exists()) else None)
     out = []
     for line, row in enumerate(rows, 1):
         cells = [c.strip() for c in row]
@@ -93,7 +134,7 @@ def read_instances(
         for p in (onnx, vnnlib):
             if not p.is_file():
                 raise DataError(f"{csv_path} line {line}: {p} does not exist")
-        ref = known.get((cells[0], cells[1]), {})
+        ref = known.row(cells, onnx, vnnlib)
         verdict = _VERDICTS.get(ref.get("consensus", "").strip().lower())
         out.append(Instance(onnx, vnnlib, timeout, verdict, ref))
     return out
