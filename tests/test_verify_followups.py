@@ -134,3 +134,32 @@ def test_reference_by_file_name_only_when_unambiguous(tmp_path: Path) -> None:
     (tmp_path / "sub" / "k.csv").write_text("../b/net.onnx,../b/p.vnnlib,9\n")
     (d,) = read_instances(tmp_path / "sub" / "k.csv", reference=tmp_path / "reference_results.csv")
     assert d.expected == "sat"  # by its path relative to the reference file's folder
+
+
+class _Residual(nn.Module):
+    """conv, ReLU, conv, plus the input (identity shortcut), ReLU, then a dense layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+        return self.fc(out.flatten(1))
+
+
+def test_cli_dlv_refuses_hidden_layers_of_a_residual_net_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "residual.pt"
+    torch.save(_Residual().eval(), path)
+    base = ["verify", str(path), "--trust-pickle", "--region", "dlv", "--features", "3"]
+    base += ["--span", "0.001", "--timeout", "20", "--quiet"]  # the input grid keeps the class
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "residual" in err and "--dlv-layer 0" in err, err
+    assert "Traceback" not in err and "TypeError" not in err
+    assert main([*base, "--dlv-layer", "0"]) == 0  # the input grid alone reads it
+    assert "layer 0 (input grid)" in capsys.readouterr().out

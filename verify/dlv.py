@@ -34,7 +34,9 @@ Deviations from DLV's code: a z3 timeout is `unknown`, never unsat; the input co
 x ≠ original is dropped; hidden regions are synthesised from sound bounds of the image (not
 from Σ|W|·span alone) and their containment is checked; no seeding of the next feature from
 the previous round's least confident image (the region stays one feature's box around x, so
-the verdict has a meaning).
+the verdict has a meaning). Residual networks (an `Add` join) are analysed on the input
+grid only (`layer=0`): the hidden-layer analysis carries regions along a single chain of
+layers and refuses them.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from bastion.verify.dlv_regions import (
 )
 from bastion.verify.dlv_verdict import DlvVerdict, LayerStats, guarantee
 from bastion.verify.extract import extract
-from bastion.verify.network import Conv2d, Network, apply_layer
+from bastion.verify.network import Add, Conv2d, Network, apply_layer
 from bastion.verify.outcome import Status
 from bastion.verify.verdict import SAFE, UNKNOWN, UNSAFE
 
@@ -80,6 +82,18 @@ def analysed_layers(net: Network, layer: int | None) -> list[int]:
             f"layer followed by more layers; choose one of {[0, *hidden]}"
         )
     return [0, *[k for k in hidden if k <= layer]]
+
+
+def _refuse_residual(net: Network, analysed: list[int]) -> None:
+    """DLV's hidden layers are carried along a single chain of layers: no residual joins."""
+    joins = [k for k, lay in enumerate(net.layers) if isinstance(lay, Add)]
+    if joins and len(analysed) > 1:
+        raise ConfigError(
+            f"DLV's hidden-layer analysis reads a single chain of layers, but this network "
+            f"joins branches (a residual Add at layer {joins[0]}); pass --dlv-layer 0 "
+            f"(layer=0) for the input grid only, or verify the L∞ ball with --region linf "
+            f"(the default engine reads residual networks)"
+        )
 
 
 def verify_dlv(
@@ -131,6 +145,7 @@ def verify_dlv(
     else:
         raise ConfigError("a plain callable model needs its extracted network: pass network=")
     analysed = analysed_layers(net, layer)
+    _refuse_residual(net, analysed)
     forward = _forward(model)
     with eval_mode(model):
         with torch.no_grad():
