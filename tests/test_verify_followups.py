@@ -5,7 +5,9 @@ networks, and a deadline already past stopping every engine before its work."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -163,3 +165,96 @@ def test_cli_dlv_refuses_hidden_layers_of_a_residual_net_in_one_line(
     assert "Traceback" not in err and "TypeError" not in err
     assert main([*base, "--dlv-layer", "0"]) == 0  # the input grid alone reads it
     assert "layer 0 (input grid)" in capsys.readouterr().out
+
+
+def _tiny_problem() -> tuple[Any, Any]:
+    from bastion.verify import extract
+    from bastion.verify.spec import Halfspaces, Property
+
+    net, low = _tiny_net()
+    one = torch.ones(2, dtype=torch.float64)
+    row = Halfspaces(torch.ones(1, 1, dtype=torch.float64), torch.tensor([low - _GAP]).double())
+    return extract(net, (2,)), Property(-one, one, [row])
+
+
+def _count(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_past_deadline_alpha_crown_keeps_crowns_bound_without_optimising(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bastion.verify import alpha_crown
+    from bastion.verify.back_substitution import back_substitute
+    from bastion.verify.bounds import compute_bounds
+
+    network, prop = _tiny_problem()
+    bounds = compute_bounds(network, prop)
+    a = prop.unsafe[0].a.double()
+    n = len(network.layers)
+    steps = _count(monkeypatch, alpha_crown, "optimise")
+    low, _ = alpha_crown.optimised_rows(
+        network, bounds.lower, bounds.upper, a, n, deadline=time.perf_counter() - 1
+    )
+    assert steps[0] == 0
+    assert torch.equal(low, back_substitute(network, bounds.lower, bounds.upper, a, n))
+    alpha_crown.optimised_rows(network, bounds.lower, bounds.upper, a, n, deadline=None)
+    assert steps[0] == 1  # the counter sees the optimiser when there is time
+
+
+@pytest.mark.parametrize("engine", ["beta-crown", "z3", "milp"])
+def test_past_deadline_every_exact_engine_is_unknown_without_work(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bastion.verify import beta_crown, input_split, milp, smt, verifier
+    from bastion.verify.bounds import compute_bounds
+    from bastion.verify.outcome import Answer
+
+    network, prop = _tiny_problem()
+    work = [
+        _count(monkeypatch, *where)
+        for where in [
+            (milp, "encode"), (milp, "solve_disjunct"), (smt, "solve_smt"),
+            (verifier, "branch_and_bound"), (input_split.InputSplit, "run"),
+            (beta_crown, "optimise"), (beta_crown.BetaCrown, "bound"),
+        ]
+    ]  # fmt: skip
+    exact = verifier._Exact(network, prop, compute_bounds(network, prop), 12)
+    out = exact.decide(prop.unsafe[0], engine, time.perf_counter() - 1)
+    assert out.status == Answer.UNKNOWN and "deadline" in out.reason
+    direct = beta_crown.BetaCrown(network, prop, prop.unsafe[0], compute_bounds(network, prop))
+    assert direct.run(time.perf_counter() - 1).status == Answer.UNKNOWN
+    assert [c[0] for c in work] == [0] * len(work)
+
+
+def test_no_engine_starts_once_an_earlier_one_spent_the_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """beta-CROWN (here: input splitting, two free inputs) overruns the whole deadline:
+    z3 and the MILP are not started after it, nothing is encoded."""
+    from bastion.verify import input_split, milp, smt, verifier
+    from bastion.verify.outcome import Answer, Outcome
+
+    network, prop = _tiny_problem()
+    timeout, t0 = 1.0, time.perf_counter()
+    ran = [0]
+
+    def overrun(self: Any, deadline: float) -> Outcome:
+        ran[0] += 1
+        time.sleep(max(0.0, t0 + timeout + 0.2 - time.perf_counter()))
+        return Outcome(Answer.UNKNOWN, reason="overran")
+
+    monkeypatch.setattr(input_split.InputSplit, "run", overrun)
+    later = [_count(monkeypatch, milp, "encode"), _count(monkeypatch, smt, "solve_smt")]
+    later.append(_count(monkeypatch, verifier, "branch_and_bound"))
+    v = verifier.verify(network, prop, engine="auto", timeout=timeout)
+    assert ran[0] == 1 and [c[0] for c in later] == [0, 0, 0], v.summary()
+    assert v.status == verifier.UNKNOWN and "deadline" in v.reason

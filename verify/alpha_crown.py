@@ -240,10 +240,12 @@ def optimised_rows(
     deadline: float | None = None,
 ) -> tuple[torch.Tensor, Relaxation]:
     """Rigorous lower bounds of rows `a` on activation k with alpha-CROWN slopes (never
-    below CROWN's: its slopes are the start and the best per row is kept), and the slopes."""
+    below CROWN's: its slopes are the start and the best per row is kept), and the slopes.
+    With `deadline` passed, CROWN's bound and slopes (no optimisation, no second pass)."""
     crown = Relaxation(initial_alpha(network, lower, upper, k, a.shape[0]))
     base = back_substitute(network, lower, upper, a, k, crown)
-    if not crown.alpha or iterations <= 0:
+    late = deadline is not None and time.perf_counter() >= deadline
+    if not crown.alpha or iterations <= 0 or late:
         return base, crown
     relax, _ = optimise(
         network, lower, upper, a, k, crown,

@@ -274,7 +274,10 @@ class BetaCrown:
         return both
 
     def run(self, deadline: float) -> Outcome:
-        """UNSAT when every domain is closed, SAT with a candidate witness, or UNKNOWN."""
+        """UNSAT when every domain is closed, SAT with a candidate witness, or UNKNOWN
+        (at once, nothing bounded, when `deadline` has passed)."""
+        if time.perf_counter() >= deadline:
+            return Outcome(Answer.UNKNOWN, reason="deadline reached before beta-CROWN started")
         root_alpha = initial_alpha(self.network, self.root.lower, self.root.upper,
                                    len(self.network.layers), self.m)  # fmt: skip
         d = _Domains(

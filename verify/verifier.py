@@ -173,6 +173,9 @@ def verify(
                 last = k == len(engines) - 1
                 part = _SHARE.get(chosen, 1 / 3)
                 share = slot if last else time.perf_counter() + (slot - time.perf_counter()) * part
+                if time.perf_counter() >= slot:  # the disjunct's time is spent: start no engine
+                    outcome = Outcome(Answer.UNKNOWN, reason=f"deadline reached before {chosen}")
+                    break
                 outcome = exact.decide(prop.unsafe[i], chosen, share)
                 used.add(chosen)
                 if outcome.status != Answer.UNKNOWN or last:
@@ -290,7 +293,10 @@ class _Exact:
         return widen(disjunct, self._deviation)
 
     def decide(self, disjunct: Halfspaces, engine: str, deadline: float) -> Outcome:
-        """Can the box reach `disjunct`? Decided by `engine` ("z3" or "milp") by `deadline`."""
+        """Can the box reach `disjunct`? Decided by `engine` ("beta-crown", "z3" or "milp")
+        by `deadline`; UNKNOWN at once, nothing encoded or bounded, when it has passed."""
+        if time.perf_counter() >= deadline:
+            return Outcome(Answer.UNKNOWN, reason=f"deadline reached before {engine} started")
         if engine == "milp":
             return self._solve_milp(disjunct, deadline)
         if engine == "beta-crown":
