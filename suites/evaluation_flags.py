@@ -154,8 +154,15 @@ def _union(items: list[Item], checks: list[Check], t: ThreatModel, n: int) -> to
 
 
 def _rising(checks: list[CheckEntry]) -> list[Flag]:
-    """Robust accuracy of an attack's curve rising with eps by more than noise."""
+    """Robust accuracy of a multi-step attack's curve rising with eps by more than noise.
+
+    FGSM is left out: one linear step is known to overshoot at large eps (on resnet_2b,
+    CIFAR-10, it leaves 0 % robust at eps 0.1 and 5 % at 0.2), which says nothing about
+    the evaluation; a weak single step has its own flag, `single_step_much_weaker`.
+    """
     for c in checks:
+        if c.attack == "FGSM":
+            continue
         rows = [r for r in c.results if isinstance(r, AttackResult)]
         if len(rows) < 2:
             continue
