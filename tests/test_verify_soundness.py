@@ -306,7 +306,7 @@ def test_bounds_hold_exactly(scale: float) -> None:
 
 # --- the fuzz battery ----------------------------------------------------------------
 
-_ENGINES = st.sampled_from(["auto", "bounds", "z3", "milp"])
+_ENGINES = st.sampled_from(["auto", "bounds", "beta-crown", "z3", "milp"])
 
 
 @settings(max_examples=24, deadline=None, derandomize=True,
@@ -320,11 +320,11 @@ def test_fuzz_fast_slice(family: str, seed: int, engine: str) -> None:
 def test_fuzz_sweep() -> None:
     """The big sweep: 100 instances per family, engines in turn; prints the counts."""
     counts: dict[str, collections.Counter[str]] = {f: collections.Counter() for f in FAMILIES}
-    engines = ("auto", "bounds", "z3", "milp")
+    engines = ("auto", "bounds", "beta-crown", "z3", "milp")
     for family in FAMILIES:
         for i in range(100):
             seed = 1_000_003 * FAMILIES.index(family) + i
-            word = check_instance(family, seed, engines[i % 4], timeout=5.0)
+            word = check_instance(family, seed, engines[i % len(engines)], timeout=5.0)
             counts[family][word] += 1
     for family, c in counts.items():
         print(f"{family}: {sum(c.values())} instances, {dict(c)}, unsat 0")
