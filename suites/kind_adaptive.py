@@ -32,7 +32,7 @@ from bastion.errors import ConfigError
 from bastion.suites.executor import Outcome, Progress, Work, WorkEnv
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject
-from bastion.suites.kind_attack import AttackKind
+from bastion.suites.kind_attack import AttackKind, attack_outcome
 from bastion.suites.kind_rows import fold, take
 from bastion.suites.kinds import Table
 from bastion.suites.report_model import CheckEntry
@@ -230,18 +230,8 @@ class AdaptiveWork:
             forward, backward = int(values["queries"].sum()), int(values["gradients"].sum())
             for j in success.nonzero().flatten()[: self.keep].tolist():
                 shots[(check.id, self.eps, int(todo[j]))] = result.x_adv[j].cpu()
-        record = {
-            "kind": "attack",  # the rows of an attack item: every reader of attack items works
-            "check": check.id,
-            "attack": check.attack,
-            "eps": self.eps,
-            "seed": self.seed,
-            "rows": rows,
-            "seconds": time.perf_counter() - start,
-            "forward": forward,
-            "backward": backward,
-        }
-        return Outcome(record, shots)
+        # the rows of an attack item: every reader of attack items works
+        return attack_outcome(check, self.eps, self.seed, rows, start, (forward, backward), shots)
 
 
 KIND = AdaptiveKind()

@@ -229,18 +229,32 @@ class AttackWork:
             forward, backward = int(result.queries.sum()), int(result.gradients.sum())
             for j in result.success.nonzero().flatten()[: self.keep].tolist():
                 shots[(check.id, eps, int(todo[j]))] = result.x_adv[j].cpu()
-        record = {
-            "kind": "attack",
-            "check": check.id,
-            "attack": check.attack,
-            "eps": eps,
-            "seed": self.seed,
-            "rows": rows,
-            "seconds": time.perf_counter() - start,
-            "forward": forward,
-            "backward": backward,
-        }
-        return Outcome(record, shots)
+        return attack_outcome(check, eps, self.seed, rows, start, (forward, backward), shots)
+
+
+def attack_outcome(
+    check: Check,
+    eps: float | None,
+    seed: int,
+    rows: dict[str, list[object]],
+    start: float,
+    passes: tuple[int, int],
+    shots: dict[tuple[str, float | None, int], torch.Tensor],
+) -> Outcome:
+    """An attack item's record (every reader of attack items reads this shape): its rows,
+    seconds since `start` and (forward, backward) passes, with the kept shots."""
+    record = {
+        "kind": "attack",
+        "check": check.id,
+        "attack": check.attack,
+        "eps": eps,
+        "seed": seed,
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+        "forward": passes[0],
+        "backward": passes[1],
+    }
+    return Outcome(record, shots)
 
 
 def _replay(ctx: RunContext, check: Check, eps: float | None, picks: list[int]) -> None:
