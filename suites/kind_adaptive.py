@@ -33,7 +33,7 @@ from bastion.suites.executor import Outcome, Progress, Work, WorkEnv
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject
 from bastion.suites.kind_attack import AttackKind, attack_outcome
-from bastion.suites.kind_rows import fold, take
+from bastion.suites.kind_rows import execute_and_fold, fold, take
 from bastion.suites.kinds import Table
 from bastion.suites.report_model import CheckEntry
 from bastion.suites.results_log import item_key
@@ -119,17 +119,7 @@ class AdaptiveKind(AttackKind):
                 todo = idx[ctx.state.correct[idx]]
                 pred = ctx.state.pred[todo].tolist()
                 works.append(AdaptiveWork(key, check, eps, todo, pred, ctx.seed, ctx.keep))
-        task.update(done)
-
-        def advance(k: int, m: int) -> None:
-            task.update(done + k / m)
-
-        for work, rec in ctx.execute(works, advance):
-            assert isinstance(work, AdaptiveWork)
-            fold(rec, broken, work.eps)
-            done += 1
-            task.update(done)
-        task.close()
+        execute_and_fold(ctx, works, task, done, broken)
 
     def gallery(self, ctx: RunContext, check: Check) -> list[GalleryItem]:
         """Successes kept during this run at the smallest eps with any (a resumed item's

@@ -29,7 +29,7 @@ from bastion.suites.executor import Outcome, Progress, Work, WorkEnv
 from bastion.suites.formatting import cell
 from bastion.suites.gallery import GalleryItem
 from bastion.suites.json_codec import JsonObject
-from bastion.suites.kind_rows import fold, take
+from bastion.suites.kind_rows import execute_and_fold, fold, take
 from bastion.suites.kinds import Column, Table
 from bastion.suites.report_builder import check_entry
 from bastion.suites.report_model import AttackResult, CheckEntry, TransferRow
@@ -100,17 +100,7 @@ class TransferKind:
                 models = models or _models(ctx, check)
                 correct = ctx.state.correct[idx].tolist()
                 works.append(TransferWork(key, check, eps, idx, correct, ctx.seed, *models))
-        task.update(done)
-
-        def advance(k: int, m: int) -> None:
-            task.update(done + k / m)
-
-        for work, rec in ctx.execute(works, advance):
-            assert isinstance(work, TransferWork)
-            fold(rec, broken, work.eps)
-            done += 1
-            task.update(done)
-        task.close()
+        execute_and_fold(ctx, works, task, done, broken)
 
     def summarise(self, check: Check, state: RunState, items: list[Item], total: int) -> CheckEntry:
         n = min(check.n or total, total)
