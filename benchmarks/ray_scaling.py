@@ -38,11 +38,11 @@ from _harness import write_json
 
 from bastion.data import load_data
 from bastion.suites.executor import Outcome, Progress, WorkEnv
+from bastion.suites.report_model import without_timings
 from bastion.suites.runner import run_suite
 from bastion.zoo import demo_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ray_scaling.json"
-VOLATILE = {"created", "environment", "timings", "seconds", "time", "load_seconds"}
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,6 @@ class NoOp:
 
     def __call__(self, env: WorkEnv, progress: Progress | None) -> Outcome:
         return Outcome({"kind": "noop"})
-
-
-def _stable(value: object) -> object:
-    if isinstance(value, dict):
-        return {
-            k: _stable(v)
-            for k, v in value.items()
-            if k not in VOLATILE and not k.endswith("_seconds")
-        }
-    if isinstance(value, list):
-        return [_stable(v) for v in value]
-    return value
 
 
 def run(workers: int | None, n: int, batch: int, niceness: int = 0) -> dict[str, Any]:
@@ -103,7 +91,7 @@ def run(workers: int | None, n: int, batch: int, niceness: int = 0) -> dict[str,
         "item_seconds_mean": statistics.mean(item_seconds),
         # every number of report.json but the timings, hashed: equal hashes, equal reports
         "report_sha256": hashlib.sha256(
-            json.dumps(_stable(json.loads(report.to_json())), sort_keys=True).encode()
+            json.dumps(without_timings(json.loads(report.to_json())), sort_keys=True).encode()
         ).hexdigest(),
         "task_overhead": overhead,
         "worker_niceness": niceness if workers else None,

@@ -399,3 +399,21 @@ class ReportData:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"a report.json is not JSON ({exc}); the file is damaged") from None
         return cls.from_dict(raw)
+
+
+# keys whose values change from run to run (wall clock, the machine); any "*_seconds" too
+VOLATILE_KEYS = frozenset({"created", "environment", "timings", "seconds", "time", "load_seconds"})
+
+
+def without_timings(value: JsonValue) -> JsonValue:
+    """A report.json value (at any depth) without its volatile keys, so that two runs of the
+    same seed compare equal number for number."""
+    if isinstance(value, dict):
+        return {
+            k: without_timings(v)
+            for k, v in value.items()
+            if k not in VOLATILE_KEYS and not k.endswith("_seconds")
+        }
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value

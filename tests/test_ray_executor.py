@@ -25,6 +25,7 @@ from test_runner import Interrupt  # tests/ is on sys.path
 from torch import nn
 
 from bastion.suites.executor import Outcome, Progress, WorkEnv
+from bastion.suites.report_model import without_timings
 from bastion.suites.runner import run_suite
 from bastion.suites.suite import Check, Suite
 
@@ -39,7 +40,6 @@ SUITE = Suite(
     ),
 )
 N, BATCH = 48, 16  # 3 batches: 6 items per check
-VOLATILE = {"created", "environment", "timings", "seconds", "time", "load_seconds"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,22 +54,9 @@ def local_ray() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _stable(value: object) -> object:
-    """`value` without timings (at any depth); every other number kept exactly."""
-    if isinstance(value, dict):
-        return {
-            k: _stable(v)
-            for k, v in value.items()
-            if k not in VOLATILE and not k.endswith("_seconds")
-        }
-    if isinstance(value, list):
-        return [_stable(v) for v in value]
-    return value
-
-
 def _report(model: Any, data: Any, out: Path, **kw: Any) -> object:
     report = run_suite(model, data, SUITE, n=N, batch_size=BATCH, seed=1, gallery=4, out=out, **kw)
-    return _stable(json.loads(report.to_json()))
+    return without_timings(json.loads(report.to_json()))
 
 
 def _items(out: Path) -> list[dict[str, Any]]:
@@ -78,7 +65,7 @@ def _items(out: Path) -> list[dict[str, Any]]:
 
 
 def _rows(out: Path) -> dict[str, object]:
-    return {r["key"]: _stable(r.get("rows")) for r in _items(out)}  # per-image seconds out
+    return {r["key"]: without_timings(r.get("rows")) for r in _items(out)}  # per-image seconds out
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +177,7 @@ VERIFY = Suite(
 def test_a_verify_check_distributes_its_regions_to_the_same_report(demo, digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
     def report(out: Path, **kw: Any) -> object:
         rep = run_suite(demo, digits, VERIFY, n=16, batch_size=8, seed=2, out=out, **kw)
-        return _stable(json.loads(rep.to_json()))
+        return without_timings(json.loads(rep.to_json()))
 
     want = report(tmp_path / "single")
     got = report(tmp_path / "ray", executor=_ray_executor())
@@ -210,7 +197,7 @@ def test_report_workers_2_on_the_embedded_default(tmp_path: Path) -> None:
     code = main([*args, "--out", str(tmp_path / "two"), "--threads", "1", "--workers", "2"])
     assert code in (0, 1)
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
-    assert _stable(one) == _stable(two)
+    assert without_timings(one) == without_timings(two)
     assert len(_items(tmp_path / "two")) == 2 + 4  # clean pass: 2 batches; FGSM: 2 eps × 2
 
 
@@ -310,7 +297,7 @@ SCALING = Suite(
 def test_a_scaling_check_distributes_its_scalers_to_the_same_report(demo, digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
     def report(out: Path, **kw: Any) -> object:
         rep = run_suite(demo, digits, SCALING, n=16, batch_size=8, seed=3, out=out, **kw)
-        return _stable(json.loads(rep.to_json()))
+        return without_timings(json.loads(rep.to_json()))
 
     want = report(tmp_path / "single")
     got = report(tmp_path / "ray", executor=_ray_executor())

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bastion.suites.report_model import without_timings
 from bastion.suites.runner import run_suite
 from bastion.suites.suite import suite_from_dict
 
 DATA = Path(__file__).resolve().parent / "data"
-# keys whose values change from run to run (wall clock, the machine)
-VOLATILE = {"created", "environment", "timings", "seconds", "time", "load_seconds"}
 # keys added since the stored files were written (new information, no changed number)
 ADDED = {"schema_version"}
 
@@ -58,20 +57,7 @@ def _report(name: str) -> dict[str, object]:
 
     suite, kwargs = RUNS[name]()
     report = run_suite(demo_model(), load_data("digits"), suite, seed=3, gallery=4, **kwargs)  # type: ignore[arg-type]
-    return _stable(json.loads(report.to_json()))
-
-
-def _stable(value: object) -> object:
-    """`value` without the volatile keys (at any depth)."""
-    if isinstance(value, dict):
-        return {
-            k: _stable(v)
-            for k, v in value.items()
-            if k not in VOLATILE and not k.endswith("_seconds")
-        }
-    if isinstance(value, list):
-        return [_stable(v) for v in value]
-    return value
+    return without_timings(json.loads(report.to_json()))
 
 
 def _diff(got: object, want: object, path: str = "") -> list[str]:
@@ -112,7 +98,7 @@ def test_the_comparison_sees_a_changed_number() -> None:
         f".threat_models[0].robust_accuracy: {changed['threat_models'][0]['robust_accuracy']!r}, "
         f"stored {stored['threat_models'][0]['robust_accuracy']!r}"
     ]
-    assert _stable({"seconds": 1.0, "a": {"clean_seconds": 2, "b": 3}}) == {"a": {"b": 3}}
+    assert without_timings({"seconds": 1.0, "a": {"clean_seconds": 2, "b": 3}}) == {"a": {"b": 3}}
 
 
 if __name__ == "__main__":
