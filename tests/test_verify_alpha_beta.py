@@ -21,6 +21,7 @@ from test_verify_soundness import (
     check_instance,
     exact_forward,
     make_model,
+    random_box,
     reachable_by_enumeration,
 )
 from torch import nn
@@ -67,12 +68,7 @@ def test_alpha_crown_is_at_least_crown_and_below_every_exact_value(
     rng = np.random.default_rng(int(scale) + len(family))
     model, shape = make_model(family, rng, scale)
     network = extract(model, shape)
-    centre = torch.from_numpy(rng.random(shape))
-    prop = Property(
-        (centre - 0.2).clamp(0, 1),
-        (centre + 0.2).clamp(0, 1),
-        class_unsafe_set(0, 3 + (family == "mlp")),
-    )
+    prop = random_box(rng, shape, 0.2, 3 + (family == "mlp"))
     crown = property_lower_bounds(network, prop, compute_bounds(network, prop))
     bounds = compute_bounds(network, prop, method="alpha")
     alpha = property_lower_bounds(network, prop, bounds, iterations=30)
@@ -117,8 +113,7 @@ def test_any_slopes_and_split_multipliers_give_a_valid_bound(seed: int, scale: f
     rng = np.random.default_rng(seed)
     model, shape = make_model("mlp", rng, scale)
     network = extract(model, shape)
-    centre = torch.from_numpy(rng.random(shape))
-    prop = Property((centre - 0.3).clamp(0, 1), (centre + 0.3).clamp(0, 1), class_unsafe_set(0, 4))
+    prop = random_box(rng, shape, 0.3, 4)
     bounds = compute_bounds(network, prop)
     x = _points(prop, rng, 3)[int(rng.integers(3))]
     acts = network.activations(x[None].double())

@@ -278,12 +278,7 @@ def test_bounds_hold_exactly(scale: float) -> None:
     for family in ("mlp", "conv", "batchnorm"):
         model, shape = make_model(family, rng, scale)
         network = extract(model, shape)
-        centre = torch.from_numpy(rng.random(shape))
-        prop = Property(
-            (centre - 0.1).clamp(0, 1),
-            (centre + 0.1).clamp(0, 1),
-            class_unsafe_set(0, 3 + (family == "mlp")),
-        )
+        prop = random_box(rng, shape, 0.1, 3 + (family == "mlp"))
         bounds = compute_bounds(network, prop)
         lows = property_lower_bounds(network, prop, bounds)
         n = len(network.layers)
@@ -302,6 +297,16 @@ def test_bounds_hold_exactly(scale: float) -> None:
                         Decimal(float(a)) * v for a, v in zip(h.a[r].tolist(), y, strict=True)
                     )
                     assert Decimal(float(low[r])) <= row - Decimal(float(h.b[r]))
+
+
+def random_box(
+    rng: np.random.Generator, shape: tuple[int, ...], radius: float, classes: int
+) -> Property:
+    """The box of `radius` around a random point of [0, 1]^shape (clipped), class 0 to hold."""
+    centre = torch.from_numpy(rng.random(shape))
+    return Property(
+        (centre - radius).clamp(0, 1), (centre + radius).clamp(0, 1), class_unsafe_set(0, classes)
+    )
 
 
 # --- the fuzz battery ----------------------------------------------------------------
