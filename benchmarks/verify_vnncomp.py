@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from _harness import RESULTS, data_root, machine, update_json
 
+# the CLI's decision, imported before any fork: a long run uses the engine read at its start
 from bastion.verify import Property, load_network, read_instances, read_vnnlib
+from bastion.verify.decide import decide_file, onnx_replay
 
 DATA = data_root() / "vnncomp2021"
 OUT = RESULTS / "verify_vnncomp.json"
@@ -103,8 +105,6 @@ def run_bastion(onnx: Path, vnnlib: Path, timeout: float) -> dict[str, Any]:
     it; `seconds` is the verifier's own time (after reading the files)."""
 
     def job() -> dict[str, Any]:
-        from bastion.verify.decide import decide_file, onnx_replay  # the CLI's decision
-
         loaded = time.perf_counter()
         net = load_network(onnx)
         props = read_vnnlib(vnnlib, net.input_shape, net.num_outputs)
@@ -228,6 +228,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     table = marabou_table() if args.suite == "mnistfc" and not args.marabou else {}
     rows: list[dict[str, Any]] = []
     loads = list((prev or {}).get("loadavg_per_instance", []))
+    commit = machine()["commit"]  # per row: a resumed file may span commits
     for k in chosen:
         inst = instances[k]
         if inst.name in done:  # the verdict kept; the reference read again
@@ -241,6 +242,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
         t = timeout or inst.timeout
         row: dict[str, Any] = {"index": k, "name": inst.name, "expected": inst.expected}
         row["timeout_s"] = t
+        row["commit"] = commit
         row["bastion"] = run_bastion(inst.onnx, inst.vnnlib, t)
         if args.marabou:
             row["marabou"] = run_marabou(inst.onnx, inst.vnnlib, t)
@@ -307,8 +309,6 @@ def profile(args: argparse.Namespace) -> None:
     """cProfile one instance in-process; cumulative seconds per verifier stage into JSON."""
     import cProfile
     import pstats
-
-    from bastion.verify.decide import decide_file
 
     inst = next(i for i in read_instances(SUITES[args.suite]) if i.vnnlib.name == args.profile)
     net = load_network(inst.onnx)
