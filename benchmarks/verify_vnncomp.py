@@ -217,6 +217,13 @@ def with_reference(instances: list[Any], csv_path: Path) -> list[Any]:
     return out
 
 
+def with_pending(rows: list[dict[str, Any]], done: dict[str, Any]) -> list[dict[str, Any]]:
+    """`rows` and the resumed rows not run again (yet), by instance index: a resumed file
+    loses no row (a full run over an every-6th subset keeps the subset's later rows)."""
+    seen = {r["name"] for r in rows}
+    return sorted(rows + [r for n, r in done.items() if n not in seen], key=lambda r: r["index"])
+
+
 def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     instances = with_reference(read_instances(SUITES[args.suite]), SUITES[args.suite])
     chosen = select(len(instances), args.instances)
@@ -269,8 +276,8 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
             f"{b.get('seconds') or b['wall_s']:.1f}s {b.get('engine', '')} "
             f"marabou={m.get('result', '-')} {m.get('wall_s', 0):.1f}s load={row['loadavg'][0]}"
         )
-        save(args, rows, loads, timeout)
-    return save(args, rows, loads, timeout)
+        save(args, with_pending(rows, done), loads, timeout)
+    return save(args, with_pending(rows, done), loads, timeout)
 
 
 def run_marabou(onnx: Path, vnnlib: Path, timeout: float) -> dict[str, Any]:
