@@ -13,7 +13,12 @@ towards each of the top `n_target_classes` non-true classes in turn, as AutoAtta
 As in the authors' code, the start lies on the sphere (not inside the ball), the count of
 rises in the first window compares the first step's loss with 0 (their loss history starts
 at zero), and condition (1) fires at `rises ≤ rho·window`. Unlike their code, a broken
-sample stops iterating (the same success, fewer passes).
+sample stops iterating (the same success, fewer passes), and so does a sample stuck at a
+fixed point of the iteration — its iterate equal to the previous one and to its best point,
+with an exactly zero gradient there (a saturated loss: defensive distillation leaves 478 of
+500 MNIST points so at the start): a deterministic model would return the same loss and
+gradient at every later step, so the result is the same with fewer passes. A randomised
+model may not: pass `stop_when_stuck=False` (the harness does for `raw_isp:random`).
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ def apgd_run(
     start: torch.Tensor,
     bounds: tuple[float, float],
     early_stop: bool = True,
+    stop_when_stuck: bool = True,
     on_iteration: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One APGD run from `start` on every sample of `x`: (the adversarial iterate found, or
@@ -131,8 +137,16 @@ def apgd_run(
         for key, t in s.items():
             s[key] = t[keep]
 
-    if early_stop and bool(broken.any()):
-        drop(broken)
+    def stuck() -> torch.Tensor:
+        """Samples at a fixed point: x = previous x = best x, gradient exactly zero."""
+        if not stop_when_stuck:
+            return torch.zeros(len(s["pos"]), dtype=torch.bool, device=x.device)
+        same = (s["x"] == s["prev"]) & (s["x"] == s["best_x"]) & (s["grad"] == 0)
+        return same.flatten(1).all(1)
+
+    first = (broken if early_stop else torch.zeros_like(broken)) | stuck()
+    if bool(first.any()):
+        drop(first)
     windows = checkpoints(n_iter)
     for i in range(n_iter):
         if not len(s["pos"]):
@@ -170,8 +184,9 @@ def apgd_run(
             s["grad"] = torch.where(st, s["best_grad"], s["grad"])
         if on_iteration is not None:
             on_iteration()
-        if early_stop and bool(hit.any()):
-            drop(hit)
+        done = (hit if early_stop else torch.zeros_like(hit)) | stuck()
+        if bool(done.any()):
+            drop(done)
     robust = ~broken[s["pos"]]  # still robust: the best-loss point (the base returns x)
     out[s["pos"][robust]] = s["best_x"][robust]
     return out, broken, passes
@@ -204,6 +219,7 @@ class APGD(Attack):
         n_restarts: int = 1,
         rho: float = 0.75,
         early_stop: bool = True,
+        stop_when_stuck: bool = True,
         seed: int = 0,
         bounds: tuple[float, float] = (0.0, 1.0),
     ) -> None:
@@ -222,6 +238,7 @@ class APGD(Attack):
         self.n_restarts = n_restarts
         self.rho = rho
         self.early_stop = early_stop
+        self.stop_when_stuck = stop_when_stuck
         self.seed = seed
         self.bounds = bounds
 
@@ -282,6 +299,7 @@ class APGD(Attack):
                 start=start,
                 bounds=self.bounds,
                 early_stop=self.early_stop,
+                stop_when_stuck=self.stop_when_stuck,
                 on_iteration=tick,
             )
             passes[todo] += used
@@ -310,6 +328,7 @@ class APGDT(APGD):
         n_restarts: int = 1,
         rho: float = 0.75,
         early_stop: bool = True,
+        stop_when_stuck: bool = True,
         seed: int = 0,
         bounds: tuple[float, float] = (0.0, 1.0),
     ) -> None:
@@ -323,6 +342,7 @@ class APGDT(APGD):
             n_restarts=n_restarts,
             rho=rho,
             early_stop=early_stop,
+            stop_when_stuck=stop_when_stuck,
             seed=seed,
             bounds=bounds,
         )

@@ -129,13 +129,23 @@ def _optional_ratio(entry: dict[str, Any], key: str) -> str:
     return "–" if entry.get(key) is None else f"{entry[key]:.2f}"
 
 
+def _time_goal(entry: dict[str, Any], prefix: str, goal: float) -> str:
+    """Wall / CPU ratio against AutoAttack, marked where it misses `goal` (judged on CPU
+    seconds where the entry has them, the load-robust figure)."""
+    cpu = entry.get(f"{prefix}_cpu_ratio")
+    judged = cpu if cpu is not None else entry[f"{prefix}_time_ratio"]
+    text = f"{entry[f'{prefix}_time_ratio']:.2f} / {_optional_ratio(entry, f'{prefix}_cpu_ratio')}"
+    return text + ("" if judged <= goal else f" **(> {goal:g})**")
+
+
 @table("autoattack_agreement")
 def autoattack_agreement(results: Path) -> str:
     """Every entry of autoattack_agreement.json; an entry's note becomes a numbered footnote.
 
     The issue's goals are judged in samples: the `autoattack` suite's robust points at most
-    AutoAttack's + 1; `quick` within 2 points (percentage points) of AutoAttack. CPU ratios
-    where the entry recorded CPU seconds (load-robust); wall ratios always.
+    AutoAttack's + 1; `quick` within 2 points (percentage points) of AutoAttack; and in time:
+    the suite at most AutoAttack's, `quick` at most a fifth, on CPU seconds where the entry
+    recorded them (load-robust), else wall. Misses are marked in bold.
     """
     data = _load(results, "autoattack_agreement")
     rows, notes = [], []
@@ -162,14 +172,15 @@ def autoattack_agreement(results: Path) -> str:
                 "–"
                 if quick is None
                 else f"{quick:.3f}"
-                + ("" if quick - reference <= 0.02 + 1e-9 else " **(> +2 pts)**"),
+                + (
+                    ""
+                    if _samples(quick, n) - _samples(reference, n) <= round(0.02 * n)
+                    else " **(> +2 pts)**"
+                ),
                 _sig(entry["autoattack_seconds"], 2),
                 _sig(entry["bastion_seconds"], 2),
-                f"{entry['time_ratio']:.2f} / {_optional_ratio(entry, 'bastion_cpu_ratio')}",
-                "–"
-                if quick is None
-                else _optional_ratio(entry, "quick_time_ratio")
-                + f" / {_optional_ratio(entry, 'quick_cpu_ratio')}",
+                _time_goal({**entry, "bastion_time_ratio": entry["time_ratio"]}, "bastion", 1.0),
+                "–" if quick is None else _time_goal(entry, "quick", 0.2),
             ]
         )
     header = ["model", "threat", "n", "clean", "AutoAttack", "autoattack suite", "quick"]

@@ -106,6 +106,8 @@ _METRICS = (
 DEFENSES = ("raw_isp", "raw_isp:random")
 # attacks that follow gradients: the ones an adaptive (BPDA) twin check is worth running for
 GRADIENT_ATTACKS = ("FGSM", "PGD", "BIM", "APGD", "APGDT", "FAB", "CarliniWagnerL2")
+# attacks that stop a sample stuck at a zero gradient, which assumes a deterministic model
+STUCK_STOPPERS = ("APGD", "APGDT")
 _CRITERION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*$")
 
 
@@ -219,6 +221,7 @@ class Check:
     bpda: bool = False  # attack through the suite's defense with an identity backward pass
     threats: bool = False  # also run at the run's threat models (see `Suite.at_threats`)
     threat_norms: tuple[str, ...] = ()  # only at threat models of these norms (all if empty)
+    threat_fractions: tuple[float, ...] = (1.0,)  # at these fractions of each threat radius
 
     @property
     def spec(self) -> AttackSpec:
@@ -250,11 +253,15 @@ class Check:
             out["bpda"] = True
         if self.threats:
             out["threats"] = [*self.threat_norms] or True
+        if self.threat_fractions != (1.0,):
+            out["threat_fractions"] = list(self.threat_fractions)
         return out
 
     def at_threats(self, threats: tuple[ThreatModel, ...]) -> list[Check]:
-        """This check at the threat models: its own norm with the threat radii added to its
-        sweep, and a twin `ID-NORM` for each further norm its attack supports."""
+        """This check at the threat models: its own norm with the threat radii (times each of
+        its `threat_fractions`) added to its sweep, and a twin `ID-NORM` for each further
+        norm its attack supports. A check limited to threat models of some norms
+        (`threats = ["linf"]`) without eps of its own drops out of a run with none of them."""
         if not self.threats or not get_kind(self.kind).threat_twins:
             return [self]
         norms = [self.norm, *(n for n in self.spec.norms if n != self.norm)]
@@ -262,13 +269,15 @@ class Check:
             norms = [n for n in norms if n == self.norm or n in self.threat_norms]
         out = []
         for norm in norms:
-            radii = [t.eps for t in threats if t.norm == norm]
+            radii = [f * t.eps for t in threats if t.norm == norm for f in self.threat_fractions]
             eps = (self.eps if norm == self.norm else ()) + tuple(radii)
             if not eps:
                 continue
             unique = tuple(sorted({round(e, 12): e for e in eps}.values()))
             ident = self.id if norm == self.norm else f"{self.id}-{norm}"
             out.append(replace(self, id=ident, norm=norm, eps=unique, threats=False))
+        if not out and self.threat_norms:  # a check for threat models of another norm
+            return []
         if not out:
             have = ", ".join(str(t) for t in threats) or "none"
             raise ConfigError(
@@ -329,15 +338,20 @@ class Suite:
             )
         checks: list[Check] = []
         for c in (c for c in self.checks if not c.bpda):  # twins are rebuilt, never doubled
+            if defense == "raw_isp:random" and c.attack in STUCK_STOPPERS:
+                # a zero gradient at one draw says nothing of the next (see attacks/apgd.py)
+                c = replace(c, params={"stop_when_stuck": False, **c.params})
             checks.append(c)
             if adaptive and c.attack in GRADIENT_ATTACKS:
                 checks.append(replace(c, id=f"{c.id}-bpda", bpda=True))
         return replace(self, checks=tuple(checks), defense=defense, adaptive=adaptive)
 
     def with_eps(self, eps: tuple[float, ...]) -> Suite:
-        """The suite with the eps sweep of its L∞ eps-bounded checks replaced."""
+        """The suite with the eps sweep of its L∞ eps-bounded checks replaced (a sweep
+        below the threat radii, `threat_fractions`, included: the threat radii stay)."""
         checks = tuple(
-            replace(c, eps=eps) if c.bounded and c.norm == "linf" else c for c in self.checks
+            replace(c, eps=eps, threat_fractions=(1.0,)) if c.bounded and c.norm == "linf" else c
+            for c in self.checks
         )
         for c in checks:
             validate_check(c)
@@ -419,7 +433,7 @@ def unknown_params(check: Check, allowed: tuple[str, ...]) -> None:
 def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
     known = {
         "id", "kind", "attack", "eps", "norm", "params", "n", "cascade", "criterion",
-        "criterion_eps", "threats",
+        "criterion_eps", "threats", "threat_fractions",
     }  # fmt: skip
     unknown = set(raw) - known
     if unknown:
@@ -450,6 +464,7 @@ def _check_from_dict(raw: dict[str, Any], where: str) -> Check:
         kind=kind,
         threats=bool(raw.get("threats", False)),
         threat_norms=_threat_norms(raw.get("threats", False), where),
+        threat_fractions=_threat_fractions(raw, where),
     )
     validate_check(check)
     return check
@@ -463,6 +478,25 @@ def _threat_norms(value: Any, where: str) -> tuple[str, ...]:
     if not norms or any(n not in ("linf", "l2") for n in norms):
         raise ConfigError(f"{where}: threats is true or a list of norms (linf, l2), got {value!r}")
     return tuple(str(n) for n in norms)
+
+
+def _threat_fractions(raw: dict[str, Any], where: str) -> tuple[float, ...]:
+    """`threat_fractions = [0.25, 0.5, 1]`: radii as fractions of each threat radius (a curve
+    up to the threat model), only with `threats`; (1.0,), the threat radius, by default."""
+    if "threat_fractions" not in raw:
+        return (1.0,)
+    value = raw["threat_fractions"]
+    fractions = value if isinstance(value, list) else [value]
+    try:
+        out = tuple(parse_eps(f) for f in fractions)
+    except ConfigError:
+        out = ()
+    if not raw.get("threats") or not out or any(not 0 < f <= 1 for f in out):
+        raise ConfigError(
+            f"{where}: threat_fractions is a list of fractions in (0, 1] of each threat radius "
+            f"(e.g. [0.25, 0.5, 1]) and needs threats = true; got {value!r}"
+        )
+    return out
 
 
 def suite_from_dict(raw: dict[str, Any], name: str) -> Suite:

@@ -184,3 +184,33 @@ def test_early_stop_saves_passes_without_changing_success(demo, digits) -> None:
     full = APGD(0.1, loss="dlr", n_iter=30, early_stop=False)(demo, x, y)
     assert torch.equal(stop.success, full.success) and stop.success.any()
     assert int(stop.gradients.sum()) < int(full.gradients.sum())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_a_sample_stuck_on_a_zero_gradient_stops_with_the_same_result(demo, digits, norm) -> None:
+    """Logits ×1e4 saturate cross-entropy: most points have an exactly zero gradient, so
+    every iterate would equal the start; stopping them changes no bit of the outcome."""
+    x, y = digits.x[:120], digits.y[:120]
+    scaled = _Scaled(demo, 1e4)
+    eps = 0.1 if norm == "linf" else 1.0
+    stop = APGD(eps, norm=norm, n_iter=40, n_restarts=2)(scaled, x, y)
+    full = APGD(eps, norm=norm, n_iter=40, n_restarts=2, stop_when_stuck=False)(scaled, x, y)
+    assert torch.equal(stop.x_adv, full.x_adv) and torch.equal(stop.success, full.success)
+    assert int(stop.gradients.sum()) < int(full.gradients.sum()) / 4
+    # a model whose gradient is never zero runs exactly as before
+    plain = APGD(eps, norm=norm, n_iter=40)(demo, x, y)
+    assert torch.equal(
+        plain.gradients,
+        APGD(eps, norm=norm, n_iter=40, stop_when_stuck=False)(demo, x, y).gradients,
+    )
+
+
+def test_behind_a_randomised_defense_the_harness_keeps_stuck_samples_iterating() -> None:
+    from bastion.suites.suite import load_suite
+
+    def params(defense: str) -> dict[str, dict[str, object]]:
+        suite = load_suite("quick").with_defense(defense)
+        return {c.id: c.params for c in suite.checks if c.attack in ("APGD", "APGDT")}
+
+    assert all(p["stop_when_stuck"] is False for p in params("raw_isp:random").values())
+    assert all("stop_when_stuck" not in p for p in params("raw_isp").values())

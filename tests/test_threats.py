@@ -14,7 +14,7 @@ from torch import nn
 
 from bastion.errors import ConfigError
 from bastion.suites.runner import run_suite
-from bastion.suites.suite import Check, Suite
+from bastion.suites.suite import Check, Suite, load_suite, suite_from_dict
 from bastion.threats import ThreatModel, default_threats, parse_eps, parse_fail_under
 
 SMALL = Suite(
@@ -148,7 +148,7 @@ def test_cli_defaults_quote_a_threat_model_and_fail_under_reads_it(tmp_path: Pat
     (t,) = report["threat_models"]
     assert t["threat"] == "linf:0.1" and t["n"] == 450 and t["passed"] is True
     assert 0.3 < t["robust_accuracy"] < 0.6  # the demo CNN is neither broken nor robust
-    assert set(t["attacks"]) == {"fgsm", "pgd", "apgd-ce", "apgd-t"}
+    assert set(t["attacks"]) == {"fgsm", "apgd-ce", "apgd-t", "fab-t"}  # PGD: the curve below
     assert "robust accuracy linf:0.1:" in out and "(n = 450" in out
     assert report["normalization"] is None
     assert not [f for f in report["flags"] if f["name"] == "clean_accuracy_near_chance"]
@@ -350,3 +350,33 @@ def test_flags_robust_accuracy_rising_with_eps() -> None:
     one_step = entry([0.5, 0.2, 0.4])
     one_step.attack = "FGSM"  # overshoots at large eps by nature; not the evaluation failing
     assert evaluation_flags(Suite("s", ()), state, [], [one_step], [], 10) == []
+
+
+def test_threat_fractions_draw_the_curve_up_to_each_threat_radius() -> None:
+    """The built-in curves sit below the run's threat radius (2/255, 4/255, 6/255 under
+    8/255; 0.075, 0.15, 0.225 under MNIST's 0.3), not on a grid fixed in MNIST units."""
+    cifar = (ThreatModel("linf", 8 / 255), ThreatModel("l2", 0.5))
+    quick = {c.id: c for c in load_suite("quick").at_threats(cifar).checks}
+    assert [round(e * 255, 9) for e in quick["pgd"].eps] == [2, 4, 6]
+    assert [round(e * 255, 9) for e in quick["fgsm"].eps] == [8]
+    assert quick["apgd-ce"].eps == (8 / 255,) and quick["apgd-ce-l2"].eps == (0.5,)
+    mnist = {c.id: c for c in load_suite("standard").at_threats((ThreatModel("linf", 0.3),)).checks}
+    assert mnist["pgd"].eps == pytest.approx([0.3 * k / 8 for k in range(1, 8)])
+    assert mnist["fgsm"].eps == pytest.approx([0.3 * k / 8 for k in range(1, 9)])
+    # --eps replaces the curve; the threat radius stays
+    swept = load_suite("quick").with_eps((0.01, 0.02)).at_threats(cifar)
+    assert {c.id: c.eps for c in swept.checks}["pgd"] == (0.01, 0.02, 8 / 255)
+    # a run at L2 only: the L∞-only curve checks drop out, the rest run at L2
+    l2_only = [c.id for c in load_suite("quick").at_threats((ThreatModel("l2", 0.5),)).checks]
+    assert l2_only == ["apgd-ce-l2", "apgd-t-l2", "fab-t-l2", "cw"]
+
+
+@pytest.mark.parametrize(
+    "fractions", [[0], [1.5], [], ["a"]], ids=["zero", "above-one", "empty", "text"]
+)
+def test_threat_fractions_refused_in_one_line(fractions: list[Any]) -> None:
+    raw = {"check": [{"attack": "PGD", "threats": True, "threat_fractions": fractions}]}
+    with pytest.raises(ConfigError, match=r"threat_fractions is a list of fractions in \(0, 1\]"):
+        suite_from_dict(raw, "mine")
+    with pytest.raises(ConfigError, match="needs threats = true"):
+        suite_from_dict({"check": [{"attack": "PGD", "threat_fractions": [0.5]}]}, "mine")
