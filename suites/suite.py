@@ -48,7 +48,9 @@ first n images (default 32; at least 4). Neither takes eps or norm:
 Threat models drive the headline. A check with `threats = true` also runs at every threat
 model of the run (`--threat linf:8/255`, the suite's `threats = [...]`, or the data set's
 defaults) in each norm its attack supports: its own `eps` sweep (a curve) gains the threat
-radii of its norm, and it gets a twin `ID-NORM` per further norm. A suite-level
+radii of its norm, and it gets a twin `ID-NORM` per further norm; `threat_fractions =
+[0.25, 0.5, 0.75]` puts it at those fractions of each threat radius instead (a curve that
+follows the threat model: 2/255, 4/255, 6/255 under 8/255). A suite-level
 `fail_under = "linf:8/255=0.4"` (or a list, or a bare fraction for every threat model) is
 its pass criterion on the headline. Radii may be written as fractions (`"8/255"`).
 
