@@ -129,12 +129,12 @@ def _optional_ratio(entry: dict[str, Any], key: str) -> str:
     return "–" if entry.get(key) is None else f"{entry[key]:.2f}"
 
 
-def _time_goal(entry: dict[str, Any], prefix: str, goal: float) -> str:
+def _time_goal(entry: dict[str, Any], wall_key: str, cpu_key: str, goal: float) -> str:
     """Wall / CPU ratio against AutoAttack, marked where it misses `goal` (judged on CPU
     seconds where the entry has them, the load-robust figure)."""
-    cpu = entry.get(f"{prefix}_cpu_ratio")
-    judged = cpu if cpu is not None else entry[f"{prefix}_time_ratio"]
-    text = f"{entry[f'{prefix}_time_ratio']:.2f} / {_optional_ratio(entry, f'{prefix}_cpu_ratio')}"
+    cpu = entry.get(cpu_key)
+    judged = cpu if cpu is not None else entry[wall_key]
+    text = f"{entry[wall_key]:.2f} / {_optional_ratio(entry, cpu_key)}"
     return text + ("" if judged <= goal else f" **(> {goal:g})**")
 
 
@@ -179,8 +179,10 @@ def autoattack_agreement(results: Path) -> str:
                 ),
                 _sig(entry["autoattack_seconds"], 2),
                 _sig(entry["bastion_seconds"], 2),
-                _time_goal({**entry, "bastion_time_ratio": entry["time_ratio"]}, "bastion", 1.0),
-                "–" if quick is None else _time_goal(entry, "quick", 0.2),
+                _time_goal(entry, "time_ratio", "bastion_cpu_ratio", 1.0),
+                "–"
+                if quick is None
+                else _time_goal(entry, "quick_time_ratio", "quick_cpu_ratio", 0.2),
             ]
         )
     header = ["model", "threat", "n", "clean", "AutoAttack", "autoattack suite", "quick"]
