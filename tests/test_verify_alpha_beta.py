@@ -104,6 +104,36 @@ def test_alpha_crown_tightens_a_real_benchmark_bound() -> None:
     assert min(gains) > 0.1, gains
 
 
+def test_intermediate_layers_of_a_wide_conv_net_are_optimised_until_their_deadline() -> None:
+    """A conv net of 2,816 ReLUs (above the 2,000 that once kept CROWN's intermediate
+    bounds): alpha-CROWN narrows the second ReLU layer's unstable neurons, the output
+    bounds hold at exact values, and an `alpha_deadline` already passed gives CROWN's."""
+    import time
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 40, 3, padding=1), nn.ReLU(), nn.Conv2d(40, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(256, 10),
+    )  # fmt: skip
+    network = extract(model, (1, 8, 8))
+    rng = np.random.default_rng(3)
+    prop = random_box(rng, (1, 8, 8), 0.3, 3)
+    crown = compute_bounds(network, prop)
+    alpha = compute_bounds(network, prop, method="alpha")
+    late = compute_bounds(network, prop, method="alpha", alpha_deadline=time.perf_counter())
+    j = [i for i, layer in enumerate(network.layers) if isinstance(layer, ReLU)][1]
+    assert bool((alpha.lower[j] >= crown.lower[j]).all() & (alpha.upper[j] <= crown.upper[j]).all())
+    gain = float((crown.upper[j] - crown.lower[j] - alpha.upper[j] + alpha.lower[j]).max())
+    assert gain > 1e-3, gain
+    for t_late, t_crown in zip(late.lower + late.upper, crown.lower + crown.upper, strict=True):
+        assert torch.equal(t_late, t_crown)
+    n = len(network.layers)
+    for x in _points(prop, rng):
+        for i, v in enumerate(exact_forward(model, x)):
+            low, high = alpha.lower[n].flatten()[i], alpha.upper[n].flatten()[i]
+            assert Decimal(float(low)) <= v <= Decimal(float(high))
+
+
 @settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 @given(seed=st.integers(0, 10**6), scale=st.sampled_from([1.0, 1e4, 1e8]))

@@ -92,16 +92,19 @@ def compute_bounds(
     method: str = "crown",
     splits: Splits | None = None,
     deadline: float | None = None,
+    alpha_deadline: float | None = None,
 ) -> Bounds:
     """Bounds of every layer over the property's input box ("ibp", "crown" or "alpha":
     CROWN, then alpha-CROWN's optimised slopes for the neurons still unstable).
 
     With a `deadline` (a `time.perf_counter()` value) CROWN stops with `DeadlineReached`
-    before a layer it would start after that time.
+    before a layer it would start after that time. alpha-CROWN stops optimising at
+    `alpha_deadline` (default `deadline`): the layers after it keep CROWN's bounds.
     """
     if method not in ("ibp", "crown", "alpha"):
         raise ValueError(f"unknown bound method {method!r}; use 'ibp', 'crown' or 'alpha'")
     splits = splits or {}
+    stop = deadline if alpha_deadline is None else alpha_deadline
     lo = [prop.lower.to(torch.float64)]
     hi = [prop.upper.to(torch.float64)]
     stats: list[LayerStats] = []
@@ -114,7 +117,7 @@ def compute_bounds(
                     raise DeadlineReached(f"deadline reached in CROWN before layer {i}")
                 lo[i], hi[i] = _tighten(network, lo, hi, i)
                 if method == "alpha" and isinstance(layer, ReLU):
-                    lo[i], hi[i] = tighten_layer(network, lo, hi, i, deadline=deadline)
+                    lo[i], hi[i] = tighten_layer(network, lo, hi, i, deadline=stop)
             if i in splits:
                 lo[i], hi[i] = _apply_split(lo[i], hi[i], splits[i])
             if bool((lo[i] > hi[i]).any()):
