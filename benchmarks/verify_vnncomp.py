@@ -69,6 +69,7 @@ def verdict_row(v: Any) -> dict[str, Any]:
         "unstable": [int(s.get("unstable", 0)) for s in v.layers],
         "open_after_bounds": v.details.get("open_after_bounds"),
         "domains": v.details.get("domains"),
+        "stage_seconds": v.details.get("stage_seconds"),  # the deciding box's stages
         "x": None if v.counterexample is None else v.counterexample.flatten().tolist(),
     }
 

@@ -211,3 +211,18 @@ def test_region_on_demo_model_safe_small_unsafe_large(demo, digits) -> None:  # 
     cex = unsafe.counterexample
     assert float((cex - x).abs().max()) <= 0.3 + 1e-6 and float(cex.min()) >= 0
     assert int(demo(cex[None]).argmax()) != y
+
+
+def test_verdict_records_when_each_stage_ended() -> None:
+    """`stage_seconds`: the first (interval) bound, the attack, CROWN and alpha-CROWN, in
+    that order and within the verdict's time; a verdict reached early names fewer."""
+    net = _mlp(5, (6, 30, 30, 3), scale=0.9)
+    x = torch.rand(6, generator=torch.Generator().manual_seed(5))
+    label = int(net.forward(x[None].double()).argmax())
+    open_ = verify(net, robustness_property(x, label, 3, eps=0.6), engine="bounds", timeout=30)
+    stages = open_.details["stage_seconds"]
+    assert list(stages) == ["intervals", "attack", "crown", "alpha"], (open_.status, stages)
+    times = list(stages.values())
+    assert times == sorted(times) and 0 < times[-1] <= open_.seconds
+    tiny = verify(net, robustness_property(x, label, 3, eps=1e-6), timeout=30)
+    assert tiny.status == "SAFE" and list(tiny.details["stage_seconds"]) == ["intervals"]

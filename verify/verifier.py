@@ -95,14 +95,22 @@ def verify(
     forward = model if model is not None else network.forward
     check = replay if replay is not None else forward
     # cheap intervals first, then the attack, then CROWN: each step can end the search
+    stages: dict[str, float] = {}  # seconds from the start at which each stage ended
+
+    def stage(name: str) -> None:
+        stages[name] = round(time.perf_counter() - start, 4)
+
     bounds = compute_bounds(network, prop, method="ibp")
     lows = property_lower_bounds(network, prop, bounds)
     open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
     stats = [s.as_dict() for s in bounds.stats]
+    stage("intervals")
 
     def done(status: Status, engine_used: str, **kw: Any) -> Verdict:
         guarantee = guarantee_text(engine_used) if status == SAFE else ""
-        details = {"disjuncts": len(prop.unsafe), "open_after_bounds": len(open_)}
+        details: dict[str, Any] = {
+            "disjuncts": len(prop.unsafe), "open_after_bounds": len(open_), "stage_seconds": stages,
+        }  # fmt: skip
         details.update(kw.pop("details", {}))
         return Verdict(
             status, engine_used, time.perf_counter() - start, stats,
@@ -116,6 +124,7 @@ def verify(
             verdict = _replay(done, check, prop, x, "pgd")
             if verdict is not None:
                 return verdict
+        stage("attack")
     if time.perf_counter() >= deadline:
         return done(UNKNOWN, "pgd" if attack else "bounds", reason="deadline reached")
     try:
@@ -125,6 +134,7 @@ def verify(
     stats = [s.as_dict() for s in bounds.stats]
     lows = property_lower_bounds(network, prop, bounds)
     open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
+    stage("crown")
     if not open_:
         return done(SAFE, "bounds")
     # alpha-CROWN: the ReLU slopes optimised, for the layers and the open disjuncts; where
@@ -144,6 +154,7 @@ def verify(
         network, prop, bounds, iterations=ROOT_ITERATIONS, only=open_, deadline=deadline
     )
     open_ = [i for i, low in enumerate(lows) if not float(low.max()) > 0]
+    stage("alpha")
     if not open_:
         return done(SAFE, "alpha-crown")
     if engine == "bounds":
