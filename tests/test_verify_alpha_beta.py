@@ -240,6 +240,36 @@ def test_beta_crown_decides_what_crown_cannot() -> None:
     assert verdict.status == Status.SAFE, verdict.summary()
 
 
+def test_beta_crown_out_of_time_reports_the_sub_problems_it_made(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A search the deadline interrupts while bounding still counts the sub-problems it
+    made (the root and the children of the first round), for the benchmark's record."""
+    from bastion.verify import beta_crown
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 3)).eval()  # fmt: skip
+    network = extract(model, (8,))
+    centre = torch.full((8,), 0.5, dtype=torch.float64)
+    label = int(model(centre[None].float()).argmax())
+    prop = Property(centre - 0.5, centre + 0.5, class_unsafe_set(label, 3))
+    sizes: list[int] = []
+    real = BetaCrown.bound
+
+    def bound(self, d, deadline):  # type: ignore[no-untyped-def]
+        sizes.append(len(d))
+        if len(sizes) == 2:
+            raise beta_crown._Late
+        return real(self, d, deadline)
+
+    monkeypatch.setattr(BetaCrown, "bound", bound)
+    bounds = compute_bounds(network, prop)
+    lows = property_lower_bounds(network, prop, bounds)
+    hardest = prop.unsafe[int(torch.stack([low.max() for low in lows]).argmin())]
+    out = BetaCrown(network, prop, hardest, bounds, batch=4).run(_in(30))
+    assert out.status == Answer.UNKNOWN and "deadline" in out.reason, out
+    assert sizes == [1, 2] and out.domains == 3
+
+
 def _residual_model(seed: int, scale: float) -> nn.Module:
     from test_verify_extract import _Block
 

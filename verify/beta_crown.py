@@ -117,6 +117,7 @@ class BetaCrown:
         self.layers = relu_layers(network, n)
         self.batch, self.iterations, self.candidates = batch, iterations, candidates
         self.biases = [_bias(network, j) for j in self.layers]
+        self.domains = 0  # sub-problems made so far (reported also when time runs out)
 
     def _layer_bounds(self, phase: list[torch.Tensor]) -> tuple[list, list]:
         """Per-domain bounds (a leading domain axis at the ReLU layers), splits applied."""
@@ -289,18 +290,19 @@ class BetaCrown:
         try:
             return self._search(d, deadline)
         except _Late:
-            return Outcome(Answer.UNKNOWN, reason="deadline reached in beta-CROWN")
+            why = "deadline reached in beta-CROWN"
+            return Outcome(Answer.UNKNOWN, reason=why, domains=self.domains)
 
     def _search(self, d: _Domains, deadline: float) -> Outcome:
         saved = self.iterations
         self.iterations = max(saved, 100)  # the root: alpha-CROWN's longer run
         d, candidates, _ = self.bound(d, deadline)
         self.iterations = saved
-        domains, unknown = 1, ""
+        self.domains, unknown = 1, ""
         while True:
             witness = self._attack(candidates)
             if witness is not None:
-                return Outcome(Answer.SAT, witness, domains=domains)
+                return Outcome(Answer.SAT, witness, domains=self.domains)
             keep = d.lower <= 0
             stuck = keep & (d.split_layer < 0)
             if bool(stuck.any()):
@@ -311,17 +313,17 @@ class BetaCrown:
                 break
             if time.perf_counter() >= deadline:
                 why = "deadline reached in beta-CROWN"
-                return Outcome(Answer.UNKNOWN, reason=why, domains=domains)
+                return Outcome(Answer.UNKNOWN, reason=why, domains=self.domains)
             order = d.lower.argsort()
             now, later = order[: self.batch], order[self.batch :]
             head, rest = d.take(now, self.m), d.take(later, self.m)
             children = self._children(head)
-            domains += len(children)
+            self.domains += len(children)
             bounded, candidates, _ = self.bound(children, deadline)
             d = rest.cat(bounded)
         if unknown:
-            return Outcome(Answer.UNKNOWN, reason=unknown, domains=domains)
-        return Outcome(Answer.UNSAT, domains=domains)
+            return Outcome(Answer.UNKNOWN, reason=unknown, domains=self.domains)
+        return Outcome(Answer.UNSAT, domains=self.domains)
 
     def _attack(self, candidates: torch.Tensor) -> np.ndarray | None:
         """The candidate the float32 network puts deepest in the disjunct, if any is in."""
