@@ -19,9 +19,9 @@ Defaults as alpha-beta-CROWN's (2021 configuration): Adam, learning rate 0.1 for
 root (100 iterations), decay 0.98 per iteration; the best value per row seen during the
 run is kept. Deviation: intermediate layers' bounds are each optimised for themselves
 (one neuron at a time, in order of the layers), not jointly for the final objective; the
-caller gives them a deadline of their own (the verifier: a third of its time), after which
-the layers left keep CROWN's bounds (on one thread here: 30 s for ResNet-2B's five
-intermediate ReLU layers, 84 s for ResNet-4B's nine).
+caller gives them a deadline of their own (the verifier: a third of the time left), after
+which the layers left keep CROWN's bounds (on one thread here: 30–60 s for ResNet-2B's five
+intermediate ReLU layers, 85–110 s for ResNet-4B's nine, with the load).
 """
 
 from __future__ import annotations
